@@ -1,0 +1,23 @@
+"""The collector registry: one line per collector module, each exposing `COLLECTOR`."""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+
+from trainwarden.collectors.base import Collector
+
+COLLECTOR_MODULES: tuple[str, ...] = (
+)
+
+
+@cache
+def collector_classes() -> dict[str, type[Collector]]:
+    """Every registered collector class by name, in registration order."""
+    found: dict[str, type[Collector]] = {}
+    for module_name in COLLECTOR_MODULES:
+        cls: type[Collector] = importlib.import_module(module_name).COLLECTOR
+        if cls.name in found:
+            raise RuntimeError(f"collector name {cls.name!r} registered twice")
+        found[cls.name] = cls
+    return found

@@ -1,0 +1,60 @@
+"""What a collector is: one source turned into `Sample`s, deciding nothing.
+
+A collector is one file that defines a `Collector` subclass (with its own `Options` dataclass
+when it has settings) and exposes it as the module-level `COLLECTOR`; registering it is one
+line in `trainwarden.collectors.COLLECTOR_MODULES`.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from trainwarden.config import CollectorOptions
+from trainwarden.model import Sample
+from trainwarden.paths import HostPaths
+
+
+@dataclass(frozen=True)
+class CollectorContext:
+    """What the daemon hands every collector: injected paths and directories, and a clock."""
+
+    paths: HostPaths = field(default_factory=HostPaths)
+    runtime_dir: Path = Path("/run/trainwarden")
+    state_dir: Path = Path("/var/lib/trainwarden")
+    clock: Callable[[], float] = time.time
+
+
+class Collector(abc.ABC):
+    """Base of every collector.
+
+    `collect()` runs on a scheduler thread at `options.interval_seconds` and returns the full
+    current set of series this collector owns. Long-lived resources (threads, sockets, NVML
+    handles) are opened in `start()` and released in `close()`. Raising from `collect()` marks
+    the collection failed; `CollectorUnavailableError` from `start()` disables the collector.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[CollectorOptions]] = CollectorOptions
+
+    def __init__(self, options: CollectorOptions, context: CollectorContext) -> None:
+        self.options = options
+        self.context = context
+
+    def start(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Open long-lived resources; default: nothing to open."""
+
+    @abc.abstractmethod
+    def collect(self) -> Iterable[Sample]:
+        """Read the source once and return its samples."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Release what `start()` opened; default: nothing."""
+
+    def status(self) -> Mapping[str, Any]:
+        """Extra JSON-able detail for `/status` (e.g. what was skipped and why)."""
+        return {}

@@ -1,0 +1,1 @@
+"""The node daemon: scheduler, store export, HTTP, CLI and systemd integration."""
