@@ -133,7 +133,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-class _Mismatch(Exception):
+class _MismatchError(Exception):
     """A value that does not fit its declared type."""
 
 
@@ -144,41 +144,41 @@ def _convert(value: Any, tp: Any, section: str, problems: list[ConfigProblem]) -
         for arg in args:
             try:
                 return _convert(value, arg, section, problems)
-            except _Mismatch:
+            except _MismatchError:
                 continue
-        raise _Mismatch
+        raise _MismatchError
     if origin is Literal:
         if value in args:
             return value
-        raise _Mismatch
+        raise _MismatchError
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise _Mismatch
+        raise _MismatchError
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise _Mismatch
+        raise _MismatchError
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-        raise _Mismatch
+        raise _MismatchError
     if tp is str:
         if isinstance(value, str):
             return value
-        raise _Mismatch
+        raise _MismatchError
     if tp is Path:
         if isinstance(value, str) and value:
             return Path(value)
-        raise _Mismatch
+        raise _MismatchError
     if origin is tuple:
         if not isinstance(value, list):
-            raise _Mismatch
+            raise _MismatchError
         item_type = args[0]
         return tuple(_convert(item, item_type, section, problems) for item in value)
     if origin in (dict, Mapping):
         if not isinstance(value, dict):
-            raise _Mismatch
+            raise _MismatchError
         key_type, value_type = args
         return types.MappingProxyType(
             {
@@ -188,9 +188,9 @@ def _convert(value: Any, tp: Any, section: str, problems: list[ConfigProblem]) -
         )
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if not isinstance(value, dict):
-            raise _Mismatch
+            raise _MismatchError
         return build_dataclass(tp, value, section, problems)
-    raise _Mismatch
+    raise _MismatchError
 
 
 def build_dataclass(cls: type[T], table: Mapping[str, Any], section: str, problems: list[ConfigProblem]) -> T:
@@ -212,10 +212,9 @@ def build_dataclass(cls: type[T], table: Mapping[str, Any], section: str, proble
         nested = dataclasses.is_dataclass(tp) and isinstance(tp, type)
         try:
             kwargs[key] = _convert(value, tp, f"{section}.{key}" if nested else section, problems)
-        except _Mismatch:
-            problems.append(
-                ConfigProblem(section, key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-            )
+        except _MismatchError:
+            why = f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+            problems.append(ConfigProblem(section, key, why))
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:
@@ -251,9 +250,12 @@ def config_from_dict(data: Mapping[str, Any], groups: PluginGroups, source: str 
     """Validate already-parsed config data (TOML tables as dicts)."""
     problems: list[ConfigProblem] = []
     top_level = {"daemon", "paths", *groups}
-    for key in data:
-        if key not in top_level:
-            problems.append(ConfigProblem("", key, f"unknown section (valid: {', '.join(sorted(top_level))})"))
+    valid_sections = ", ".join(sorted(top_level))
+    problems.extend(
+        ConfigProblem("", key, f"unknown section (valid: {valid_sections})")
+        for key in data
+        if key not in top_level
+    )
 
     def table(name: str) -> Mapping[str, Any]:
         value = data.get(name, {})
@@ -276,7 +278,8 @@ def config_from_dict(data: Mapping[str, Any], groups: PluginGroups, source: str 
             section = f"{group}.{name}"
             plugin_table = given.get(name, {})
             if not isinstance(plugin_table, dict):
-                problems.append(ConfigProblem(group, name, f"expected a table, got {type(plugin_table).__name__}"))
+                why = f"expected a table, got {type(plugin_table).__name__}"
+                problems.append(ConfigProblem(group, name, why))
                 plugin_table = {}
             options[name] = build_dataclass(options_cls, plugin_table, section, problems)
         plugins[group] = types.MappingProxyType(options)

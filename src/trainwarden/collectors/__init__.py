@@ -7,8 +7,7 @@ from functools import cache
 
 from trainwarden.collectors.base import Collector
 
-COLLECTOR_MODULES: tuple[str, ...] = (
-)
+COLLECTOR_MODULES: tuple[str, ...] = ()
 
 
 @cache
