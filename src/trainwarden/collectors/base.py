@@ -8,6 +8,7 @@ line in `trainwarden.collectors.COLLECTOR_MODULES`.
 from __future__ import annotations
 
 import abc
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,14 +20,55 @@ from trainwarden.model import Sample
 from trainwarden.paths import HostPaths
 
 
+@dataclass(frozen=True, slots=True)
+class RankIdentity:
+    """Which training rank a process is."""
+
+    job: str
+    rank: int
+    local_rank: int
+
+
+class PidOwners:
+    """pid → training rank, filled by the training collector, read by others (GPU per-process memory).
+
+    The one piece of state collectors share besides the store; thread-safe and tiny.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owners: dict[int, RankIdentity] = {}
+
+    def set(self, pid: int, identity: RankIdentity) -> None:
+        """Record that `pid` is this rank."""
+        with self._lock:
+            self._owners[pid] = identity
+
+    def forget(self, pid: int) -> None:
+        """Drop a pid that exited."""
+        with self._lock:
+            self._owners.pop(pid, None)
+
+    def get(self, pid: int) -> RankIdentity | None:
+        """The rank owning `pid`, if known."""
+        with self._lock:
+            return self._owners.get(pid)
+
+    def snapshot(self) -> dict[int, RankIdentity]:
+        """Copy of the whole mapping."""
+        with self._lock:
+            return dict(self._owners)
+
+
 @dataclass(frozen=True)
 class CollectorContext:
-    """What the daemon hands every collector: injected paths and directories, and a clock."""
+    """What the daemon hands every collector: injected paths and directories, a clock, pid owners."""
 
     paths: HostPaths = field(default_factory=HostPaths)
     runtime_dir: Path = Path("/run/trainwarden")
     state_dir: Path = Path("/var/lib/trainwarden")
     clock: Callable[[], float] = time.time
+    pid_owners: PidOwners = field(default_factory=PidOwners)
 
 
 class Collector(abc.ABC):
