@@ -107,7 +107,7 @@ def write_control(path: Path, state: ControlState) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # noqa: PTH101 - on the temp path before the rename
-        os.replace(tmp, path)
+        Path(tmp).replace(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
