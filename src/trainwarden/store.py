@@ -74,7 +74,11 @@ class Store:
             window = self._windows.get(key)
             if window is None:
                 window = self._windows[key] = deque(maxlen=self._max_points)
-            window.append(Point(timestamp, sample.value))
+            point = Point(timestamp, sample.value)
+            # A source re-reporting its latest point (same time and value) must not duplicate it:
+            # the training collector emits one point per record, then the latest value again.
+            if not window or window[-1] != point:
+                window.append(point)
 
     def _expire(self, now: float) -> None:
         horizon = now - self._window_seconds
