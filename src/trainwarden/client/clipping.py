@@ -1,0 +1,293 @@
+"""Adaptive gradient clipping in the style of ZClip, tunable by the daemon through the control file.
+
+Fixed clipping at 1.0 is either always on (when healthy norms sit above 1) or never on (when they
+sit far below 1, as in large LLMs), so it cannot tell a spike from a normal step. ZClip (Kumar et
+al., 2025) keeps an exponential moving average of the grad norm's mean and variance, computes the
+step's z-score, and only when it exceeds a threshold clips to a bound derived from the statistics:
+
+- ``zscore``: clip to ``mean + z_threshold * std``;
+- ``reciprocal`` (ZClip's default): clip to ``mean + (z_threshold**2 / z) * std``, so the larger
+  the spike the harder it is pulled back.
+
+The statistics are updated with the *clipped* norm, so a spike does not poison them. During the
+warm-up (``ClipSettings.warmup_steps``) the clipper clips at ``warmup_max_norm`` and collects
+norms; it then starts from their median and MAD-derived spread, which a spike inside the warm-up
+cannot drag. Non-finite norms are never fed into the statistics (NaN/Inf is a fault for the
+daemon, not a spike) and their gradients are left untouched.
+
+Everything per step is tensor arithmetic on the gradients' device (``torch.where``, no
+``.item()``), so the clipper adds no host-device synchronisation. The returned pre-clip norm is a
+tensor; read it one step late if you report it. ``fixed`` mode is plain clipping at
+``warmup_max_norm`` (the daemon can still change it).
+
+torch is imported lazily, so importing this module costs nothing in the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+from trainwarden.control import ClipSettings
+from trainwarden.errors import TrainwardenError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+ClipMode = Literal["zscore", "reciprocal", "fixed"]
+CLIP_MODES: tuple[ClipMode, ...] = ("zscore", "reciprocal", "fixed")
+_EPS = 1e-6
+# Scale of the MAD to a normal standard deviation.
+_MAD_TO_STD = 1.4826
+
+
+class ClipSettingsError(TrainwardenError):
+    """Clip settings that cannot be used; the clipper keeps its previous settings."""
+
+
+def validate_settings(settings: ClipSettings, where: str = "clip settings") -> None:
+    """Raise `ClipSettingsError` naming every bad field of `settings`."""
+    bad: list[str] = []
+    if not (math.isfinite(settings.z_threshold) and settings.z_threshold > 0):
+        bad.append(f"z_threshold={settings.z_threshold!r} must be finite and > 0")
+    if not (0.0 < settings.ema_alpha < 1.0):
+        bad.append(f"ema_alpha={settings.ema_alpha!r} must be in (0, 1)")
+    if isinstance(settings.warmup_steps, bool) or not isinstance(settings.warmup_steps, int):
+        bad.append(f"warmup_steps={settings.warmup_steps!r} must be an int")
+    elif not 2 <= settings.warmup_steps <= 100_000:
+        bad.append(f"warmup_steps={settings.warmup_steps!r} must be in [2, 100000]")
+    if not (settings.warmup_max_norm > 0):  # NaN fails too; +inf means "no clip in warm-up"
+        bad.append(f"warmup_max_norm={settings.warmup_max_norm!r} must be > 0")
+    if bad:
+        raise ClipSettingsError(f"{where}: " + "; ".join(bad))
+
+
+@dataclass(frozen=True, slots=True)
+class ClipStats:
+    """Host-side view of the clipper, read on demand (this synchronises; do it rarely)."""
+
+    steps: int
+    clipped_steps: int
+    warming_up: bool
+    mean: float
+    std: float
+    rejected_updates: int
+    settings: ClipSettings
+    mode: ClipMode
+
+
+class AdaptiveClipper:
+    """Clip gradients in place and return the pre-clip total norm (a 0-d tensor).
+
+    Use it where you would call ``clip_grad_norm_``, after ``backward()`` (and after DDP has
+    averaged the gradients, so every rank computes the same norm and clips identically)::
+
+        clipper = AdaptiveClipper(model.parameters())
+        loss.backward()
+        norm = clipper.clip()          # tensor, no host sync
+        optimizer.step()
+
+    Gradients must be replicated (DDP); for sharded gradients (FSDP) the norm would need a
+    cross-rank reduction, which this clipper does not do.
+    """
+
+    def __init__(
+        self,
+        parameters: Iterable[torch.Tensor],
+        settings: ClipSettings | None = None,
+        mode: ClipMode = "reciprocal",
+    ) -> None:
+        if mode not in CLIP_MODES:
+            raise ClipSettingsError(f"clip mode {mode!r} must be one of {', '.join(CLIP_MODES)}")
+        self._settings = settings if settings is not None else ClipSettings()
+        validate_settings(self._settings)
+        self._params = [p for p in parameters if p.requires_grad]
+        if not self._params:
+            raise ClipSettingsError("AdaptiveClipper needs at least one parameter that requires grad")
+        self.mode: ClipMode = mode
+        self.rejected_updates = 0
+        self._step = 0  # host-side count: we know it without asking the device
+        self._tensors_ready = False
+
+    # --- state kept on the device ---------------------------------------------------------------
+
+    def _init_tensors(self, device: torch.device) -> None:
+        import torch  # noqa: PLC0415 - torch is imported lazily on purpose
+
+        f32 = torch.float32
+        self._mean = torch.zeros((), dtype=f32, device=device)
+        self._var = torch.zeros((), dtype=f32, device=device)
+        self._warm = torch.full((self._settings.warmup_steps,), math.nan, dtype=f32, device=device)
+        self._clipped = torch.zeros((), dtype=torch.int64, device=device)
+        self._tensors_ready = True
+
+    @property
+    def settings(self) -> ClipSettings:
+        """The settings in force."""
+        return self._settings
+
+    @property
+    def warming_up(self) -> bool:
+        """True while the clipper still collects warm-up norms."""
+        return self.mode != "fixed" and self._step < self._settings.warmup_steps
+
+    # --- the step -------------------------------------------------------------------------------
+
+    def clip(self) -> torch.Tensor:
+        """Clip the gradients in place; return the total L2 norm they had before clipping."""
+        import torch  # noqa: PLC0415
+
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0).to(torch.float32)
+        if not self._tensors_ready:
+            self._init_tensors(total.device)
+        finite = torch.isfinite(total)
+        s = self._settings
+        if self.mode == "fixed" or self._step < s.warmup_steps:
+            bound = torch.full_like(total, s.warmup_max_norm)
+            target = torch.minimum(total, bound)
+            if self.mode != "fixed":
+                self._warm[self._step] = torch.where(finite, total, torch.full_like(total, math.nan))
+            self._step += 1
+            if self.mode != "fixed" and self._step == s.warmup_steps:
+                self._start_statistics()
+        else:
+            target = self._adaptive_target(total, finite)
+            self._step += 1
+        # A non-finite norm keeps coefficient 1: multiplying NaN gradients fixes nothing.
+        clipped = finite & (target < total)
+        coef = torch.where(clipped, target / (total + _EPS), torch.ones_like(total))
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))  # noqa: SLF001 - public-in-practice fused op
+        self._clipped += clipped.to(torch.int64)
+        return total
+
+    def _start_statistics(self) -> None:
+        """Seed mean/variance from the warm-up norms with median and MAD (robust to a spike)."""
+        import torch  # noqa: PLC0415
+
+        warm = self._warm
+        valid = torch.isfinite(warm)
+        # nanmedian ignores the NaNs we stored for non-finite norms; all-NaN gives NaN, handled below.
+        median = torch.nanmedian(warm)
+        mad = torch.nanmedian((warm - median).abs().where(valid, torch.full_like(warm, math.nan)))
+        std = torch.maximum(mad * _MAD_TO_STD, median.abs() * 0.01)
+        ok = torch.isfinite(median) & torch.isfinite(std)
+        self._mean = torch.where(ok, median, torch.zeros_like(median))
+        self._var = torch.where(ok, std * std, torch.zeros_like(std))
+
+    def _adaptive_target(self, total: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        import torch  # noqa: PLC0415
+
+        s = self._settings
+        std = torch.sqrt(self._var).clamp_min(_EPS)
+        z = (total - self._mean) / std
+        if self.mode == "reciprocal":
+            bound = self._mean + (s.z_threshold * s.z_threshold / z.clamp_min(_EPS)) * std
+        else:
+            bound = self._mean + s.z_threshold * std
+        spike = finite & (z > s.z_threshold)
+        target = torch.where(spike, bound, total)
+        # EMA update with the clipped value (ZClip's update order: variance against the new mean).
+        a = s.ema_alpha
+        new_mean = a * self._mean + (1.0 - a) * target
+        new_var = a * self._var + (1.0 - a) * (target - new_mean) ** 2
+        self._mean = torch.where(finite, new_mean, self._mean)
+        self._var = torch.where(finite, new_var, self._var)
+        return target
+
+    # --- control --------------------------------------------------------------------------------
+
+    def update(self, settings: ClipSettings, where: str = "control file") -> bool:
+        """Apply settings from the daemon; invalid ones are logged, counted and ignored (→ False)."""
+        if settings == self._settings:
+            return True
+        try:
+            validate_settings(settings, where)
+        except ClipSettingsError as exc:
+            self.rejected_updates += 1
+            log.warning("ignoring clip settings: %s", exc)
+            return False
+        old = self._settings
+        self._settings = settings
+        if self._tensors_ready and settings.warmup_steps != old.warmup_steps and self._step < old.warmup_steps:
+            self._resize_warmup(settings.warmup_steps)
+        log.info("clip settings changed: %s -> %s", old, settings)
+        return True
+
+    def _resize_warmup(self, steps: int) -> None:
+        import torch  # noqa: PLC0415
+
+        kept = self._warm[: min(steps, self._step)]
+        self._warm = torch.full((steps,), math.nan, dtype=kept.dtype, device=kept.device)
+        self._warm[: kept.numel()] = kept
+        if self._step >= steps:
+            self._step = steps
+            self._start_statistics()
+
+    # --- introspection and checkpointing (these synchronise) -------------------------------------
+
+    def stats(self) -> ClipStats:
+        """Counters and statistics as host values; call rarely (e.g. when reporting, one step late)."""
+        ready = self._tensors_ready
+        return ClipStats(
+            steps=self._step,
+            clipped_steps=int(self._clipped.item()) if ready else 0,
+            warming_up=self.warming_up,
+            mean=float(self._mean.item()) if ready else 0.0,
+            std=math.sqrt(max(float(self._var.item()), 0.0)) if ready else 0.0,
+            rejected_updates=self.rejected_updates,
+            settings=self._settings,
+            mode=self.mode,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state for checkpoints; float32 values round-trip exactly through Python floats."""
+        ready = self._tensors_ready
+        return {
+            "mode": self.mode,
+            "step": self._step,
+            "settings": {
+                "z_threshold": self._settings.z_threshold,
+                "ema_alpha": self._settings.ema_alpha,
+                "warmup_steps": self._settings.warmup_steps,
+                "warmup_max_norm": self._settings.warmup_max_norm,
+            },
+            "mean": float(self._mean.item()) if ready else 0.0,
+            "var": float(self._var.item()) if ready else 0.0,
+            "warm": [float(v) for v in self._warm.tolist()] if ready else [],
+            "clipped": int(self._clipped.item()) if ready else 0,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from `state_dict()`; the saved settings win unless the daemon changes them later."""
+        import torch  # noqa: PLC0415
+
+        try:
+            settings = ClipSettings(**dict(state["settings"]))
+            validate_settings(settings, "clipper state")
+            mode = state["mode"]
+            if mode not in CLIP_MODES:
+                raise ClipSettingsError(f"clipper state: unknown mode {mode!r}")
+            step = int(state["step"])
+            warm = [float(v) for v in state["warm"]]
+            mean, var, clipped = float(state["mean"]), float(state["var"]), int(state["clipped"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ClipSettingsError(f"clipper state: malformed: {exc!r}") from exc
+        device = self._params[0].device
+        self._settings = replace(settings)
+        self.mode = mode
+        self._step = step
+        self._init_tensors(device)
+        f32 = torch.float32
+        self._mean = torch.tensor(mean, dtype=f32, device=device)
+        self._var = torch.tensor(var, dtype=f32, device=device)
+        if warm:
+            self._warm = torch.tensor(warm, dtype=f32, device=device)
+        self._clipped = torch.tensor(clipped, dtype=torch.int64, device=device)
