@@ -1,0 +1,34 @@
+"""A training rank whose process vanished (its /proc entry is gone) without the job finishing."""
+
+from __future__ import annotations
+
+from trainwarden.model import Finding, Severity
+from trainwarden.rules.base import Rule, RuleOptions, RuleView
+from trainwarden.rules.training import PID, PROCESS_UP
+
+
+class ProcessGoneRule(Rule):
+    """One finding per rank whose `trainwarden_train_process_up` is 0."""
+
+    name = "process_gone"
+    Options = RuleOptions
+
+    def evaluate(self, view: RuleView, now: float) -> list[Finding]:
+        """Ranks reported down by the training collector."""
+        del now
+        findings = []
+        for series in view.series(PROCESS_UP):
+            if series.value != 0.0:
+                continue
+            labels = dict(series.labels)
+            job, rank = labels.get("job", ""), labels.get("rank", "")
+            pid = view.value(PID, series.labels)
+            evidence: dict[str, float | str] = {"interruption": "transient"}
+            if pid is not None:
+                evidence["pid"] = pid
+            summary = f"rank {rank} of job {job}: process {int(pid) if pid else '?'} is gone"
+            findings.append(self.finding({"job": job, "rank": rank}, summary, evidence, Severity.CRITICAL))
+        return findings
+
+
+RULE = ProcessGoneRule
