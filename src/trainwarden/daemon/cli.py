@@ -1,0 +1,289 @@
+"""The `trainwarden` command line.
+
+Each subcommand is one `add_*` function registering its parser and handler, listed once in
+`COMMANDS`; heavy modules are imported inside handlers so `trainwarden status` stays instant.
+
+Examples::
+
+    trainwarden daemon --config /etc/trainwarden/config.toml
+    trainwarden daemon --listen 127.0.0.1:9871 --runtime-dir /tmp/tw/run --state-dir /tmp/tw/state
+    trainwarden check-config /etc/trainwarden/config.toml
+    trainwarden status --url http://127.0.0.1:9871
+"""
+
+# ruff: noqa: T201 - a command line prints
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, TextIO
+
+from trainwarden import __version__
+
+Subparsers = Any  # argparse's _SubParsersAction is private
+DEFAULT_URL = "http://127.0.0.1:9871"
+EX_CONFIG = 78
+"""sysexits' "configuration error": the unit's RestartPreventExitStatus stops a restart loop on it."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `trainwarden` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help(sys.stderr)
+        return 2
+    handler: Callable[[argparse.Namespace], int] = args.func
+    return handler(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="trainwarden",
+        description="Monitoring and self-healing daemon for PyTorch training jobs.",
+        epilog="Run `trainwarden COMMAND --help` for a command's options and examples.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"trainwarden {__version__} (Python {platform.python_version()})",
+    )
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+# --- daemon ---------------------------------------------------------------------------------
+
+
+def _listen(text: str) -> str:
+    from trainwarden.config import parse_listen  # noqa: PLC0415 - keep `status` light
+
+    try:
+        parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
+
+
+def add_daemon(subparsers: Subparsers) -> None:
+    """`trainwarden daemon`: run the node daemon in the foreground."""
+    parser = subparsers.add_parser(
+        "daemon",
+        help="run the node daemon in the foreground (systemd runs this)",
+        description="Run the node daemon. Flags override the config file for per-node settings.",
+        epilog="example: trainwarden daemon --config /etc/trainwarden/config.toml --listen 0.0.0.0:9871",
+    )
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML config (default: safe defaults)")
+    parser.add_argument(
+        "--listen", type=_listen, metavar="HOST:PORT", help="HTTP address (default 127.0.0.1:9871)"
+    )
+    parser.add_argument("--runtime-dir", type=Path, metavar="DIR", help="sockets and control files")
+    parser.add_argument("--state-dir", type=Path, metavar="DIR", help="persistent state (journal)")
+    parser.add_argument("--path.procfs", dest="procfs", type=Path, metavar="DIR", help="procfs mount point")
+    parser.add_argument("--path.sysfs", dest="sysfs", type=Path, metavar="DIR", help="sysfs mount point")
+    parser.set_defaults(func=run_daemon)
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    """Load the config, then run until SIGTERM/SIGINT."""
+    from trainwarden.daemon.app import Daemon, Overrides, load  # noqa: PLC0415 - lazy
+    from trainwarden.errors import ConfigError, TrainwardenError  # noqa: PLC0415
+
+    overrides = Overrides(
+        listen=args.listen,
+        runtime_dir=args.runtime_dir,
+        state_dir=args.state_dir,
+        procfs=args.procfs,
+        sysfs=args.sysfs,
+    )
+    setup_logging("info")
+    try:
+        config = load(args.config, overrides)
+    except ConfigError as exc:
+        print(f"trainwarden: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(config.daemon.log_level)
+    daemon = Daemon(config, config_path=args.config, overrides=overrides)
+    try:
+        return daemon.run()
+    except TrainwardenError as exc:
+        logging.getLogger("trainwarden").error("%s", exc)  # noqa: TRY400 - a clear message, no traceback
+        return 1
+
+
+class _JournalFormatter(logging.Formatter):
+    """Under systemd: `<N>` syslog priority prefixes for journald and no timestamp (it adds one)."""
+
+    PRIORITY: ClassVar[dict[int, int]] = {
+        logging.DEBUG: 7,
+        logging.INFO: 6,
+        logging.WARNING: 4,
+        logging.ERROR: 3,
+        logging.CRITICAL: 2,
+    }
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr; journald-friendly when started by systemd (JOURNAL_STREAM set)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("trainwarden").setLevel(level.upper())
+
+
+# --- check-config ---------------------------------------------------------------------------
+
+
+def add_check_config(subparsers: Subparsers) -> None:
+    """`trainwarden check-config FILE`: validate a config without running anything."""
+    parser = subparsers.add_parser(
+        "check-config",
+        help="validate a config file and print every problem",
+        description="Validate a TOML config. Prints every problem (section, key, why); exit 1 if any.",
+        epilog="example: trainwarden check-config examples/config.toml",
+    )
+    parser.add_argument("file", type=Path, metavar="FILE")
+    parser.set_defaults(func=run_check_config)
+
+
+def run_check_config(args: argparse.Namespace) -> int:
+    """Print OK with a summary, or every problem and exit 1."""
+    from trainwarden.config import load_config  # noqa: PLC0415 - lazy
+    from trainwarden.errors import ConfigError  # noqa: PLC0415
+    from trainwarden.plugins import plugin_groups  # noqa: PLC0415
+
+    try:
+        config = load_config(args.file, plugin_groups())
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    for group, plugins in config.plugins.items():
+        enabled = [name for name, options in plugins.items() if options.enabled]
+        print(f"{group}: {', '.join(enabled) or 'none'} enabled")
+    print(f"{args.file}: OK")
+    return 0
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+def add_status(subparsers: Subparsers) -> None:
+    """`trainwarden status`: ask the running daemon how it is doing."""
+    parser = subparsers.add_parser(
+        "status",
+        help="show the running daemon's health and collectors",
+        description="Fetch /status from a running daemon and print a readable summary.",
+        epilog="example: trainwarden status --url http://127.0.0.1:9871",
+    )
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"daemon base URL (default {DEFAULT_URL})")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON instead")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+    parser.set_defaults(func=run_status)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """Print the summary; exit 1 when the daemon cannot be reached, 3 while it is not ready."""
+    url = args.url.rstrip("/") + "/status"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:  # noqa: S310 - operator's URL
+            data = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"trainwarden: cannot read {url}: {reason} (is the daemon running?)", file=sys.stderr)
+        return 1
+    if args.json:
+        json.dump(data, sys.stdout, indent=2, sort_keys=True)
+        print()
+    else:
+        print_status(data, sys.stdout)
+    return 0 if data.get("ready") else 3
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s"
+
+
+def print_status(data: dict[str, Any], out: TextIO) -> None:
+    """Readable summary of a `/status` document."""
+    ready = "ready" if data.get("ready") else "STARTING (first collection not finished)"
+    print(
+        f"trainwarden {data.get('version')}  pid {data.get('pid')}  "
+        f"up {_duration(float(data.get('uptime_seconds', 0)))}  {ready}",
+        file=out,
+    )
+    config = data.get("config", {})
+    reload = config.get("last_reload") or {}
+    reload_text = (
+        "ok" if reload.get("ok", True) else f"FAILED, running the previous config: {reload.get('error')}"
+    )
+    print(f"config:  {config.get('source')} (last load {reload_text})", file=out)
+    print(f"listen:  {data.get('listen')}   series: {data.get('series')}", file=out)
+    collectors: dict[str, dict[str, Any]] = data.get("collectors", {})
+    if collectors:
+        print(file=out)
+        header = ("COLLECTOR", "STATE", "LAST RUN", "SERIES", "ERRORS", "TIMEOUTS", "SKIPPED", "LAST ERROR")
+        rows = [header]
+        for name, c in sorted(collectors.items()):
+            skipped = sum((c.get("skipped_total") or {}).values())
+            duration = c.get("last_duration_seconds")
+            rows.append(
+                (
+                    name,
+                    str(c.get("state", "?")),
+                    "-" if duration is None else f"{duration * 1000:.1f}ms",
+                    str(c.get("series", "-")),
+                    str(c.get("errors_total", "-")),
+                    str(c.get("timeouts_total", "-")),
+                    str(skipped) if "skipped_total" in c else "-",
+                    str(c.get("last_error") or ""),
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+        for row in rows:
+            cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
+            print("  ".join([*cells, row[-1]]).rstrip(), file=out)
+    known = {"version", "pid", "started_at", "uptime_seconds", "ready", "listen", "config", "paths", "series"}
+    for key, value in data.items():
+        if key not in known and key != "collectors":
+            print(f"\n{key}: {json.dumps(value, sort_keys=True)}", file=out)
+
+
+COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
+    add_daemon,
+    add_check_config,
+    add_status,
+)
+"""Every subcommand; adding one is a function above and one line here."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,449 @@
+"""Runs every collector at its own interval, so one slow or broken source never stalls the rest.
+
+APScheduler decides *when* (interval per collector, one instance at a time, coalesced); our own
+pool of daemon threads decides *where*: it holds one worker per job, so even if every collector
+hung at once each would still have its thread, and a hung thread never blocks process exit.
+Python cannot kill a thread, so a watchdog thread instead declares a run that exceeds its
+`timeout_seconds` failed (success 0, timeout counted, its series dropped); APScheduler skips
+that collector's later runs until the hung call returns, and those skips are counted too.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
+from apscheduler.executors.pool import BasePoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from trainwarden.collectors.base import Collector
+from trainwarden.model import MetricKind, MetricSpec, Sample
+from trainwarden.store import Store
+
+log = logging.getLogger(__name__)
+
+SOURCE = "scheduler"
+"""Store source under which the scheduler's own per-collector series live."""
+
+LOG_EVERY_SECONDS = 60.0
+"""A failing collector logs its first failure, then at most one line per this many seconds."""
+
+_APSCHEDULER_LOG = logging.getLogger("trainwarden.apscheduler")
+# APScheduler logs every run at INFO and every skip at WARNING; we count and rate-limit those
+# ourselves, so only its real errors get through.
+_APSCHEDULER_LOG.setLevel(logging.ERROR)
+
+_L = ("collector",)
+SUCCESS = MetricSpec(
+    "trainwarden_collector_success",
+    "1 if the collector's last run succeeded; 0 if it failed, timed out or its source is unavailable.",
+    labelnames=_L,
+)
+DURATION = MetricSpec(
+    "trainwarden_collector_duration_seconds",
+    "Wall time of the collector's last run (time until the timeout for a run that hung).",
+    labelnames=_L,
+)
+RUNS = MetricSpec("trainwarden_collector_runs_total", "Collector runs that finished.", MetricKind.COUNTER, _L)
+ERRORS = MetricSpec(
+    "trainwarden_collector_errors_total",
+    "Collector runs that raised an exception.",
+    MetricKind.COUNTER,
+    _L,
+)
+TIMEOUTS = MetricSpec(
+    "trainwarden_collector_timeouts_total",
+    "Collector runs still running after timeout_seconds.",
+    MetricKind.COUNTER,
+    _L,
+)
+SKIPPED = MetricSpec(
+    "trainwarden_collector_skipped_runs_total",
+    "Scheduled runs not started: reason=overlap (previous run still going) or missed (scheduler late).",
+    MetricKind.COUNTER,
+    ("collector", "reason"),
+)
+SERIES = MetricSpec(
+    "trainwarden_collector_series",
+    "Series the collector's last successful run stored (the node's series budget is their sum).",
+    labelnames=_L,
+)
+LAST_SUCCESS = MetricSpec(
+    "trainwarden_collector_last_success_timestamp_seconds",
+    "Unix time of the collector's last successful run.",
+    labelnames=_L,
+)
+SKIP_REASONS = ("overlap", "missed")
+
+
+@dataclass
+class CollectorState:
+    """Book-keeping of one collector; guarded by the scheduler's lock."""
+
+    name: str
+    interval: float
+    timeout: float
+    unavailable: str | None = None
+    running_since: float | None = None
+    run_seq: int = 0
+    timed_out_seq: int = -1
+    completed_once: bool = False
+    success: bool = False
+    duration: float = 0.0
+    runs: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    series: int = 0
+    last_success: float = 0.0
+    last_error: str = ""
+    failures_in_a_row: int = 0
+    last_logged: float = float("-inf")
+    suppressed: int = 0
+
+    def record_error(self, duration: float, error: BaseException) -> None:
+        """A run that raised."""
+        self.duration = duration
+        self.errors += 1
+        self.success = False
+        self.last_error = f"{type(error).__name__}: {error}"
+
+    def record_success(self, duration: float, stored: int, now: float) -> None:
+        """A run that stored its samples; also resets the failure log throttle."""
+        self.duration = duration
+        self.failures_in_a_row = 0
+        self.suppressed = 0
+        self.last_logged = float("-inf")
+        self.success = True
+        self.series = stored
+        self.last_success = now
+        self.last_error = ""
+
+    def as_status(self) -> dict[str, Any]:
+        """JSON-able view for `/status`."""
+        if self.unavailable is not None:
+            state = "unavailable"
+        elif not self.completed_once:
+            state = "starting"
+        elif self.running_since is not None and self.timed_out_seq == self.run_seq:
+            state = "hung"
+        else:
+            state = "ok" if self.success else "failing"
+        return {
+            "state": state,
+            "interval_seconds": self.interval,
+            "timeout_seconds": self.timeout,
+            "last_duration_seconds": round(self.duration, 6),
+            "last_success_at": self.last_success or None,
+            "last_error": self.unavailable or self.last_error or None,
+            "runs_total": self.runs,
+            "errors_total": self.errors,
+            "timeouts_total": self.timeouts,
+            "skipped_total": dict(self.skipped),
+            "series": self.series,
+        }
+
+    def samples(self) -> list[Sample]:
+        """Series the scheduler exports about this collector."""
+        c = self.name
+        out = [
+            SUCCESS.sample(1.0 if self.success and self.unavailable is None else 0.0, collector=c),
+            DURATION.sample(self.duration, collector=c),
+            RUNS.sample(self.runs, collector=c),
+            ERRORS.sample(self.errors, collector=c),
+            TIMEOUTS.sample(self.timeouts, collector=c),
+            SERIES.sample(self.series, collector=c),
+        ]
+        out.extend(SKIPPED.sample(n, collector=c, reason=r) for r, n in self.skipped.items())
+        if self.last_success:
+            out.append(LAST_SUCCESS.sample(self.last_success, collector=c))
+        return out
+
+
+class DaemonThreadPool:
+    """A minimal executor of daemon threads: a hung job can never keep the process from exiting.
+
+    (`concurrent.futures.ThreadPoolExecutor` joins its workers at interpreter exit.)
+    """
+
+    def __init__(self, workers: int, name: str = "trainwarden-worker") -> None:
+        self._queue: queue.SimpleQueue[
+            tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]] | None
+        ] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        """Queue `fn(*args)`; the future carries its result or exception."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to the future's owner
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = True, timeout: float = 5.0) -> None:
+        """Stop the workers after the queued jobs; wait at most `timeout` for running ones."""
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            deadline = time.monotonic() + timeout
+            for thread in self._threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+
+class _Executor(BasePoolExecutor):  # type: ignore[misc]
+    """APScheduler executor on a `DaemonThreadPool`, logging through our quiet logger."""
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(DaemonThreadPool(workers))
+
+    def start(self, scheduler: Any, alias: str) -> None:
+        super().start(scheduler, alias)
+        self._logger = _APSCHEDULER_LOG
+
+
+@dataclass(frozen=True)
+class ExtraJob:
+    """A periodic task that is not a collector (the systemd watchdog ping, later the rule engine)."""
+
+    name: str
+    func: Callable[[], None]
+    interval_seconds: float
+
+
+class CollectorScheduler:
+    """Schedules collectors, times them, stores their samples and keeps their health metrics."""
+
+    def __init__(
+        self,
+        store: Store,
+        collectors: Sequence[Collector],
+        *,
+        unavailable: Mapping[str, str] | None = None,
+        extra_jobs: Iterable[ExtraJob] = (),
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        on_first_round: Callable[[], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._collectors = {c.name: c for c in collectors}
+        self._extra = list(extra_jobs)
+        self._clock = clock
+        self._monotonic = monotonic
+        self._on_first_round = on_first_round
+        self._lock = threading.Lock()
+        self._states: dict[str, CollectorState] = {
+            c.name: CollectorState(c.name, c.options.interval_seconds, c.options.timeout_seconds)
+            for c in collectors
+        }
+        for name, why in (unavailable or {}).items():
+            self._states[name] = CollectorState(name, 0.0, 0.0, unavailable=why)
+        self.first_round = threading.Event()
+        self._stop = threading.Event()
+        workers = len(self._collectors) + len(self._extra) + 1
+        self._scheduler = BackgroundScheduler(
+            timezone=UTC,
+            executors={"default": _Executor(workers)},
+            logger=_APSCHEDULER_LOG,
+        )
+        self._scheduler.add_listener(self._on_skip, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
+        self._watchdog = threading.Thread(target=self._watch, name="trainwarden-watchdog", daemon=True)
+        timeouts = [c.options.timeout_seconds for c in collectors]
+        self._watch_period = min([1.0, *(t / 4 for t in timeouts)])
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Publish initial health series and start running every collector now, then on interval."""
+        now = datetime.now(UTC)
+        with self._lock:
+            samples = [s for state in self._states.values() for s in state.samples()]
+        self._store.replace(SOURCE, samples, self._clock())
+        for name, collector in self._collectors.items():
+            interval = collector.options.interval_seconds
+            self._scheduler.add_job(
+                self._run,
+                IntervalTrigger(seconds=interval, timezone=UTC),
+                args=(name,),
+                id=name,
+                name=f"collector:{name}",
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=max(1, round(interval)),
+                next_run_time=now,
+            )
+        for job in self._extra:
+            self._scheduler.add_job(
+                self._run_extra,
+                IntervalTrigger(seconds=job.interval_seconds, timezone=UTC),
+                args=(job,),
+                id=f"job:{job.name}",
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=max(1, round(job.interval_seconds)),
+                next_run_time=now,
+            )
+        self._scheduler.start()
+        self._watchdog.start()
+        self._maybe_first_round()
+
+    def stop(self, grace_seconds: float = 5.0) -> None:
+        """Stop scheduling; wait up to `grace_seconds` for runs in progress (hung ones are abandoned)."""
+        self._stop.set()
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+        executor = self._scheduler._lookup_executor("default")  # noqa: SLF001 - our own executor
+        executor._pool.shutdown(wait=True, timeout=grace_seconds)  # noqa: SLF001
+        if self._watchdog.is_alive():
+            self._watchdog.join(timeout=2.0)
+
+    # --- runs -------------------------------------------------------------------------------
+
+    def _run(self, name: str) -> None:
+        collector = self._collectors[name]
+        started = self._monotonic()
+        with self._lock:
+            state = self._states[name]
+            state.run_seq += 1
+            seq = state.run_seq
+            state.running_since = started
+        error: BaseException | None = None
+        stored = 0
+        try:
+            samples = list(collector.collect())
+        except Exception as exc:
+            error = exc
+            samples = []
+        duration = self._monotonic() - started
+        now = self._clock()
+        with self._lock:
+            late = state.timed_out_seq == seq
+        if error is None and not late:
+            try:
+                stored = self._store.replace(name, samples, now)
+            except Exception as exc:  # a collector handed us something that is not a Sample
+                error = exc
+        if error is not None or late:
+            self._store.replace(name, (), now)  # a failed source exports nothing stale
+        with self._lock:
+            late = state.timed_out_seq == seq  # the watchdog may have fired meanwhile
+            state.running_since = None
+            state.runs += 1
+            state.completed_once = True
+            if late:
+                log.warning(
+                    "collector %s finished %.3fs after starting, past its %gs timeout; samples discarded",
+                    name,
+                    duration,
+                    state.timeout,
+                )
+            elif error is not None:
+                state.record_error(duration, error)
+                self._log_failure(state, now, f"failed: {state.last_error}", error)
+            else:
+                if state.failures_in_a_row:
+                    log.info("collector %s recovered after %d failure(s)", name, state.failures_in_a_row)
+                state.record_success(duration, stored, now)
+            samples_out = state.samples()
+        self._store.add(SOURCE, samples_out, now)
+        self._maybe_first_round()
+
+    def _run_extra(self, job: ExtraJob) -> None:
+        try:
+            job.func()
+        except Exception:
+            log.exception("periodic job %s failed", job.name)
+
+    def _log_failure(
+        self, state: CollectorState, now: float, message: str, error: BaseException | None
+    ) -> None:
+        """Log the first failure, then at most one line per LOG_EVERY_SECONDS; caller holds the lock."""
+        state.failures_in_a_row += 1
+        if now - state.last_logged < LOG_EVERY_SECONDS:
+            state.suppressed += 1
+            return
+        extra = f" ({state.suppressed} similar message(s) suppressed)" if state.suppressed else ""
+        state.last_logged = now
+        state.suppressed = 0
+        exc_info = error if error is not None and state.failures_in_a_row == 1 else None
+        log.warning("collector %s %s%s", state.name, message, extra, exc_info=exc_info)
+
+    def _watch(self) -> None:
+        """Declare runs that exceed their timeout failed; Python cannot interrupt them."""
+        while not self._stop.wait(self._watch_period):
+            self.check_timeouts()
+
+    def check_timeouts(self) -> list[str]:
+        """One watchdog pass; returns the collectors newly declared timed out."""
+        mono = self._monotonic()
+        now = self._clock()
+        expired: list[str] = []
+        published: list[Sample] = []
+        with self._lock:
+            for state in self._states.values():
+                since = state.running_since
+                if since is None or state.timed_out_seq == state.run_seq or mono - since <= state.timeout:
+                    continue
+                state.timed_out_seq = state.run_seq
+                state.timeouts += 1
+                state.success = False
+                state.completed_once = True
+                state.duration = mono - since
+                state.last_error = f"run exceeded timeout_seconds={state.timeout:g}"
+                self._log_failure(state, now, f"hung: {state.last_error}", None)
+                expired.append(state.name)
+                published.extend(state.samples())
+        for name in expired:
+            self._store.replace(name, (), now)
+        if published:
+            self._store.add(SOURCE, published, now)
+            self._maybe_first_round()
+        return expired
+
+    def _on_skip(self, event: JobEvent) -> None:
+        reason = "overlap" if event.code == EVENT_JOB_MAX_INSTANCES else "missed"
+        with self._lock:
+            state = self._states.get(event.job_id)
+            if state is None:
+                return
+            state.skipped[reason] += 1
+            samples = state.samples()
+        self._store.add(SOURCE, samples, self._clock())
+
+    def _maybe_first_round(self) -> None:
+        if self.first_round.is_set():
+            return
+        with self._lock:
+            done = all(s.completed_once or s.unavailable is not None for s in self._states.values())
+            fire = done and not self.first_round.is_set()
+            if fire:
+                self.first_round.set()
+        if fire and self._on_first_round is not None:
+            self._on_first_round()
+
+    # --- views ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Per-collector health for `/status` (collector `status()` detail added by the daemon)."""
+        with self._lock:
+            return {name: state.as_status() for name, state in self._states.items()}
