@@ -1,0 +1,1 @@
+"""Ways to restart or requeue a training job through the scheduler or launcher that owns it."""
