@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from trainwarden.config import CollectorOptions
 from trainwarden.model import Sample
 from trainwarden.paths import HostPaths
+from trainwarden.xid_ledger import XidLedger
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,13 +63,18 @@ class PidOwners:
 
 @dataclass(frozen=True)
 class CollectorContext:
-    """What the daemon hands every collector: injected paths and directories, a clock, pid owners."""
+    """What the daemon hands every collector: injected paths and directories, a clock, pid owners.
+
+    `xid_ledger` is where the NVML event thread and the kernel-log collector report XIDs, so one
+    incident seen by both is counted once.
+    """
 
     paths: HostPaths = field(default_factory=HostPaths)
     runtime_dir: Path = Path("/run/trainwarden")
     state_dir: Path = Path("/var/lib/trainwarden")
     clock: Callable[[], float] = time.time
     pid_owners: PidOwners = field(default_factory=PidOwners)
+    xid_ledger: XidLedger = field(default_factory=XidLedger)
 
 
 class Collector(abc.ABC):
