@@ -1,0 +1,121 @@
+"""Clip healer: tighten (or relax) the job's adaptive gradient clipping through its control file.
+
+Tightening lowers the clipper's z-score threshold by `tighten_factor` (never below
+`min_z_threshold`), so the next spikes are clipped harder; relaxing moves it back toward the
+defaults. The change persists across job restarts because the restarted job reads the same file.
+Idempotent: the control file remembers the last action key applied, so applying the same action
+twice changes nothing; a dry run reads and reports but never writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainwarden.config import PluginOptions
+from trainwarden.control import (
+    ClipSettings,
+    ControlFileError,
+    ControlState,
+    control_path,
+    read_control,
+    write_control,
+)
+from trainwarden.healers.base import Action, ActionOutcome, ActionResult, Healer
+
+log = logging.getLogger(__name__)
+
+LAST_ACTION_KEY = "trainwarden_clip_action"
+
+
+@dataclass(frozen=True)
+class ClipOptions(PluginOptions):
+    """How far one action moves the clipping threshold.
+
+    `control_dir` defaults to `<state_dir>/control`, where the training collector writes control
+    files (the client finds it via TRAINWARDEN_CONTROL_DIR).
+    """
+
+    control_dir: Path | None = None
+    tighten_factor: float = 0.8
+    relax_factor: float = 1.25
+    min_z_threshold: float = 1.5
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Factors must move the threshold the right way."""
+        found = super().problems()
+        if not 0 < self.tighten_factor < 1:
+            found.append(("tighten_factor", "must be in (0, 1)"))
+        if self.relax_factor <= 1:
+            found.append(("relax_factor", "must be > 1"))
+        if self.min_z_threshold <= 0:
+            found.append(("min_z_threshold", "must be > 0"))
+        return found
+
+
+class ClipHealer(Healer):
+    """Changes `ControlState.clip` of the job named in the action's subject."""
+
+    name = "clip"
+    Options = ClipOptions
+
+    def control_file(self, job: str) -> Path:
+        """The control file of `job`."""
+        options = self.options
+        assert isinstance(options, ClipOptions)
+        directory = options.control_dir or self.context.state_dir / "control"
+        return control_path(directory, job)
+
+    def apply(self, action: Action, *, dry_run: bool) -> ActionResult:  # noqa: PLR0911 - one return per checked state
+        """Tighten (default) or relax (`params.direction = "relax"`) the job's clipping."""
+        options = self.options
+        assert isinstance(options, ClipOptions)
+        job = action.subject.get("job", "")
+        direction = str(action.params.get("direction", "tighten"))
+        if direction not in {"tighten", "relax"}:
+            return ActionResult(ActionOutcome.FAILED, f"unknown direction {direction!r} (tighten or relax)")
+        try:
+            path = self.control_file(job)
+            state = read_control(path) if path.exists() else ControlState(job=job)
+        except ControlFileError as exc:
+            # never overwrite a file we cannot read: it may hold a checkpoint or stop request
+            return ActionResult(ActionOutcome.FAILED, f"control file of job {job!r} unusable: {exc}")
+        if state.extra.get(LAST_ACTION_KEY) == action.key:
+            return ActionResult(ActionOutcome.NOOP, f"action {action.key} already applied to {path.name}")
+        current = state.clip or ClipSettings()
+        default = ClipSettings()
+        if direction == "tighten":
+            wanted = max(options.min_z_threshold, current.z_threshold * options.tighten_factor)
+        else:
+            wanted = min(default.z_threshold, current.z_threshold * options.relax_factor)
+        wanted = round(wanted, 4)
+        data: dict[str, str | float | int | bool] = {
+            "job": job,
+            "direction": direction,
+            "z_threshold_before": current.z_threshold,
+            "z_threshold_after": wanted,
+        }
+        if wanted == current.z_threshold:
+            limit = "floor" if direction == "tighten" else "default"
+            return ActionResult(ActionOutcome.NOOP, f"clip z_threshold already at its {limit} {wanted}", data)
+        change = f"{direction} clip z_threshold {current.z_threshold} -> {wanted} for job {job}"
+        if dry_run:
+            return ActionResult(ActionOutcome.DRY_RUN, f"would {change}", data)
+        new_state = dataclasses.replace(
+            state,
+            job=job,
+            clip=dataclasses.replace(current, z_threshold=wanted),
+            updated_at=self.context.clock(),
+            extra={**state.extra, LAST_ACTION_KEY: action.key},
+        )
+        try:
+            write_control(path, new_state)
+        except OSError as exc:
+            return ActionResult(ActionOutcome.FAILED, f"cannot write {path}: {exc.strerror or exc}", data)
+        log.info("clip: %s", change)
+        return ActionResult(ActionOutcome.APPLIED, change, data)
+
+
+HEALER = ClipHealer
