@@ -7,7 +7,16 @@ from functools import cache
 
 from trainwarden.collectors.base import Collector
 
-COLLECTOR_MODULES: tuple[str, ...] = ()
+COLLECTOR_MODULES: tuple[str, ...] = (
+    "trainwarden.collectors.cpu",
+    "trainwarden.collectors.memory",
+    "trainwarden.collectors.load",
+    "trainwarden.collectors.disk_usage",
+    "trainwarden.collectors.diskstats",
+    "trainwarden.collectors.netdev",
+    "trainwarden.collectors.pressure",
+    "trainwarden.collectors.self_process",
+)
 
 
 @cache

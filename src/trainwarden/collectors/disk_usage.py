@@ -1,0 +1,284 @@
+"""Size, free and available bytes and inodes of configured paths (statvfs).
+
+The path that matters most on a training node is the **checkpoint directory**: a full
+checkpoint volume turns the next save into a crash, and a restart cannot resume from a
+checkpoint that was never written. Add it under a name of your choosing::
+
+    [collectors.disk_usage.volumes]
+    root = "/"
+    shm = "/dev/shm"
+    checkpoints = "/scratch/ckpt"
+
+Series are labelled by that name (`volume="checkpoints"`), never by the path, so dashboards and
+alert rules stay the same across nodes whose mount points differ. `/dev/shm` is watched by
+default because PyTorch DataLoader workers pass every batch through it, and the daemon's state
+directory is added as `state` (`include_state_dir`). Device and filesystem type come from
+`<procfs>/self/mountinfo`. A configured path that does not exist or cannot be read is exported as
+`trainwarden_host_filesystem_readable{volume} 0` with the reason in `status()`, and never stops the
+other paths. `statvfs` on a hung NFS mount blocks: the scheduler's timeout then marks this
+collector failed while the other collectors carry on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+from trainwarden.collectors.base import CollectorContext
+from trainwarden.collectors.host_common import HostCollector, Parsed, read_host_file
+from trainwarden.config import CollectorOptions
+from trainwarden.errors import CollectorError
+from trainwarden.model import MetricKind, MetricSpec, Sample
+
+_LABELS = ("volume",)
+
+SIZE = MetricSpec(
+    "trainwarden_host_filesystem_size_bytes", "Size of the filesystem holding the volume.", labelnames=_LABELS
+)
+FREE = MetricSpec(
+    "trainwarden_host_filesystem_free_bytes",
+    "Free bytes, including those reserved for root.",
+    labelnames=_LABELS,
+)
+AVAIL = MetricSpec(
+    "trainwarden_host_filesystem_avail_bytes",
+    "Bytes available to unprivileged writers such as the training job.",
+    labelnames=_LABELS,
+    window=True,
+)
+FILES = MetricSpec("trainwarden_host_filesystem_files", "Inodes of the filesystem.", labelnames=_LABELS)
+FILES_FREE = MetricSpec(
+    "trainwarden_host_filesystem_files_free",
+    "Free inodes (sharded checkpoints can exhaust inodes before bytes).",
+    labelnames=_LABELS,
+    window=True,
+)
+READONLY = MetricSpec(
+    "trainwarden_host_filesystem_readonly", "1 when the filesystem is mounted read-only.", labelnames=_LABELS
+)
+READABLE = MetricSpec(
+    "trainwarden_host_filesystem_readable",
+    "1 when the configured path could be examined; 0 when it is missing or unreadable (see status).",
+    labelnames=_LABELS,
+)
+INFO = MetricSpec(
+    "trainwarden_host_filesystem_info",
+    "Device and filesystem type of the mount holding each volume.",
+    MetricKind.INFO,
+    ("volume", "device", "fstype"),
+)
+
+_VOLUME_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+_ST_RDONLY = getattr(os, "ST_RDONLY", 1)
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeStat:
+    """What `statvfs` and `stat` say about a path; the device number finds its mount."""
+
+    dev_major: int
+    dev_minor: int
+    frsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    readonly: bool
+
+
+Probe = Callable[[str], VolumeStat]
+"""Examines one path; raises OSError when it is missing or unreadable. Injected so tests use fixtures."""
+
+
+def probe_volume(path: str) -> VolumeStat:
+    """The real probe: `os.stat` for the device, `os.statvfs` for sizes."""
+    st = Path(path).stat()
+    vfs = os.statvfs(path)
+    return VolumeStat(
+        dev_major=os.major(st.st_dev),
+        dev_minor=os.minor(st.st_dev),
+        frsize=vfs.f_frsize,
+        blocks=vfs.f_blocks,
+        bfree=vfs.f_bfree,
+        bavail=vfs.f_bavail,
+        files=vfs.f_files,
+        ffree=vfs.f_ffree,
+        readonly=bool(vfs.f_flag & _ST_RDONLY),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """One line of mountinfo: the device number, where it is mounted, its type and source."""
+
+    major: int
+    minor: int
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> Parsed[list[Mount]]:
+    """Parse `/proc/<pid>/mountinfo` (proc(5)): optional fields end at a lone '-'."""
+    mounts: list[Mount] = []
+    problems: list[str] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            separator = fields.index("-", 6)
+            major_text, _colon, minor_text = fields[2].partition(":")
+            mounts.append(
+                Mount(
+                    major=int(major_text),
+                    minor=int(minor_text),
+                    mountpoint=_unescape(fields[4]),
+                    fstype=fields[separator + 1],
+                    source=_unescape(fields[separator + 2]),
+                )
+            )
+        except (ValueError, IndexError):
+            problems.append(
+                f"line {number}: expected 'ID PARENT MAJ:MIN ROOT MOUNTPOINT ... - TYPE SOURCE ...'"
+            )
+    return Parsed(mounts, tuple(problems))
+
+
+def _under(path: str, mountpoint: str) -> bool:
+    return mountpoint in ("/", path) or path.startswith(mountpoint.rstrip("/") + "/")
+
+
+def find_mount(mounts: list[Mount], path: str, stat: VolumeStat) -> Mount | None:
+    """The mount holding `path`: same device number, deepest mount point containing the path.
+
+    Matching on the device number keeps symlinked paths right; the prefix rule picks among bind
+    mounts of one device, and the later of two stacked mounts wins, as the kernel shows it.
+    """
+    same_device = [m for m in mounts if (m.major, m.minor) == (stat.dev_major, stat.dev_minor)]
+    candidates = [m for m in same_device if _under(path, m.mountpoint)] or same_device
+    if not candidates:
+        candidates = [m for m in mounts if _under(path, m.mountpoint)]
+    best: Mount | None = None
+    for mount in candidates:
+        if best is None or len(mount.mountpoint) >= len(best.mountpoint):
+            best = mount
+    return best
+
+
+def device_label(source: str) -> str:
+    """`/dev/nvme0n1p2` → `nvme0n1p2`, matching diskstats' device names; other sources unchanged."""
+    return source.removeprefix("/dev/")
+
+
+def _default_volumes() -> Mapping[str, Path]:
+    return MappingProxyType({"root": Path("/"), "shm": Path("/dev/shm")})  # noqa: S108 - watched, not written
+
+
+@dataclass(frozen=True)
+class DiskUsageOptions(CollectorOptions):
+    """`volumes`: name → path to watch (add the checkpoint directory!); `include_state_dir` adds `state`."""
+
+    volumes: Mapping[str, Path] = field(default_factory=_default_volumes)
+    include_state_dir: bool = True
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Volume names must be short identifiers (they become label values); paths must be absolute."""
+        found = super().problems()
+        for name, path in self.volumes.items():
+            if not _VOLUME_NAME.match(name):
+                found.append(("volumes", f"name {name!r} must match {_VOLUME_NAME.pattern}"))
+            if not path.is_absolute():
+                found.append(("volumes", f"path of {name!r} must be absolute, got {str(path)!r}"))
+        return found
+
+
+@dataclass
+class _VolumeState:
+    path: str
+    mountpoint: str = ""
+    device: str = ""
+    fstype: str = ""
+    error: str = ""
+
+
+class DiskUsageCollector(HostCollector):
+    """statvfs of each configured volume, with the device and type of its mount."""
+
+    name: ClassVar[str] = "disk_usage"
+    Options: ClassVar[type[CollectorOptions]] = DiskUsageOptions
+
+    def __init__(
+        self, options: CollectorOptions, context: CollectorContext, *, probe: Probe = probe_volume
+    ) -> None:
+        super().__init__(options, context)
+        self._probe = probe
+        opts = options if isinstance(options, DiskUsageOptions) else DiskUsageOptions()
+        volumes = dict(opts.volumes)
+        if opts.include_state_dir and "state" not in volumes:
+            volumes["state"] = context.state_dir
+        self._volumes = {name: os.path.normpath(str(path)) for name, path in volumes.items()}
+        self._state: dict[str, _VolumeState] = {}
+
+    def collect(self) -> Iterable[Sample]:
+        """Examine every volume; a failing one is reported as unreadable, the rest still export."""
+        samples = [self.parse_error_sample()]
+        mounts = self._mounts()
+        for name, path in self._volumes.items():
+            state = self._state[name] = _VolumeState(path)
+            try:
+                stat = self._probe(path)
+            except OSError as exc:
+                state.error = f"{path}: {exc.strerror or exc}"
+                samples.append(READABLE.sample(0, volume=name))
+                continue
+            mount = find_mount(mounts, path, stat)
+            if mount is not None:
+                state.mountpoint, state.device, state.fstype = (
+                    mount.mountpoint,
+                    device_label(mount.source),
+                    mount.fstype,
+                )
+            samples += [
+                READABLE.sample(1, volume=name),
+                SIZE.sample(stat.blocks * stat.frsize, volume=name),
+                FREE.sample(stat.bfree * stat.frsize, volume=name),
+                AVAIL.sample(stat.bavail * stat.frsize, volume=name),
+                FILES.sample(stat.files, volume=name),
+                FILES_FREE.sample(stat.ffree, volume=name),
+                READONLY.sample(1 if stat.readonly else 0, volume=name),
+                INFO.sample(1, volume=name, device=state.device, fstype=state.fstype),
+            ]
+        return samples
+
+    def _mounts(self) -> list[Mount]:
+        path = self.context.paths.proc("self", "mountinfo")
+        try:
+            parsed = parse_mountinfo(read_host_file(path))
+        except CollectorError:
+            # Sizes are still worth exporting without device names.
+            return []
+        self.note(path, parsed)
+        return parsed.value
+
+    def status(self) -> Mapping[str, Any]:
+        """Each volume's path, mount and last error, so an on-call sees why a volume is unreadable."""
+        detail = dict(super().status())
+        detail["volumes"] = {
+            name: {k: v for k, v in vars(state).items() if v} for name, state in self._state.items()
+        }
+        return detail
+
+
+COLLECTOR = DiskUsageCollector

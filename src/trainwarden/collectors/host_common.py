@@ -1,0 +1,88 @@
+"""What every host collector shares: reading a procfs file and accounting for malformed lines.
+
+Parsers are pure functions returning a `Parsed` value plus the problems they skipped, so one
+garbled line in `/proc/diskstats` costs one device, never the whole collection. The collector
+counts those problems in `trainwarden_host_parse_errors_total{collector}` and logs the first
+one of a run of bad reads (not every interval), so a persistently odd kernel does not flood
+the journal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from trainwarden.collectors.base import Collector, CollectorContext
+from trainwarden.config import CollectorOptions
+from trainwarden.errors import CollectorError
+from trainwarden.model import MetricKind, MetricSpec, Sample
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+PARSE_ERRORS = MetricSpec(
+    "trainwarden_host_parse_errors_total",
+    "Malformed lines or fields a host collector skipped since the daemon started.",
+    MetricKind.COUNTER,
+    ("collector",),
+)
+
+MAX_KEPT_PROBLEMS = 5
+"""How many recent problem descriptions `status()` shows."""
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed(Generic[T]):
+    """A parser's result: what could be read, and a description of each line it skipped."""
+
+    value: T
+    problems: tuple[str, ...] = ()
+
+
+def read_host_file(path: Path) -> str:
+    """Read a small procfs/sysfs file in one go; an unreadable file is a `CollectorError` naming it."""
+    try:
+        with path.open(encoding="ascii", errors="replace") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise CollectorError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+class HostCollector(Collector):
+    """A collector of host files with parse-error accounting; subclasses call `note()` per parse."""
+
+    def __init__(self, options: CollectorOptions, context: CollectorContext) -> None:
+        super().__init__(options, context)
+        self._parse_errors = 0
+        self._recent: list[str] = []
+        self._noisy = False
+
+    def note(self, where: Path | str, parsed: Parsed[Any]) -> None:
+        """Count the problems of one parse and log the first after a clean read."""
+        if not parsed.problems:
+            self._noisy = False
+            return
+        self._parse_errors += len(parsed.problems)
+        described = [f"{where}: {problem}" for problem in parsed.problems]
+        self._recent = (self._recent + described)[-MAX_KEPT_PROBLEMS:]
+        if not self._noisy:
+            self._noisy = True
+            log.warning(
+                "%s collector skipped %d malformed line(s), first: %s (further ones are only counted in %s)",
+                self.name,
+                len(described),
+                described[0],
+                PARSE_ERRORS.name,
+            )
+
+    def parse_error_sample(self) -> Sample:
+        """The cumulative parse-error counter of this collector, reported with every collection."""
+        return PARSE_ERRORS.sample(self._parse_errors, collector=self.name)
+
+    def status(self) -> Mapping[str, Any]:
+        """Parse errors so far and the latest few, so `trainwarden status` can say what was skipped."""
+        return {"parse_errors": self._parse_errors, "recent_parse_problems": list(self._recent)}

@@ -1,0 +1,101 @@
+"""Host memory from `/proc/meminfo`, in bytes.
+
+Exported fields are the ones an on-call of a training node reaches for: available memory (the
+OOM killer's distance, windowed for rules), shared memory (PyTorch DataLoader workers pass
+batches through /dev/shm), dirty and writeback pages (a checkpoint being flushed), swap, commit,
+unreclaimable slab (kernel leaks), huge pages and hardware-corrupted memory (failing DIMMs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+from trainwarden.collectors.host_common import HostCollector, Parsed, read_host_file
+from trainwarden.errors import CollectorUnavailableError
+from trainwarden.model import MetricSpec, Sample
+
+_UNITS = {"kB": 1024}
+
+
+def parse_meminfo(text: str) -> Parsed[dict[str, int]]:
+    """Parse `/proc/meminfo` into field → value; `kB` values become bytes, unitless ones stay counts."""
+    values: dict[str, int] = {}
+    problems: list[str] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        key, sep, rest = line.partition(":")
+        fields = rest.split()
+        if not sep or not key or not 1 <= len(fields) <= 2:
+            problems.append(f"line {number}: expected 'Key: value [kB]', got {line[:80]!r}")
+            continue
+        multiplier = 1
+        if len(fields) == 2:
+            if fields[1] not in _UNITS:
+                problems.append(f"line {number}: unknown unit {fields[1]!r} for {key}")
+                continue
+            multiplier = _UNITS[fields[1]]
+        try:
+            values[key.strip()] = int(fields[0]) * multiplier
+        except ValueError:
+            problems.append(f"line {number}: non-numeric value for {key}")
+    return Parsed(values, tuple(problems))
+
+
+def _gauge(name: str, help_text: str, window: bool = False) -> MetricSpec:
+    return MetricSpec(f"trainwarden_host_{name}", help_text, window=window)
+
+
+BYTE_FIELDS: tuple[tuple[str, MetricSpec], ...] = (
+    ("MemTotal", _gauge("memory_total_bytes", "Usable RAM.")),
+    ("MemFree", _gauge("memory_free_bytes", "RAM not used for anything.")),
+    (
+        "MemAvailable",
+        _gauge("memory_available_bytes", "RAM available for new work without swapping.", window=True),
+    ),
+    ("Buffers", _gauge("memory_buffers_bytes", "Block device buffers.")),
+    ("Cached", _gauge("memory_cached_bytes", "Page cache (includes shared memory).")),
+    ("Shmem", _gauge("memory_shared_bytes", "Shared memory and tmpfs, including /dev/shm.")),
+    ("Dirty", _gauge("memory_dirty_bytes", "Modified pages waiting to be written to disk.")),
+    ("Writeback", _gauge("memory_writeback_bytes", "Pages being written to disk now.")),
+    ("AnonPages", _gauge("memory_anonymous_bytes", "Anonymous (process heap and stack) pages.")),
+    ("SUnreclaim", _gauge("memory_slab_unreclaimable_bytes", "Kernel slab memory that cannot be reclaimed.")),
+    ("Committed_AS", _gauge("memory_committed_bytes", "Memory promised to processes.")),
+    ("CommitLimit", _gauge("memory_commit_limit_bytes", "Commit limit under strict overcommit.")),
+    ("SwapTotal", _gauge("memory_swap_total_bytes", "Swap space.")),
+    ("SwapFree", _gauge("memory_swap_free_bytes", "Unused swap space.")),
+    ("HardwareCorrupted", _gauge("memory_hardware_corrupted_bytes", "RAM the kernel retired as corrupted.")),
+)
+HUGEPAGES_TOTAL = _gauge("memory_hugepages_total_bytes", "Memory in the persistent huge page pool.")
+HUGEPAGES_FREE = _gauge("memory_hugepages_free_bytes", "Unallocated memory in the huge page pool.")
+
+
+class MemoryCollector(HostCollector):
+    """Turns `/proc/meminfo` into byte gauges."""
+
+    name: ClassVar[str] = "memory"
+
+    def start(self) -> None:
+        """Disable quietly where there is no `/proc/meminfo`."""
+        path = self.context.paths.proc("meminfo")
+        if not path.exists():
+            raise CollectorUnavailableError(f"{path} does not exist")
+
+    def collect(self) -> Iterable[Sample]:
+        """Read `/proc/meminfo` once."""
+        path = self.context.paths.proc("meminfo")
+        parsed = parse_meminfo(read_host_file(path))
+        self.note(path, parsed)
+        info = parsed.value
+        samples = [self.parse_error_sample()]
+        samples.extend(spec.sample(info[key]) for key, spec in BYTE_FIELDS if key in info)
+        page_size = info.get("Hugepagesize")
+        if page_size is not None:
+            for key, spec in (("HugePages_Total", HUGEPAGES_TOTAL), ("HugePages_Free", HUGEPAGES_FREE)):
+                if key in info:
+                    samples.append(spec.sample(info[key] * page_size))
+        return samples
+
+
+COLLECTOR = MemoryCollector
