@@ -276,8 +276,11 @@ class Daemon:
         self.notifier.ready(status=f"serving {count} series")
 
     def _watchdog_ping(self) -> None:
-        """Runs as a scheduler job, so a wedged scheduler (or a dead HTTP thread) stops the pings."""
-        if self._http is not None and self._http._thread.is_alive():  # noqa: SLF001 - our own server
+        """Runs as a scheduler job, so a wedged scheduler (or a dead HTTP thread) stops the pings.
+
+        Nothing is sent before READY=1: systemd's watchdog only starts once startup is over.
+        """
+        if self.ready.is_set() and self._http is not None and self._http._thread.is_alive():  # noqa: SLF001 - our own server
             self.notifier.watchdog()
 
     # --- reload -----------------------------------------------------------------------------
