@@ -12,6 +12,9 @@ if TYPE_CHECKING:
 HEALER_MODULES: tuple[str, ...] = (
     "trainwarden.healers.clip",
     "trainwarden.healers.notify",
+    "trainwarden.healers.slurm_drain",
+    "trainwarden.healers.k8s_drain",
+    "trainwarden.healers.command_drain",
 )
 
 

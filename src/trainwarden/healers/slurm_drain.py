@@ -26,6 +26,8 @@ from trainwarden.model import Sample
 class SlurmDrainOptions(PluginOptions):
     """Where `scontrol` is and how many nodes trainwarden may hold drained at once."""
 
+    enabled: bool = False  # draining takes capacity away: only when the config asks for it
+
     scontrol: str = "scontrol"
     slurm_conf: str = ""  # exported as SLURM_CONF for scontrol when set
     timeout_seconds: float = 15.0
