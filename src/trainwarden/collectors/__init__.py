@@ -16,6 +16,7 @@ COLLECTOR_MODULES: tuple[str, ...] = (
     "trainwarden.collectors.netdev",
     "trainwarden.collectors.pressure",
     "trainwarden.collectors.self_process",
+    "trainwarden.collectors.training",
 )
 
 
