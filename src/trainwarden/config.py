@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from trainwarden.errors import ConfigError, ConfigProblem
+from trainwarden.healers.policy_config import PolicyConfig
 from trainwarden.paths import HostPaths
 
 T = TypeVar("T")
@@ -98,6 +99,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     plugins: Mapping[str, Mapping[str, PluginOptions]] = field(default_factory=dict)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     source: str = "<defaults>"
 
     def plugin(self, group: str, name: str) -> PluginOptions:
@@ -249,7 +251,7 @@ def load_config(path: Path, groups: PluginGroups) -> Config:
 def config_from_dict(data: Mapping[str, Any], groups: PluginGroups, source: str = "<config>") -> Config:
     """Validate already-parsed config data (TOML tables as dicts)."""
     problems: list[ConfigProblem] = []
-    top_level = {"daemon", "paths", *groups}
+    top_level = {"daemon", "paths", "policy", *groups}
     valid_sections = ", ".join(sorted(top_level))
     problems.extend(
         ConfigProblem("", key, f"unknown section (valid: {valid_sections})")
@@ -266,6 +268,7 @@ def config_from_dict(data: Mapping[str, Any], groups: PluginGroups, source: str 
 
     daemon = build_dataclass(DaemonConfig, table("daemon"), "daemon", problems)
     paths = build_dataclass(PathsConfig, table("paths"), "paths", problems)
+    policy = build_dataclass(PolicyConfig, table("policy"), "policy", problems)
     plugins: dict[str, Mapping[str, PluginOptions]] = {}
     for group, registry in groups.items():
         given = table(group)
@@ -285,7 +288,8 @@ def config_from_dict(data: Mapping[str, Any], groups: PluginGroups, source: str 
         plugins[group] = types.MappingProxyType(options)
     if problems:
         raise ConfigError(problems, source)
-    return Config(daemon=daemon, paths=paths, plugins=types.MappingProxyType(plugins), source=source)
+    plugins_view = types.MappingProxyType(plugins)
+    return Config(daemon=daemon, paths=paths, plugins=plugins_view, policy=policy, source=source)
 
 
 def default_config(groups: PluginGroups) -> Config:

@@ -1,0 +1,90 @@
+"""The `[policy]` section: when findings may become actions, and how far a fault may escalate.
+
+Kept free of other trainwarden imports so `trainwarden.config` can embed it without a cycle.
+Routes and ladders given in the file are merged over the defaults key by key, so configuring the
+ladder of one rule does not drop the defaults of the others::
+
+    [policy]
+    actions_enabled = true          # observe-only (dry run) unless this is true
+    cooldown_seconds = 120
+    attempts_per_rung = 2           # tries of one rung on one subject per budget window
+    budget_window_seconds = 3600
+
+    [policy.routes]                 # rule -> escalation ladder (overrides the class ladder)
+    spike = ["clip", "checkpoint_restart"]
+
+    [policy.ladders]                # interruption class -> ladder, for rules without a route
+    persistent = ["checkpoint_restart", "slurm_drain"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+Interruption = Literal["transient", "persistent", "planned"]
+INTERRUPTIONS: tuple[Interruption, ...] = ("transient", "persistent", "planned")
+
+DEFAULT_ROUTES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "spike": ("clip", "checkpoint_restart"),
+        "nonfinite": ("checkpoint_restart",),
+        "straggler": (),
+        "throughput_drop": (),
+        "threshold": (),
+    }
+)
+"""Rules with their own ladder; an empty ladder means observe and alert only."""
+
+DEFAULT_LADDERS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "transient": ("checkpoint_restart",),
+        "persistent": ("checkpoint_restart",),
+        "planned": ("checkpoint_restart",),
+    }
+)
+"""Per interruption class: retry in place; a bad node (add your drain healer); checkpoint and exit."""
+
+
+def _empty_routes() -> Mapping[str, tuple[str, ...]]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Policy settings; every default is safe (observe-only)."""
+
+    actions_enabled: bool = False
+    cooldown_seconds: float = 120.0
+    budget_window_seconds: float = 3600.0
+    attempts_per_rung: int = 2
+    max_actions_per_window: int = 20
+    breaker_failures: int = 3
+    breaker_open_seconds: float = 900.0
+    alert_healers: tuple[str, ...] = ("notify",)
+    routes: Mapping[str, tuple[str, ...]] = field(default_factory=_empty_routes)
+    ladders: Mapping[str, tuple[str, ...]] = field(default_factory=_empty_routes)
+    classes: Mapping[str, Interruption] = field(default_factory=lambda: MappingProxyType({}))
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Positive durations and budgets, known interruption classes."""
+        positive = ("cooldown_seconds", "budget_window_seconds", "breaker_open_seconds")
+        found = [(key, "must be > 0") for key in positive if getattr(self, key) <= 0]
+        counts = ("attempts_per_rung", "max_actions_per_window", "breaker_failures")
+        found.extend((key, "must be >= 1") for key in counts if getattr(self, key) < 1)
+        found.extend(
+            (f"ladders.{name}", f"unknown interruption class (valid: {', '.join(INTERRUPTIONS)})")
+            for name in self.ladders
+            if name not in INTERRUPTIONS
+        )
+        return found
+
+    def effective_routes(self) -> dict[str, tuple[str, ...]]:
+        """Default routes overlaid with the configured ones."""
+        return {**DEFAULT_ROUTES, **self.routes}
+
+    def effective_ladders(self) -> dict[str, tuple[str, ...]]:
+        """Default class ladders overlaid with the configured ones."""
+        return {**DEFAULT_LADDERS, **self.ladders}
