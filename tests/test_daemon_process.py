@@ -1,0 +1,251 @@
+"""The real `trainwarden daemon` process on a fixture host tree, driven over HTTP and signals."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from trainwarden.daemon.app import Daemon, load
+from trainwarden.daemon.http import Request
+
+HOST = Path(__file__).parent / "fixtures" / "hosts" / "vm_psi"
+BIN = Path(sys.executable).parent / "trainwarden"
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Running:
+    proc: subprocess.Popen[bytes]
+    url: str
+    config: Path
+    log: Path
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        request = urllib.request.Request(self.url + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, dict(response.headers.items()), response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers.items()), exc.read()
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        _, _, body = self.get("/metrics")
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode())
+            for s in family.samples
+        }
+
+    def status(self) -> dict[str, object]:
+        _, _, body = self.get("/status")
+        result: dict[str, object] = json.loads(body)
+        return result
+
+    def healthy(self) -> bool:
+        try:
+            return self.get("/healthz")[0] == 200
+        except OSError:
+            return False
+
+
+def start_daemon(tmp_path: Path, config_text: str) -> Running:
+    port = free_port()
+    config = tmp_path / "config.toml"
+    config.write_text(config_text)
+    log = tmp_path / "daemon.log"
+    cmd = [
+        str(BIN) if BIN.exists() else sys.executable,
+        *([] if BIN.exists() else ["-m", "trainwarden.daemon.cli"]),
+        "daemon",
+        "--config",
+        str(config),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--runtime-dir",
+        str(tmp_path / "run"),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--path.procfs",
+        str(HOST / "proc"),
+        "--path.sysfs",
+        str(HOST / "sys"),
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in {"NOTIFY_SOCKET", "WATCHDOG_USEC"}}
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    running = Running(proc, f"http://127.0.0.1:{port}", config, log)
+    try:
+        wait_for(lambda: running.healthy() or proc.poll() is not None, "/healthz")
+    except BaseException:
+        stop(running)
+        raise
+    assert proc.poll() is None, log.read_text()
+    return running
+
+
+def stop(running: Running) -> int:
+    if running.proc.poll() is None:
+        running.proc.send_signal(signal.SIGTERM)
+    try:
+        return running.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        running.proc.kill()
+        running.proc.wait()
+        raise
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    running = start_daemon(tmp_path_factory.mktemp("daemon"), "[daemon]\nlog_level = 'info'\n")
+    yield running
+    stop(running)
+
+
+def test_metrics_over_http_carry_the_fixture_hosts_values(daemon: Running) -> None:
+    """A scrape returns values read from the fixture tree plus per-collector success and build info."""
+    metrics = daemon.metrics()
+    assert metrics[("trainwarden_host_memory_total_bytes", ())] == 24683656 * 1024
+    assert metrics[("trainwarden_host_load1", ())] == 0.11
+    for collector in ("cpu", "memory", "load", "pressure", "diskstats", "netdev"):
+        assert metrics[("trainwarden_collector_success", (("collector", collector),))] == 1, collector
+        assert ("trainwarden_collector_duration_seconds", (("collector", collector),)) in metrics
+    assert metrics[("trainwarden_daemon_ready", ())] == 1
+    build = [key for key in metrics if key[0] == "trainwarden_build_info"]
+    assert len(build) == 1
+    assert dict(build[0][1])["version"]
+
+
+def test_metrics_content_negotiation_and_gzip(daemon: Running) -> None:
+    """OpenMetrics is served when asked for, and the body is gzipped when the scraper accepts it."""
+    status, headers, body = daemon.get(
+        "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0", "Accept-Encoding": "gzip"}
+    )
+    assert status == 200
+    assert headers["Content-Encoding"] == "gzip"
+    assert headers["Content-Type"].startswith("application/openmetrics-text")
+    text = gzip.decompress(body).decode()
+    assert text.rstrip().endswith("# EOF")
+    assert "trainwarden_collector_success" in text
+    status, headers, body = daemon.get("/metrics")
+    assert headers["Content-Type"].startswith("text/plain")
+    assert "Content-Encoding" not in headers
+
+
+def test_status_json_and_the_status_command(daemon: Running) -> None:
+    """/status reports readiness and every collector; `trainwarden status` prints it readably."""
+    status = daemon.status()
+    assert status["ready"] is True
+    collectors = status["collectors"]
+    assert isinstance(collectors, dict)
+    assert collectors["memory"]["state"] == "ok"
+    cmd = (
+        [str(BIN), "status", "--url", daemon.url]
+        if BIN.exists()
+        else [sys.executable, "-m", "trainwarden.daemon.cli", "status", "--url", daemon.url]
+    )
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "ready" in result.stdout
+    assert "COLLECTOR" in result.stdout
+    memory_line = next(line for line in result.stdout.splitlines() if line.startswith("memory "))
+    assert " ok " in memory_line
+
+
+def test_landing_page_unknown_paths_and_wrong_methods(daemon: Running) -> None:
+    """/ links the endpoints, unknown paths get 404 and a wrong method 405 with Allow."""
+    status, headers, body = daemon.get("/")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/html")
+    assert b'href="/metrics"' in body
+    assert daemon.get("/nope")[0] == 404
+    request = urllib.request.Request(daemon.url + "/metrics", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=5)
+    assert info.value.code == 405
+    assert info.value.headers["Allow"] == "GET"
+    metrics = daemon.metrics()
+    assert metrics[("trainwarden_http_requests_total", (("code", "404"), ("handler", "other")))] >= 1
+
+
+def test_status_command_reports_an_unreachable_daemon() -> None:
+    """`trainwarden status` against a closed port exits 1 with a readable reason."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "trainwarden.daemon.cli", "status", "--url", f"http://127.0.0.1:{port}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
+    assert result.returncode == 1
+    assert "cannot read" in result.stderr
+    assert "Connection refused" in result.stderr
+
+
+def test_sighup_reloads_a_valid_config_keeps_the_old_on_an_invalid_one_and_sigterm_exits_0(
+    tmp_path: Path,
+) -> None:
+    """SIGHUP applies a valid config, rejects an invalid one with its reason, and SIGTERM stops cleanly."""
+    running = start_daemon(tmp_path, "[collectors.cpu]\ninterval_seconds = 5.0\n")
+    try:
+        assert ("trainwarden_host_load1", ()) in running.metrics()
+
+        running.config.write_text("[collectors.load]\nenabled = false\n")
+        running.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: running.status()["collectors"]["load"] == {"state": "disabled"}, "load disabled")  # type: ignore[index]
+        metrics = running.metrics()
+        assert ("trainwarden_host_load1", ()) not in metrics
+        assert metrics[("trainwarden_config_reloads_total", (("result", "success"),))] == 1
+        assert metrics[("trainwarden_config_last_reload_successful", ())] == 1
+
+        running.config.write_text("[daemon]\nlisten = 'everywhere'\n[collectors.load]\nenabled = true\n")
+        running.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: running.status()["config"]["last_reload"]["ok"] is False, "reload rejected")  # type: ignore[index]
+        status = running.status()
+        assert "[daemon] listen: expected HOST:PORT" in status["config"]["last_reload"]["error"]  # type: ignore[index]
+        assert status["collectors"]["load"] == {"state": "disabled"}  # type: ignore[index]
+        metrics = running.metrics()
+        assert metrics[("trainwarden_config_last_reload_successful", ())] == 0
+        assert metrics[("trainwarden_config_reloads_total", (("result", "failure"),))] == 1
+        assert running.healthy()
+    finally:
+        code = stop(running)
+    log = running.log.read_text()
+    assert code == 0, log
+    assert "config reload rejected, keeping the running config" in log
+    assert "received SIGTERM, stopping" in log
+    assert "stopped" in log
+
+
+def test_healthz_is_503_until_the_first_collection() -> None:
+    """Before the first full collection /healthz answers 503, so orchestrators wait."""
+    daemon = Daemon(load(None))
+    response = daemon.routes.resolve("GET", "/healthz")[0]
+    assert response is not None
+    assert response(Request("GET", "/healthz")).status == 503
+    daemon.ready.set()
+    assert response(Request("GET", "/healthz")).status == 200
