@@ -21,7 +21,9 @@ from trainwarden.paths import HostPaths
 from trainwarden.store import Store
 
 HOSTS = Path(__file__).parent / "fixtures" / "hosts"
-CLOCK_TICKS = 100  # USER_HZ on every Linux architecture we run on; pinned so goldens do not depend on the host
+CLOCK_TICKS = (
+    100  # USER_HZ on every Linux architecture we run on; pinned so goldens do not depend on the host
+)
 NOW = 1_700_000_000.0
 
 

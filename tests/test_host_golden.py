@@ -26,7 +26,9 @@ def test_golden_exposition(case: Path, update_golden: bool) -> None:
     if update_golden:
         golden.write_text(actual)
     expected = golden.read_text()
-    diff = "".join(difflib.unified_diff(expected.splitlines(True), actual.splitlines(True), "expected", "actual"))
+    diff = "".join(
+        difflib.unified_diff(expected.splitlines(True), actual.splitlines(True), "expected", "actual")
+    )
     assert actual == expected, f"exposition of {case.name} differs (pytest --update-golden rewrites):\n{diff}"
 
 
