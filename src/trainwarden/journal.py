@@ -58,6 +58,7 @@ class Decision:
     REFUSED = "refused"  # not acted on (result: the reason, e.g. cooldown, budget, circuit_open)
     GAVE_UP = "gave_up"  # the ladder is exhausted; alerted instead
     OBSERVED = "observed"  # no healer routed for this rule
+    ALERTED = "alerted"  # an alert healer was told (after giving up or a failure)
 
 
 @dataclass(frozen=True, slots=True)

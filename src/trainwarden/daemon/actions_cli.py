@@ -1,0 +1,38 @@
+"""`trainwarden actions`: print the decision journal, newest last, as a table or JSON lines."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from trainwarden.journal import Entry, Journal
+
+_COLUMNS = ("time (UTC)", "rule", "subject", "healer", "decision", "result", "mode", "detail")
+_DETAIL_WIDTH = 80
+
+
+def _row(entry: Entry) -> tuple[str, ...]:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry.time))
+    detail = " ".join((entry.detail or entry.reason).split())
+    if len(detail) > _DETAIL_WIDTH:
+        detail = detail[: _DETAIL_WIDTH - 1] + "…"
+    mode = "dry-run" if entry.dry_run else "live"
+    return (stamp, entry.rule, entry.subject, entry.healer, entry.decision, entry.result, mode, detail)
+
+
+def format_actions(journal: Journal, limit: int = 50, as_json: bool = False) -> str:
+    """The newest `limit` journal entries: an aligned table, or one JSON object per line."""
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    entries = journal.recent(limit)
+    if as_json:
+        return "".join(json.dumps(e.as_dict(), sort_keys=True) + "\n" for e in entries)
+    if not entries:
+        return f"no decisions journaled yet ({journal.path})\n"
+    rows = [_COLUMNS, *(_row(e) for e in entries)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS) - 1)]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,517 @@
+"""The policy: decides whether a firing finding becomes an action, and which one.
+
+For each firing finding it classifies the interruption (transient: retry in place; persistent:
+the node or GPU is bad; planned: checkpoint and exit), picks the escalation ladder (a route for
+the rule, else the ladder of the class), and walks it: each rung gets `attempts_per_rung` tries
+on the same subject per budget window, then the next rung, and past the last rung the policy
+gives up and alerts instead of looping. Around that: a cooldown per subject, a global budget,
+a circuit breaker per healer (consecutive failures), dedupe (a finding key is acted on once per
+cooldown; an action key is never applied twice), and observe-only mode unless enabled.
+
+All of that state is read back from the journal each tick, never kept only in memory, so a
+restarted daemon continues where it stopped instead of repeating an action.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from trainwarden.config import Config
+from trainwarden.errors import ConfigError, ConfigProblem
+from trainwarden.healers import healer_classes
+from trainwarden.healers.base import Action, ActionOutcome, ActionResult, Healer, HealerContext
+from trainwarden.healers.policy_config import INTERRUPTIONS, PolicyConfig
+from trainwarden.incidents import IncidentWriter
+from trainwarden.journal import Decision, Entry, Journal, JournalError
+from trainwarden.model import Finding, FindingState, MetricKind, MetricSpec, Sample
+from trainwarden.store import Point, Store
+
+log = logging.getLogger(__name__)
+
+SOURCE = "policy"
+NO_HEALER = "none"
+EVIDENCE_WINDOW_SECONDS = 300.0
+
+ACTIONS = MetricSpec(
+    "trainwarden_actions_total",
+    "Policy decisions by healer and result (applied, noop, dry_run, failed, refused, gave_up, alerted).",
+    MetricKind.COUNTER,
+    ("healer", "result"),
+)
+REFUSALS = MetricSpec(
+    "trainwarden_policy_refusals_total",
+    "Findings not acted on, by reason (cooldown, budget, circuit_open, healer_disabled, gave_up, no_route).",
+    MetricKind.COUNTER,
+    ("reason",),
+)
+BREAKER_OPEN = MetricSpec(
+    "trainwarden_policy_breaker_open",
+    "1 while a healer's circuit breaker is open after consecutive failures.",
+    labelnames=("healer",),
+)
+ACTIONS_ENABLED = MetricSpec(
+    "trainwarden_policy_actions_enabled",
+    "1 when the policy may act, 0 in observe-only (dry run) mode.",
+)
+JOURNAL_ERRORS = MetricSpec(
+    "trainwarden_journal_errors_total",
+    "Journal reads or writes that failed; the policy does not act without a journal.",
+    MetricKind.COUNTER,
+)
+HEALER_RESULTS = ("applied", "noop", "dry_run", "failed", "refused", "gave_up", "alerted")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the policy did with one finding at one tick (for logs, tests and the demo timeline)."""
+
+    finding: Finding
+    decision: str
+    result: str
+    healer: str
+    detail: str
+    action_key: str | None = None
+
+
+def finding_key(finding: Finding) -> str:
+    """Identity of one occurrence of a finding: rule, subject and when it started firing."""
+    return f"{finding.rule}|{finding.subject_key}|{finding.since:.3f}"
+
+
+def classify(finding: Finding, classes: Mapping[str, str]) -> str:
+    """Interruption class: configured per rule, else what the rule's evidence says, else transient."""
+    configured = classes.get(finding.rule)
+    if configured in INTERRUPTIONS:
+        return configured
+    claimed = str(finding.evidence.get("interruption", ""))
+    return claimed if claimed in INTERRUPTIONS else "transient"
+
+
+def validate_healer_names(config: PolicyConfig, registered: Iterable[str]) -> list[ConfigProblem]:
+    """Every healer named in the config must be registered (defaults may name absent ones)."""
+    known = set(registered)
+    valid = ", ".join(sorted(known)) or "none"
+    problems: list[ConfigProblem] = []
+    for table, ladders in (("routes", config.routes), ("ladders", config.ladders)):
+        for name, ladder in ladders.items():
+            problems.extend(
+                ConfigProblem(f"policy.{table}", name, f"unknown healer {healer!r} (registered: {valid})")
+                for healer in ladder
+                if healer not in known
+            )
+    problems.extend(
+        ConfigProblem("policy", "alert_healers", f"unknown healer {healer!r} (registered: {valid})")
+        for healer in config.alert_healers
+        if healer not in known
+    )
+    return problems
+
+
+class Policy:
+    """Turns firing findings into journaled decisions; call `tick(now, findings)` each engine tick."""
+
+    def __init__(
+        self,
+        config: PolicyConfig,
+        healers: Mapping[str, Healer],
+        journal: Journal,
+        *,
+        registered: Iterable[str] | None = None,
+        store: Store | None = None,
+        incidents: IncidentWriter | None = None,
+    ) -> None:
+        known = set(registered if registered is not None else healers)
+        problems = validate_healer_names(config, known)
+        if problems:
+            raise ConfigError(problems, "policy")
+        self.config = config
+        self._healers = dict(healers)
+        self._journal = journal
+        self._store = store
+        self._incidents = incidents
+        self._routes = _only_known(config.effective_routes(), config.routes, known)
+        self._ladders = _only_known(config.effective_ladders(), config.ladders, known)
+        self._dry_run = not config.actions_enabled
+        self._actions: dict[tuple[str, str], int] = {}
+        self._refusals: dict[str, int] = {}
+        self._journal_errors = 0
+        self._breakers: dict[str, bool] = dict.fromkeys(self._healers, False)
+
+    @classmethod
+    def from_config(
+        cls, config: Config, store: Store | None = None, context: HealerContext | None = None
+    ) -> Policy:
+        """Every registered, enabled healer with its options; journal and incidents in the state dir."""
+        state_dir = config.daemon.state_dir
+        context = context or HealerContext(runtime_dir=config.daemon.runtime_dir, state_dir=state_dir)
+        options = config.plugins.get("healers", {})
+        healers: dict[str, Healer] = {}
+        for name, healer_cls in healer_classes().items():
+            healer_options = options.get(name) or healer_cls.Options()
+            if healer_options.enabled:
+                healers[name] = healer_cls(healer_options, context)
+        return cls(
+            config.policy,
+            healers,
+            Journal.in_state_dir(state_dir),
+            registered=healer_classes(),
+            store=store,
+            incidents=IncidentWriter(state_dir),
+        )
+
+    @property
+    def dry_run(self) -> bool:
+        """True in observe-only mode."""
+        return self._dry_run
+
+    def ladder_for(self, finding: Finding) -> tuple[str, ...]:
+        """The escalation ladder a finding walks."""
+        route = self._routes.get(finding.rule)
+        if route is not None:
+            return route
+        return self._ladders.get(classify(finding, self.config.classes), ())
+
+    def tick(self, now: float, findings: Sequence[Finding]) -> list[Outcome]:
+        """Decide on every firing finding; resolved and pending ones are only logged by the engine."""
+        outcomes: list[Outcome] = []
+        horizon = max(
+            self.config.budget_window_seconds, self.config.breaker_open_seconds, self.config.cooldown_seconds
+        )
+        try:
+            history = self._journal.since(now - horizon)
+        except JournalError:
+            self._journal_errors += 1
+            log.exception("policy: journal unreadable; not acting this tick")
+            self._publish(now)
+            return outcomes
+        self._update_breakers(history, now)
+        seen: set[str] = set()
+        for finding in findings:
+            key = finding_key(finding)
+            if finding.state is not FindingState.FIRING or key in seen:
+                continue  # one decision per finding key per tick, however often it was delivered
+            seen.add(key)
+            try:
+                outcome = self._decide(finding, key, history, now)
+            except JournalError:
+                self._journal_errors += 1
+                log.exception("policy: cannot journal a decision on %s; not acting", key)
+                continue
+            if outcome is None:
+                continue
+            outcomes.append(outcome)
+            try:
+                history = self._journal.since(now - horizon)
+            except JournalError:
+                self._journal_errors += 1
+                log.exception("policy: journal unreadable; not acting further this tick")
+                break
+        self._publish(now)
+        return outcomes
+
+    # --- the decision ---------------------------------------------------------------------
+
+    def _decide(self, finding: Finding, key: str, history: list[Entry], now: float) -> Outcome | None:  # noqa: PLR0911 - one return per gate, in order
+        config = self.config
+        subject = finding.subject_key
+        ladder = self.ladder_for(finding)
+        mine = [
+            e
+            for e in history
+            if e.rule == finding.rule and e.subject == subject and e.dry_run == self._dry_run
+        ]
+        if not ladder:
+            return self._refuse_once(
+                finding, key, mine, healer=NO_HEALER, decision=Decision.OBSERVED, reason="no_route", now=now
+            )
+        window_start = now - config.budget_window_seconds
+        taken = [e for e in mine if e.decision == Decision.TAKEN and e.time >= window_start]
+        if taken and now - taken[-1].time < config.cooldown_seconds:
+            if taken[-1].finding_key == key:
+                return None  # dedupe: this occurrence was already acted on
+            return self._refuse_once(
+                finding,
+                key,
+                mine,
+                healer=taken[-1].healer,
+                decision=Decision.REFUSED,
+                reason="cooldown",
+                now=now,
+            )
+        if any(e.decision == Decision.GAVE_UP and e.time >= window_start for e in mine):
+            return None  # already gave up on this subject in this window, and alerted
+        rung = len(taken) // config.attempts_per_rung
+        if rung >= len(ladder):
+            return self._give_up(finding, key, ladder, len(taken), now)
+        healer_name = ladder[rung]
+        everyone = [e for e in history if e.decision == Decision.TAKEN and e.dry_run == self._dry_run]
+        if sum(e.time >= window_start for e in everyone) >= config.max_actions_per_window:
+            return self._refuse_once(
+                finding, key, mine, healer=healer_name, decision=Decision.REFUSED, reason="budget", now=now
+            )
+        healer = self._healers.get(healer_name)
+        if healer is None:
+            return self._refuse_once(
+                finding,
+                key,
+                mine,
+                healer=healer_name,
+                decision=Decision.REFUSED,
+                reason="healer_disabled",
+                now=now,
+            )
+        if self._breakers.get(healer_name, False):
+            return self._refuse_once(
+                finding,
+                key,
+                mine,
+                healer=healer_name,
+                decision=Decision.REFUSED,
+                reason="circuit_open",
+                now=now,
+            )
+        action = self._action(finding, key, healer_name, attempt=len(taken), rung=rung)
+        if self._journal.by_action_key(action.key) is not None:
+            return None  # journaled before a crash: never apply an action key twice
+        return self._act(finding, key, healer, action, now)
+
+    def _action(self, finding: Finding, key: str, healer: str, *, attempt: int, rung: int) -> Action:
+        params: dict[str, str | float | int | bool] = {
+            "rule": finding.rule,
+            "interruption": classify(finding, self.config.classes),
+            "severity": finding.severity.value,
+            "rung": rung,
+            "attempt": attempt,
+        }
+        for name in ("step", "first_step", "last_step"):
+            value = finding.evidence.get(name)
+            if isinstance(value, float | int):
+                params[name] = value
+        return Action(
+            healer=healer,
+            key=f"{key}|{healer}|{attempt}",
+            reason=finding.summary,
+            subject=dict(finding.subject),
+            params=params,
+            evidence=dict(finding.evidence),
+        )
+
+    def _act(self, finding: Finding, key: str, healer: Healer, action: Action, now: float) -> Outcome:
+        entry_id = self._journal.record(
+            time=now,
+            rule=finding.rule,
+            subject=finding.subject_key,
+            finding_key=key,
+            healer=action.healer,
+            action_key=action.key,
+            decision=Decision.TAKEN,
+            result="pending",
+            dry_run=self._dry_run,
+            reason=finding.summary,
+            evidence=finding.evidence,
+        )
+        result = _apply(healer, action, dry_run=self._dry_run)
+        incident = ""
+        if self._incidents is not None and result.outcome is not ActionOutcome.DRY_RUN:
+            try:
+                incident = str(
+                    self._incidents.write(finding, action, result, self._windows(finding, now), now)
+                )
+            except OSError as exc:
+                log.warning("policy: cannot write incident bundle for %s: %s", action.key, exc)
+        self._journal.finish(
+            entry_id, result=result.outcome.value, detail=result.detail, time=now, incident=incident
+        )
+        self._count(action.healer, result.outcome.value)
+        log.info("policy: %s %s -> %s: %s", action.healer, key, result.outcome.value, result.detail)
+        if result.outcome is ActionOutcome.FAILED:
+            self._alert(finding, key, f"failed:{action.key}", f"{action.healer} failed: {result.detail}", now)
+        return Outcome(
+            finding, Decision.TAKEN, result.outcome.value, action.healer, result.detail, action.key
+        )
+
+    def _give_up(
+        self, finding: Finding, key: str, ladder: tuple[str, ...], attempts: int, now: float
+    ) -> Outcome:
+        detail = (
+            f"ladder {' -> '.join(ladder)} exhausted after {attempts} attempt(s) in "
+            f"{self.config.budget_window_seconds:.0f}s; alerting instead of acting again"
+        )
+        self._journal.record(
+            time=now,
+            rule=finding.rule,
+            subject=finding.subject_key,
+            finding_key=key,
+            healer=NO_HEALER,
+            decision=Decision.GAVE_UP,
+            result="gave_up",
+            dry_run=self._dry_run,
+            reason=finding.summary,
+            detail=detail,
+            evidence=finding.evidence,
+        )
+        self._count(NO_HEALER, "gave_up")
+        self._refusals["gave_up"] = self._refusals.get("gave_up", 0) + 1
+        log.warning("policy: giving up on %s: %s", key, detail)
+        self._alert(finding, key, "gave_up", f"gave up: {detail}", now)
+        return Outcome(finding, Decision.GAVE_UP, "gave_up", NO_HEALER, detail)
+
+    def _alert(self, finding: Finding, key: str, kind: str, why: str, now: float) -> None:
+        for name in self.config.alert_healers:
+            healer = self._healers.get(name)
+            if healer is None:
+                continue
+            action = Action(
+                healer=name,
+                key=f"{key}|alert|{name}|{kind}",
+                reason=f"{finding.summary} ({why})",
+                subject=dict(finding.subject),
+                params={"rule": finding.rule, "severity": finding.severity.value, "alert": True},
+                evidence=dict(finding.evidence),
+            )
+            if self._journal.by_action_key(action.key) is not None:
+                continue
+            result = _apply(healer, action, dry_run=self._dry_run)
+            self._journal.record(
+                time=now,
+                rule=finding.rule,
+                subject=finding.subject_key,
+                finding_key=key,
+                healer=name,
+                action_key=action.key,
+                decision=Decision.ALERTED,
+                result=result.outcome.value,
+                dry_run=self._dry_run,
+                reason=why,
+                detail=result.detail,
+            )
+            self._count(name, "alerted")
+
+    def _refuse_once(
+        self,
+        finding: Finding,
+        key: str,
+        mine: list[Entry],
+        *,
+        healer: str,
+        decision: str,
+        reason: str,
+        now: float,
+    ) -> Outcome | None:
+        """Journal a refusal the first time it applies to this finding key, not on every tick."""
+        if any(e.finding_key == key and e.result == reason for e in mine):
+            return None
+        detail = _REFUSAL_TEXT[reason].format(healer=healer, cfg=self.config)
+        self._journal.record(
+            time=now,
+            rule=finding.rule,
+            subject=finding.subject_key,
+            finding_key=key,
+            healer=healer,
+            decision=decision,
+            result=reason,
+            dry_run=self._dry_run,
+            reason=finding.summary,
+            detail=detail,
+            evidence=finding.evidence,
+        )
+        self._count(healer, "refused")
+        self._refusals[reason] = self._refusals.get(reason, 0) + 1
+        log.info("policy: %s on %s: %s", reason, key, detail)
+        return Outcome(finding, decision, reason, healer, detail)
+
+    # --- breaker, evidence, metrics --------------------------------------------------------
+
+    def _update_breakers(self, history: list[Entry], now: float) -> None:
+        """A healer's breaker is open after `breaker_failures` consecutive failures, for a while."""
+        for name in self._breakers:
+            results = [
+                e
+                for e in history
+                if e.healer == name and e.decision == Decision.TAKEN and e.result != "pending"
+            ]
+            streak = 0
+            for entry in reversed(results):
+                if entry.result != ActionOutcome.FAILED.value:
+                    break
+                streak += 1
+            last = results[-1].time if results else 0.0
+            is_open = streak >= self.config.breaker_failures and now - last < self.config.breaker_open_seconds
+            if is_open and not self._breakers[name]:
+                log.warning("policy: circuit breaker of %s open after %d failures", name, streak)
+            self._breakers[name] = is_open
+
+    def _windows(self, finding: Finding, now: float) -> dict[str, list[Point]]:
+        """Recent history of every windowed series that belongs to the finding's subject."""
+        if self._store is None:
+            return {}
+        wanted = set(finding.subject.items())
+        out: dict[str, list[Point]] = {}
+        for series in self._store.latest():
+            if series.spec.window and wanted <= set(series.labels):
+                label_text = ",".join(f"{k}={v}" for k, v in series.labels)
+                points = self._store.window(series.name, series.labels, since=now - EVIDENCE_WINDOW_SECONDS)
+                out[f"{series.name}{{{label_text}}}"] = points
+        return out
+
+    def _count(self, healer: str, result: str) -> None:
+        self._actions[healer, result] = self._actions.get((healer, result), 0) + 1
+
+    def _publish(self, now: float) -> None:
+        if self._store is None:
+            return
+        samples: list[Sample] = [ACTIONS_ENABLED.sample(0.0 if self._dry_run else 1.0)]
+        for name in self._healers:
+            for result in ("applied", "failed"):
+                self._actions.setdefault((name, result), 0)  # zero series exist before the first action
+        samples.extend(
+            ACTIONS.sample(count, healer=healer, result=result)
+            for (healer, result), count in self._actions.items()
+        )
+        samples.extend(REFUSALS.sample(count, reason=reason) for reason, count in self._refusals.items())
+        samples.extend(
+            BREAKER_OPEN.sample(float(is_open), healer=name) for name, is_open in self._breakers.items()
+        )
+        samples.append(JOURNAL_ERRORS.sample(self._journal_errors))
+        self._store.replace(SOURCE, samples, now)
+
+
+_REFUSAL_TEXT = {
+    "no_route": "no healer routed for this rule; observed only",
+    "cooldown": "{healer} acted on this subject less than {cfg.cooldown_seconds:.0f}s ago",
+    "budget": "global budget of {cfg.max_actions_per_window} actions"
+    " per {cfg.budget_window_seconds:.0f}s is spent",
+    "healer_disabled": "healer {healer} is disabled in the config",
+    "circuit_open": "circuit breaker of {healer} is open after {cfg.breaker_failures} consecutive failures",
+}
+
+
+def _apply(healer: Healer, action: Action, *, dry_run: bool) -> ActionResult:
+    """Run a healer; an exception is a failed action, never a crashed daemon."""
+    try:
+        return healer.apply(action, dry_run=dry_run)
+    except Exception as exc:
+        log.exception("healer %s raised on %s", healer.name, action.key)
+        return ActionResult(ActionOutcome.FAILED, f"healer raised {type(exc).__name__}: {exc}")
+
+
+def _only_known(
+    effective: Mapping[str, tuple[str, ...]],
+    configured: Mapping[str, tuple[str, ...]],
+    known: set[str],
+) -> dict[str, tuple[str, ...]]:
+    """Drop default rungs whose healer is not installed (configured ones were validated)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, ladder in effective.items():
+        if name in configured:
+            out[name] = ladder
+            continue
+        kept = tuple(h for h in ladder if h in known)
+        if kept != ladder:
+            log.info(
+                "policy: default ladder %s skips healers not installed: %s", name, set(ladder) - set(kept)
+            )
+        out[name] = kept
+    return out
