@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One-time set-up of a machine for running and testing trainwarden (Debian/Ubuntu):
+#  - the Debian packages the end-to-end tests start for real (Prometheus, Alertmanager,
+#    node_exporter for the overhead benchmark, Slurm + munge for the drain tests), when missing;
+#  - .venv with torch==2.13.0 (CPU build) installed first, so pip never pulls a CUDA build,
+#  - then trainwarden in editable mode with its dev and torch extras.
+# Safe to re-run: every step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+    python3 python3-venv python3-pip
+    prometheus prometheus-alertmanager prometheus-node-exporter
+    slurmctld slurmd munge
+)
+TORCH_VERSION=2.13.0
+TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
+PYTHON=${PYTHON:-python3}
+
+missing=()
+for package in "${APT_PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$package")
+    fi
+done
+if ((${#missing[@]})); then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    sudo=()
+    if [[ $(id -u) -ne 0 ]]; then sudo=(sudo); fi
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "setup: trainwarden needs Python >= 3.11; $PYTHON is $("$PYTHON" -V 2>&1)" >&2
+    exit 1
+fi
+if [[ ! -x .venv/bin/python ]]; then
+    echo "setup: creating .venv"
+    "$PYTHON" -m venv .venv
+fi
+if ! .venv/bin/python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+    echo "setup: installing torch==$TORCH_VERSION from $TORCH_INDEX"
+    .venv/bin/pip install --quiet "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX"
+fi
+.venv/bin/pip install --quiet -e '.[dev,torch]'
+echo "setup: done. Run the tests with: .venv/bin/pytest"
