@@ -226,13 +226,17 @@ class FrameDecoder:
     def __init__(self, max_size: int = MAX_RECORD_BYTES) -> None:
         self._buf = bytearray()
         self._max = max_size
+        self.error: RecordError | None = None
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add bytes read from the socket; return every complete payload.
 
-        Raises `RecordError(oversized)` when a frame announces more than the maximum: the stream
-        cannot be resynchronised after that, so the caller closes the connection.
+        A frame announcing more than the maximum sets `error` (reason `oversized`): the payloads
+        before it are still returned, but the stream cannot be resynchronised after it, so the
+        caller closes the connection and later feeds return nothing.
         """
+        if self.error is not None:
+            return []
         self._buf += data
         out: list[bytes] = []
         start = 0
@@ -241,7 +245,8 @@ class FrameDecoder:
             (length,) = HEADER.unpack_from(self._buf, start)
             if length > self._max:
                 self._buf.clear()
-                raise RecordError(Reason.OVERSIZED, f"frame of {length} bytes exceeds {self._max}")
+                self.error = RecordError(Reason.OVERSIZED, f"frame of {length} bytes exceeds {self._max}")
+                return out
             end = start + HEADER.size + length
             if end > size:
                 break

@@ -444,13 +444,7 @@ class TrainingCollector(Collector):
                 self._drop_connection(conn)
                 return
             budget -= len(data)
-            try:
-                payloads = conn.decoder.feed(data)
-            except RecordError as exc:
-                self._reject(exc.reason, f"pid {conn.pid}: {exc}")
-                self._drop_connection(conn)
-                return
-            for payload in payloads:
+            for payload in conn.decoder.feed(data):
                 try:
                     record = parse(payload)
                 except RecordError as exc:
@@ -459,6 +453,11 @@ class TrainingCollector(Collector):
                 if not self._apply(conn, record):
                     self._drop_connection(conn)
                     return
+            error = conn.decoder.error
+            if error is not None:
+                self._reject(error.reason, f"pid {conn.pid}: {error}")
+                self._drop_connection(conn)
+                return
 
     def _drop_connection(self, conn: _Connection) -> None:
         fd = conn.sock.fileno()
