@@ -101,11 +101,12 @@ def validate_healer_names(config: PolicyConfig, registered: Iterable[str]) -> li
                 for healer in ladder
                 if healer not in known
             )
-    problems.extend(
-        ConfigProblem("policy", "alert_healers", f"unknown healer {healer!r} (registered: {valid})")
-        for healer in config.alert_healers
-        if healer not in known
-    )
+    if config.alert_healers != PolicyConfig().alert_healers:  # the default may name an absent healer
+        problems.extend(
+            ConfigProblem("policy", "alert_healers", f"unknown healer {healer!r} (registered: {valid})")
+            for healer in config.alert_healers
+            if healer not in known
+        )
     return problems
 
 

@@ -1,0 +1,290 @@
+"""The policy: dry run, routing, escalation instead of loops, cooldown, dedupe, budget, breaker, restarts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from training_series import TrainingFeed, steady
+from trainwarden.config import ConfigError
+from trainwarden.control import ControlState, control_path, read_control, write_control
+from trainwarden.daemon.exporter import make_registry
+from trainwarden.healers.base import Action, ActionOutcome, ActionResult, Healer, HealerContext
+from trainwarden.healers.clip import ClipHealer, ClipOptions
+from trainwarden.healers.policy import Policy, classify
+from trainwarden.healers.policy_config import PolicyConfig
+from trainwarden.incidents import IncidentWriter
+from trainwarden.journal import Decision, Journal
+from trainwarden.model import Finding, FindingState, Severity
+from trainwarden.store import Store
+
+
+class ScriptedHealer(Healer):
+    """Stands in for healers built elsewhere (checkpoint_restart, drain): records calls, scripted outcome."""
+
+    def __init__(
+        self, name: str, outcome: ActionOutcome = ActionOutcome.APPLIED, raises: bool = False
+    ) -> None:
+        super().__init__(Healer.Options(), HealerContext())
+        self.name = name  # type: ignore[misc]
+        self.outcome = outcome
+        self.raises = raises
+        self.calls: list[tuple[Action, bool]] = []
+
+    def apply(self, action: Action, *, dry_run: bool) -> ActionResult:
+        self.calls.append((action, dry_run))
+        if self.raises:
+            raise RuntimeError("backend exploded")
+        return ActionResult(ActionOutcome.DRY_RUN if dry_run else self.outcome, f"{self.name} scripted")
+
+
+@dataclass
+class Rig:
+    tmp: Path
+    store: Store = field(default_factory=lambda: Store(window_seconds=3600))
+    healers: dict[str, Healer] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        context = HealerContext(runtime_dir=self.tmp / "run", state_dir=self.tmp / "state", clock=lambda: 0.0)
+        self.clip = ClipHealer(ClipOptions(), context)
+        self.restart = ScriptedHealer("checkpoint_restart")
+        self.drain = ScriptedHealer("drain")
+        self.notify = ScriptedHealer("notify")
+        self.healers = {h.name: h for h in (self.clip, self.restart, self.drain, self.notify)}
+
+    def policy(self, **config: object) -> Policy:
+        return Policy(
+            PolicyConfig(**config),  # type: ignore[arg-type]
+            self.healers,
+            Journal.in_state_dir(self.tmp / "state"),
+            store=self.store,
+            incidents=IncidentWriter(self.tmp / "state"),
+        )
+
+    def journal(self) -> Journal:
+        return Journal.in_state_dir(self.tmp / "state")
+
+    def control(self) -> ControlState:
+        return read_control(control_path(self.tmp / "state" / "control", "toy"))
+
+
+def spike(since: float, job: str = "toy") -> Finding:
+    return Finding(
+        rule="spike",
+        subject={"job": job},
+        severity=Severity.WARNING,
+        summary=f"job {job}: grad_norm spiked",
+        since=since,
+        evidence={"metric": "grad_norm", "z": 12.0, "step": 61.0, "interruption": "transient"},
+    )
+
+
+def stall(since: float, rank: str = "1") -> Finding:
+    return Finding(
+        rule="stall",
+        subject={"job": "toy", "rank": rank},
+        severity=Severity.CRITICAL,
+        summary=f"rank {rank} stalled",
+        since=since,
+        evidence={"interruption": "transient"},
+    )
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    return Rig(tmp_path)
+
+
+def test_default_is_dry_run_and_touches_nothing(rig: Rig) -> None:
+    """With the default config the policy only journals what it would do; no control file is written."""
+    policy = rig.policy()
+    outcomes = policy.tick(0.0, [spike(0.0)])
+    assert [(o.healer, o.result) for o in outcomes] == [("clip", "dry_run")]
+    assert not (rig.tmp / "state" / "control").exists()
+    entry = rig.journal().recent(1)[0]
+    assert (entry.decision, entry.result, entry.dry_run) == (Decision.TAKEN, "dry_run", True)
+    assert "would tighten" in entry.detail
+
+
+def test_spike_tightens_clipping_in_control_file_and_metrics(rig: Rig) -> None:
+    """An enabled policy routes a spike to clip: the control file changes and the action counter counts it."""
+    write_control(
+        control_path(rig.tmp / "state" / "control", "toy"), ControlState(job="toy", checkpoint_request="r1")
+    )
+    policy = rig.policy(actions_enabled=True)
+    policy.tick(0.0, [spike(0.0)])
+    control = rig.control()
+    assert control.clip is not None
+    assert control.clip.z_threshold == pytest.approx(2.0)
+    assert control.checkpoint_request == "r1"  # other requests survive
+    registry = make_registry(rig.store)
+    assert (
+        registry.get_sample_value("trainwarden_actions_total", {"healer": "clip", "result": "applied"}) == 1
+    )
+    assert registry.get_sample_value("trainwarden_policy_actions_enabled", {}) == 1
+
+
+def test_flapping_fault_escalates_then_gives_up(rig: Rig) -> None:
+    """A fault re-firing every few seconds climbs clip -> checkpoint_restart -> gives up and alerts once,
+    then stays quiet instead of looping."""
+    policy = rig.policy(actions_enabled=True, cooldown_seconds=5, attempts_per_rung=2)
+    results = []
+    for i in range(12):
+        t = i * 6.0
+        results.extend((o.healer, o.result) for o in policy.tick(t, [spike(t)]))
+    assert results == [
+        ("clip", "applied"),
+        ("clip", "applied"),
+        ("checkpoint_restart", "applied"),
+        ("checkpoint_restart", "applied"),
+        ("none", "gave_up"),
+    ]
+    assert len(rig.notify.calls) == 1
+    assert rig.notify.calls[0][0].params["alert"] is True
+    assert len(rig.restart.calls) == 2
+
+
+def test_persistent_class_uses_persistent_ladder(rig: Rig) -> None:
+    """A finding whose evidence says persistent walks the persistent ladder (e.g. to drain)."""
+    policy = rig.policy(actions_enabled=True, ladders={"persistent": ("drain",)})
+    gpu = Finding(
+        "gpu_health", {"gpu": "0"}, Severity.CRITICAL, "XID 79", evidence={"interruption": "persistent"}
+    )
+    assert [o.healer for o in policy.tick(0.0, [gpu])] == ["drain"]
+    assert rig.drain.calls[0][0].params["interruption"] == "persistent"
+    assert classify(gpu, {"gpu_health": "planned"}) == "planned"
+
+
+def test_cooldown_refuses_once_per_finding(rig: Rig) -> None:
+    """A new finding on a subject acted on moments ago is refused for cooldown, journaled once."""
+    policy = rig.policy(actions_enabled=True, cooldown_seconds=60)
+    policy.tick(0.0, [stall(0.0)])
+    for t in (5.0, 6.0, 7.0):
+        policy.tick(t, [stall(5.0)])
+    entries = rig.journal().recent(10)
+    assert [(e.decision, e.result) for e in entries] == [("taken", "applied"), ("refused", "cooldown")]
+    assert len(rig.restart.calls) == 1
+
+
+def test_same_finding_delivered_twice_acts_once(rig: Rig) -> None:
+    """Duplicate deliveries of one finding occurrence (same key) lead to exactly one action."""
+    policy = rig.policy(actions_enabled=True, cooldown_seconds=60)
+    policy.tick(0.0, [stall(0.0), stall(0.0)])
+    policy.tick(1.0, [stall(0.0)])
+    assert len(rig.restart.calls) == 1
+
+
+def test_resolved_and_pending_findings_are_not_acted_on(rig: Rig) -> None:
+    """Only firing findings become actions."""
+    policy = rig.policy(actions_enabled=True)
+    resolved = Finding(
+        "stall", {"job": "toy", "rank": "0"}, Severity.CRITICAL, "x", state=FindingState.RESOLVED
+    )
+    pending = Finding(
+        "stall", {"job": "toy", "rank": "1"}, Severity.CRITICAL, "x", state=FindingState.PENDING
+    )
+    assert policy.tick(0.0, [resolved, pending]) == []
+    assert rig.restart.calls == []
+
+
+def test_global_budget_refuses(rig: Rig) -> None:
+    """Past the global budget of actions per window, further subjects are refused."""
+    policy = rig.policy(actions_enabled=True, max_actions_per_window=1)
+    outcomes = policy.tick(0.0, [stall(0.0, rank="0"), stall(0.0, rank="1")])
+    assert [(o.decision, o.result) for o in outcomes] == [("taken", "applied"), ("refused", "budget")]
+
+
+def test_circuit_breaker_opens_after_failures(rig: Rig) -> None:
+    """After consecutive failures of a healer its breaker opens and it is no longer called."""
+    rig.restart.outcome = ActionOutcome.FAILED
+    policy = rig.policy(actions_enabled=True, cooldown_seconds=1, attempts_per_rung=10, breaker_failures=2)
+    for t in (0.0, 2.0, 4.0, 6.0):
+        policy.tick(t, [stall(t)])
+    assert len(rig.restart.calls) == 2
+    assert rig.journal().recent(1)[0].result == "circuit_open"
+    registry = make_registry(rig.store)
+    assert registry.get_sample_value("trainwarden_policy_breaker_open", {"healer": "checkpoint_restart"}) == 1
+    assert len(rig.notify.calls) == 2  # each failure alerted
+
+
+def test_healer_that_raises_is_a_failed_action(rig: Rig) -> None:
+    """An exception inside a healer is journaled as a failure, never propagated."""
+    rig.restart.raises = True
+    outcomes = rig.policy(actions_enabled=True).tick(0.0, [stall(0.0)])
+    assert outcomes[0].result == "failed"
+    assert "backend exploded" in rig.journal().recent(5)[0].detail
+
+
+def test_restart_mid_incident_does_not_repeat(rig: Rig) -> None:
+    """A daemon restarted mid-incident (new policy, reopened journal, finding re-fires with a new since)
+    does not act again within the cooldown, and escalates from where it was afterwards."""
+    first = rig.policy(actions_enabled=True, cooldown_seconds=30, attempts_per_rung=1)
+    first.tick(0.0, [spike(0.0)])
+    assert rig.control().clip is not None
+    second = rig.policy(actions_enabled=True, cooldown_seconds=30, attempts_per_rung=1)
+    assert [o.result for o in second.tick(3.0, [spike(3.0)])] == ["cooldown"]
+    assert [o.result for o in second.tick(4.0, [spike(0.0)])] == []  # the very same occurrence: deduped
+    later = second.tick(40.0, [spike(3.0)])
+    assert [(o.healer, o.result) for o in later] == [("checkpoint_restart", "applied")]
+    assert rig.control().clip is not None
+    assert rig.control().clip.z_threshold == pytest.approx(2.0)  # clip applied exactly once
+
+
+def test_action_key_journaled_before_crash_is_not_applied(rig: Rig) -> None:
+    """An action journaled as pending (daemon died during it) is never applied again by its key."""
+    journal = rig.journal()
+    key = "stall|job=toy,rank=1|0.000"
+    journal.record(
+        time=-100.0,
+        rule="stall",
+        subject="job=toy,rank=1",
+        finding_key=key,
+        healer="checkpoint_restart",
+        action_key=f"{key}|checkpoint_restart|0",
+        decision=Decision.TAKEN,
+        result="pending",
+        dry_run=False,
+        reason="x",
+    )
+    policy = rig.policy(actions_enabled=True, cooldown_seconds=10, budget_window_seconds=50)
+    assert policy.tick(0.0, [stall(0.0)]) == []
+    assert rig.restart.calls == []
+
+
+def test_unknown_healer_in_config_is_a_config_error(rig: Rig) -> None:
+    """Routing a rule to a healer that is not registered is rejected at load time, naming it."""
+    with pytest.raises(ConfigError) as info:
+        rig.policy(routes={"spike": ("clip", "reboot_node")})
+    assert "reboot_node" in str(info.value)
+    assert "policy.routes" in str(info.value)
+
+
+def test_default_ladder_skips_absent_healers(rig: Rig) -> None:
+    """Default rungs naming healers that are not installed are skipped, not an error."""
+    healers = {"clip": rig.clip}
+    policy = Policy(PolicyConfig(actions_enabled=True), healers, rig.journal(), registered=["clip"])
+    assert policy.ladder_for(spike(0.0)) == ("clip",)
+    assert policy.ladder_for(stall(0.0)) == ()
+    assert [o.result for o in policy.tick(0.0, [stall(0.0)])] == ["no_route"]
+
+
+def test_incident_bundle_has_finding_windows_action_result(rig: Rig) -> None:
+    """Each real action writes a bundle with the finding, the subject's windows, the action and its result."""
+    steady(TrainingFeed(rig.store), ranks=2, start=0.0, count=10)
+    policy = rig.policy(actions_enabled=True)
+    policy.tick(11.0, [stall(11.0, rank="1")])
+    entry = rig.journal().recent(1)[0]
+    bundle = Path(entry.incident)
+    assert sorted(p.name for p in bundle.iterdir()) == [
+        "action.json",
+        "finding.json",
+        "result.json",
+        "windows.json",
+    ]
+    windows = json.loads((bundle / "windows.json").read_text())
+    assert any("rank=1" in name for name in windows)
+    assert not any("rank=0" in name for name in windows)
+    assert json.loads((bundle / "result.json").read_text())["outcome"] == "applied"
