@@ -66,10 +66,11 @@ def sanitize_reason(text: str, max_chars: int = REASON_MAX_CHARS) -> str:
     """Free text made safe to pass as one argument and to show in `scontrol`/`sinfo` output.
 
     Characters outside a small set (letters, digits, space and `._,:;()/#%+@-`) become `_`, so no
-    quote, `=`, newline or control character survives; whitespace runs collapse; length is capped.
+    quote, `=`, newline or control character survives; whitespace runs collapse; length is capped;
+    leading dashes go, so a reason passed as its own argument is never read as an option.
     """
     cleaned = _REASON_KEEP.sub("_", " ".join(text.split()))
-    return cleaned[:max_chars].strip()
+    return cleaned[:max_chars].lstrip("- ").strip()
 
 
 def validate_value(placeholder: str, value: str) -> str:
@@ -133,7 +134,7 @@ class CommandTemplate:
             clean[name] = validate_value(name, values[name])
             if not clean[name]:
                 raise CommandRefusedError(name, values[name], "empty after sanitising")
-            if clean[name].startswith("-") and name != "reason":
+            if clean[name].startswith("-"):  # the patterns exclude it; kept as a last guard
                 raise CommandRefusedError(name, values[name], "may not start with '-'")
         return [argument.format_map(clean) for argument in self.argv]
 

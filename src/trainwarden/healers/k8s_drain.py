@@ -129,12 +129,14 @@ class KubeClient:
             server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
         self.server = server.rstrip("/")
         self.session = requests.Session()
+        # Passed with every request: a Session's own `verify` loses to REQUESTS_CA_BUNDLE in the
+        # environment, which would make the cluster CA silently ignored.
+        self.verify: bool | str = True
         if options.insecure_skip_tls_verify:
-            self.session.verify = False
+            self.verify = False
         elif options.ca_file.is_file():
-            self.session.verify = str(options.ca_file)
-        if options.client_cert_file:
-            self.session.cert = (options.client_cert_file, options.client_key_file)
+            self.verify = str(options.ca_file)
+        self.cert = (options.client_cert_file, options.client_key_file) if options.client_cert_file else None
         self.counts: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
 
@@ -162,7 +164,13 @@ class KubeClient:
             data = json.dumps(body)
         try:
             response = self.session.request(
-                verb, self.server + path, headers=headers, data=data, timeout=self.options.timeout_seconds
+                verb,
+                self.server + path,
+                headers=headers,
+                data=data,
+                timeout=self.options.timeout_seconds,
+                verify=self.verify,
+                cert=self.cert,
             )
         except requests.RequestException as exc:
             self.count(verb, "error")
