@@ -165,3 +165,25 @@ def test_requeue_unknown_job_fails_clearly(slurm: SlurmCluster) -> None:
     result = requeue_job(scontrol, "987654", dry_run=False)
     assert result.outcome is ActionOutcome.FAILED
     assert "987654 is unknown" in result.detail
+
+
+def test_drain_with_a_running_job_lets_it_finish(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """Draining a busy node marks it draining (ALLOCATED/MIXED+DRAIN) and the running job keeps running."""
+    job_id = slurm.run("sbatch", "--parsable", "-o", "/dev/null", "--wrap", "sleep 300").stdout.strip()
+    slurm.wait_for(f"job {job_id} RUNNING", lambda: slurm.job_field(job_id, "JobState") == "RUNNING")
+    result = make_healer(slurm, tmp_path).apply(drain(), dry_run=False)
+    assert result.outcome is ActionOutcome.APPLIED, result.detail
+    state = slurm.node_field("State")
+    assert state.split("+")[0] in ("ALLOCATED", "MIXED"), state
+    assert "DRAIN" in state
+    assert slurm.job_field(job_id, "JobState") == "RUNNING"
+
+
+def test_missing_scontrol_fails_clearly(tmp_path: Path) -> None:
+    """Without a usable scontrol the action fails with a message naming the command, and never raises."""
+    options = SlurmDrainOptions(enabled=True, scontrol=str(tmp_path / "no-scontrol"), node="n1")
+    healer = SlurmDrainHealer(options, HealerContext(runtime_dir=tmp_path, state_dir=tmp_path))
+    result = healer.apply(drain(), dry_run=False)
+    assert result.outcome is ActionOutcome.FAILED
+    assert "scontrol show node n1" in result.detail
+    assert "not_found" in result.detail

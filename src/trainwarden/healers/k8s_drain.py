@@ -11,7 +11,16 @@ work off, and the job's own restart moves it (an eviction is a cluster policy de
 Auth: in-cluster service account (token and CA under /var/run/secrets/kubernetes.io/serviceaccount,
 server from KUBERNETES_SERVICE_HOST/PORT) or explicit `api_server`, `token_file`, `ca_file` and an
 optional client certificate, as a kubeconfig would give them. The RBAC the account needs:
-`get`, `list`, `patch` on `nodes`.
+`get`, `list`, `patch` on `nodes`. Tested against a local server that checks the requests, not
+against a real cluster.
+
+    [healers.k8s_drain]
+    enabled = true
+    max_drained_nodes = 2
+    taint_key = "trainwarden.io/unhealthy"
+    taint_effect = "NoSchedule"
+    # api_server = "https://10.0.0.1:6443"   # default: in-cluster service account
+    # node = "gpu-07"                          # default: $NODE_NAME, else the hostname
 """
 
 from __future__ import annotations

@@ -7,7 +7,14 @@ The budget counts nodes drained by trainwarden across the whole cluster from `sc
 so one bad rule cannot empty a partition.
 
 Action: `subject["node"]` (or `params["node"]`, else `options.node`, else this host's short name);
-`params["operation"]` is `drain` (default) or `undrain`.
+`params["operation"]` is `drain` (default) or `undrain`. The budget is checked just before acting,
+so daemons on several nodes draining in the same instant can overshoot it by the number racing.
+
+    [healers.slurm_drain]
+    enabled = true
+    max_drained_nodes = 2          # across the cluster, counted from `scontrol show nodes`
+    # slurm_conf = "/etc/slurm/slurm.conf"   # exported as SLURM_CONF for scontrol
+    # node = "gpu-07"                         # when the NodeName is not the short hostname
 """
 
 from __future__ import annotations
