@@ -17,6 +17,11 @@ COLLECTOR_MODULES: tuple[str, ...] = (
     "trainwarden.collectors.pressure",
     "trainwarden.collectors.self_process",
     "trainwarden.collectors.training",
+    "trainwarden.collectors.gpu",
+    "trainwarden.collectors.kmsg",
+    "trainwarden.collectors.xid",
+    "trainwarden.collectors.infiniband",
+    "trainwarden.collectors.nccl_inspector",
 )
 
 
