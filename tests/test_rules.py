@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from training_series import COLL_DURATION, IN_FLIGHT, PROCESS_UP, TrainingFeed, steady
+from training_series import COLL_DURATION, IN_FLIGHT, LOSS, PROCESS_UP, TrainingFeed, steady
 from trainwarden.config import ConfigError, config_from_dict
 from trainwarden.model import MetricKind, MetricSpec
 from trainwarden.rules import rule_classes
@@ -21,6 +21,7 @@ from trainwarden.rules.straggler import StragglerRule
 from trainwarden.rules.threshold import ThresholdCheck, ThresholdOptions, ThresholdRule
 from trainwarden.rules.throughput import ThroughputDropRule
 from trainwarden.store import Store
+from trainwarden.xid_catalog import XidAction, catalog
 
 
 @pytest.fixture
@@ -331,3 +332,40 @@ def test_every_registered_rule_runs_on_an_empty_store(store: Store) -> None:
     """Every registered rule returns nothing (and does not raise) when no data exists yet."""
     for cls in rule_classes().values():
         assert cls(cls.Options()).evaluate(view(store), 0.0) == []
+
+
+XID_WINDOWED = MetricSpec(
+    "trainwarden_gpu_xid_errors_total", "xid", MetricKind.COUNTER, ("gpu", "xid"), window=True
+)
+
+
+def test_gpu_xid_windowed_counter_fires_then_quiets(store: Store) -> None:
+    """A windowed XID counter that appears (0 -> 1) fires with the catalog's action, and stops asserting
+    once it has not increased for the lookback."""
+    rule = GpuHealthRule(GpuHealthRule.Options(resolve_after_seconds=30))
+    for t in range(0, 100, 5):
+        store.replace("xid", [XID_WINDOWED.sample(1, float(t), gpu="0", xid="79")], float(t))
+        if t == 0:
+            found = rule.evaluate(view(store), 0.0)
+            assert found[0].evidence["xid_increase"] == 1.0
+            assert found[0].evidence["action"] in {"drain", "reset_gpu", "reboot"}
+            assert found[0].evidence["interruption"] == "persistent"
+    assert rule.evaluate(view(store), 95.0) == []
+
+
+def test_gpu_xid_ignored_action_is_quiet(store: Store) -> None:
+    """XIDs the catalog says to ignore produce no finding."""
+    ignored = [x for x, info in catalog().items() if info.action is XidAction.IGNORE]
+    if not ignored:
+        pytest.skip("catalog has no ignorable XID")
+    store.replace("xid", [XID_WINDOWED.sample(3, 0.0, gpu="0", xid=str(ignored[0]))], 0.0)
+    assert GpuHealthRule(GpuHealthRule.Options()).evaluate(view(store), 1.0) == []
+
+
+def test_nonfinite_counts_a_re_reported_nan_once(store: Store, feed: TrainingFeed) -> None:
+    """A NaN re-reported with the same timestamp (the collector re-sends latest values) counts once."""
+    last = steady(feed, ranks=1, start=0.0, count=5)
+    feed.step(0, last + 1, 1.0, loss=math.nan)
+    feed.set(LOSS, float("nan"), last + 1, job="toy", rank="0")  # a distinct NaN object, as parsed
+    found = NonFiniteRule(NonFiniteRule.Options()).evaluate(view(store), last + 2)
+    assert found[0].evidence["count"] == 1

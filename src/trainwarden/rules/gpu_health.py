@@ -102,9 +102,18 @@ class GpuHealthRule(Rule):
     def _increase(
         self, view: RuleView, labels: tuple[tuple[str, str], ...], value: float, now: float
     ) -> float:
-        window = view.window(XID_ERRORS, labels, since=now - self.options.resolve_after_seconds)
-        if len(window) >= 2:
-            return max(0.0, window[-1].value - window[0].value)
+        """Counter increase over the last `resolve_after_seconds` (window) or since the previous tick.
+
+        A series that appeared inside the lookback counts from 0: XID counters start at 0 when the
+        daemon starts and a (gpu, xid) series exists only once that XID happened.
+        """
+        window = view.window(XID_ERRORS, labels)
+        if window:
+            cutoff = now - self.options.resolve_after_seconds
+            before = [p.value for p in window if p.timestamp < cutoff]
+            baseline = before[-1] if before else 0.0
+            latest = window[-1].value
+            return latest - baseline if latest >= baseline else latest  # a drop is a counter reset
         previous = view.previous(XID_ERRORS, labels)
         if previous is None or value < previous:
             return value  # new series or a counter reset: everything counted is new

@@ -42,7 +42,11 @@ class NonFiniteRule(Rule):
         per_job: dict[str, dict[str, float | str]] = {}
         for metric, name in (("loss", LOSS), ("grad_norm", GRAD_NORM)):
             for labels, points in view.windows(name):
-                bad = [p for p in points if p.timestamp >= cutoff and not math.isfinite(p.value)]
+                # one point per record: the store cannot tell two NaN re-reports apart (NaN != NaN)
+                by_time = {
+                    p.timestamp: p for p in points if p.timestamp >= cutoff and not math.isfinite(p.value)
+                }
+                bad = sorted(by_time.values(), key=lambda p: p.timestamp)
                 if not bad:
                     continue
                 found = dict(labels)
