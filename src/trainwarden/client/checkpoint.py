@@ -68,7 +68,7 @@ class CheckpointReporter(Protocol):
         """Context manager marking a phase."""
         ...
 
-    def checkpoint_saved(self, step: int, path: str) -> Any:
+    def checkpoint_saved(self, step: int, path: str, seconds: float | None = None) -> Any:
         """Report a completed checkpoint."""
         ...
 
@@ -274,7 +274,7 @@ class CheckpointManager:
         log.info("checkpoint step %d saved to %s in %.3f s", step, final, seconds)
         if self.reporter is not None:
             try:
-                self.reporter.checkpoint_saved(step, str(final))
+                self.reporter.checkpoint_saved(step, str(final), seconds=seconds)
             except Exception:
                 log.exception("reporter.checkpoint_saved failed (ignored)")
 

@@ -43,6 +43,10 @@ class CheckpointError(TrainwardenError):
         self.detail = detail
         super().__init__(f"{path}: {detail} [{reason}]")
 
+    def __reduce__(self) -> tuple[type[CheckpointError], tuple[str, str, str]]:
+        # Picklable with its fields, so ranks can exchange it through object collectives.
+        return (type(self), (str(self.path), self.reason, self.detail))
+
 
 @dataclass(frozen=True, slots=True)
 class FileEntry:

@@ -1,0 +1,242 @@
+"""Planned interruptions: checkpoint at the next step boundary, then exit with a known code.
+
+Slurm can warn a job before preempting or timing it out (``sbatch --signal=USR1@120`` sends
+SIGUSR1 120 s ahead; SIGTERM follows at the deadline), Kubernetes and torchrun send SIGTERM, and
+the trainwarden daemon can write a stop or checkpoint request into the job's control file. In each
+case the handler only sets a flag; the training loop asks at each step boundary what to do::
+
+    guard = PlannedInterrupt(signals=(signal.SIGTERM, signal.SIGUSR1), control=reporter.poll_control)
+    guard.install()
+    for step in range(start, steps):
+        train_step()
+        boundary = guard.at_boundary(step)
+        if boundary.control is not None and boundary.control.clip is not None:
+            clipper.update(boundary.control.clip)
+        if boundary.checkpoint or step % every == 0:
+            manager.save(step, state, local={"interrupt": guard.state_dict()})
+        if boundary.stop:
+            manager.wait()
+            guard.exit()               # SystemExit(EXIT_CHECKPOINTED)
+
+**Exit code.** `EXIT_CHECKPOINTED` = 75 (``EX_TEMPFAIL`` in sysexits.h: "temporary failure, try
+again later"): the job saved a checkpoint of its last completed step and stopped on request, so
+the supervisor (Slurm requeue, the daemon's restart backend) should resume it, not treat it as a
+crash (1) or a finished run (0).
+
+**Ranks agree.** Signals reach ranks at different moments, and each rank polls the control file
+on its own. Every `sync_every` steps the ranks all-reduce their flags (MAX, on a gloo group of
+their own), so all of them checkpoint and stop at the same step; a signal sent to a single rank
+stops the whole job cleanly.
+
+**Requests are handled once.** Control-file request ids that were acted upon are kept in
+`state_dict()`; save it with the checkpoint and load it on resume, so a restarted job does not obey
+the same stop request again.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, NoReturn
+
+from trainwarden.control import ControlState
+
+log = logging.getLogger(__name__)
+
+EXIT_CHECKPOINTED = 75
+"""Exit status after a planned stop: a checkpoint of the last step exists; resume the job."""
+
+DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
+_MAX_HANDLED_IDS = 64
+
+ControlSource = Callable[[], ControlState | None]
+_Handler = Callable[[int, FrameType | None], Any] | int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Boundary:
+    """What the loop must do at this step boundary (identical on every rank of a job)."""
+
+    checkpoint: bool = False
+    stop: bool = False
+    reason: str = ""
+    control: ControlState | None = None
+
+
+class PlannedInterrupt:
+    """Turns signals and control-file requests into a checkpoint-and-exit at a step boundary."""
+
+    def __init__(
+        self,
+        signals: Iterable[signal.Signals] = DEFAULT_SIGNALS,
+        *,
+        control: ControlSource | None = None,
+        sync_every: int = 1,
+        exit_code: int = EXIT_CHECKPOINTED,
+    ) -> None:
+        if sync_every < 1:
+            raise ValueError(f"sync_every={sync_every} must be >= 1")
+        self.signals = tuple(signal.Signals(s) for s in signals)
+        self.control = control
+        self.sync_every = sync_every
+        self.exit_code = exit_code
+        self.control_errors = 0
+        self._signal: signal.Signals | None = None
+        self._previous: dict[signal.Signals, _Handler] = {}
+        self._handled: list[str] = []
+        self._last_control: ControlState | None = None
+        self._dist, self._group = _setup_distributed()
+
+    # --- signals ----------------------------------------------------------------------------------
+
+    def install(self) -> PlannedInterrupt:
+        """Install the signal handlers (main thread only); returns self."""
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("PlannedInterrupt.install() must be called from the main thread")
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def uninstall(self) -> None:
+        """Restore the handlers that were there before `install`."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def __enter__(self) -> PlannedInterrupt:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        # Only set a flag: a signal handler must not save, log through locks or raise.
+        if self._signal is None:
+            self._signal = signal.Signals(signum)
+
+    def should_stop(self) -> bool:
+        """This rank's own view: a signal arrived or a new stop request was seen (no agreement)."""
+        return self._signal is not None or self._new_request(self._last_control, "stop") is not None
+
+    # --- the boundary -------------------------------------------------------------------------
+
+    def at_boundary(self, step: int) -> Boundary:
+        """Poll the control file, agree with the other ranks, and say what to do after `step`.
+
+        Between sync points (every `sync_every` steps) nothing is decided, so all ranks act at
+        the same step. Request ids acted upon are marked handled before returning.
+        """
+        state = self._poll()
+        if step % self.sync_every != 0:
+            return Boundary(control=state)
+        stop_id = self._new_request(state, "stop")
+        ckpt_id = self._new_request(state, "checkpoint")
+        local = (self._signal is not None, stop_id is not None, ckpt_id is not None)
+        flags = self._agree(local)
+        if not any(flags):
+            return Boundary(control=state)
+        ids = self._all_ids((stop_id, ckpt_id))
+        for request_id in ids:
+            self._mark_handled(request_id)
+        reason = self._reason(flags, ids)
+        log.warning("step %d: %s", step, reason)
+        stop = flags[0] or flags[1]
+        return Boundary(checkpoint=True, stop=stop, reason=reason, control=state)
+
+    def exit(self) -> NoReturn:
+        """Leave with `exit_code` (raises SystemExit, so finally blocks and atexit still run)."""
+        log.warning("planned stop: exiting with status %d", self.exit_code)
+        sys.exit(self.exit_code)
+
+    def _reason(self, flags: tuple[bool, bool, bool], ids: list[str]) -> str:
+        parts = []
+        if flags[0]:
+            parts.append(f"signal {self._signal.name}" if self._signal is not None else "signal on another rank")
+        if flags[1]:
+            parts.append("stop requested")
+        if flags[2]:
+            parts.append("checkpoint requested")
+        if ids:
+            parts.append(f"(request ids {', '.join(ids)})")
+        return " ".join(parts)
+
+    def _poll(self) -> ControlState | None:
+        if self.control is None:
+            return self._last_control
+        try:
+            state = self.control()
+        except Exception as exc:
+            # A bad control file must never stop training: keep the previous state, count it.
+            self.control_errors += 1
+            log.warning("control poll failed (keeping previous settings): %s", exc)
+            return self._last_control
+        if state is not None:
+            self._last_control = state
+        return self._last_control
+
+    def _new_request(self, state: ControlState | None, kind: str) -> str | None:
+        if state is None:
+            return None
+        request = state.stop_request if kind == "stop" else state.checkpoint_request
+        if request is None or request in self._handled:
+            return None
+        return request
+
+    def _mark_handled(self, request_id: str) -> None:
+        if request_id not in self._handled:
+            self._handled.append(request_id)
+            del self._handled[:-_MAX_HANDLED_IDS]
+
+    # --- checkpointed state -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Request ids already acted upon (JSON-able); save with the checkpoint."""
+        return {"handled": list(self._handled)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the handled request ids from `state_dict()`."""
+        handled = state.get("handled", [])
+        if not isinstance(handled, list) or not all(isinstance(h, str) for h in handled):
+            raise ValueError(f"interrupt state: 'handled' must be a list of strings, got {handled!r}")
+        self._handled = list(handled)[-_MAX_HANDLED_IDS:]
+
+    # --- agreement across ranks ---------------------------------------------------------------
+
+    def _agree(self, local: tuple[bool, bool, bool]) -> tuple[bool, bool, bool]:
+        if not self._dist:
+            return local
+        import torch  # noqa: PLC0415 - torch is imported lazily on purpose
+        import torch.distributed as dist  # noqa: PLC0415
+
+        flags = torch.tensor([int(v) for v in local], dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
+        a, b, c = (bool(v) for v in flags.tolist())
+        return a, b, c
+
+    def _all_ids(self, mine: tuple[str | None, str | None]) -> list[str]:
+        ids: list[tuple[str | None, str | None]] = [mine]
+        if self._dist:
+            import torch.distributed as dist  # noqa: PLC0415
+
+            ids = [(None, None)] * dist.get_world_size(self._group)
+            dist.all_gather_object(ids, mine, group=self._group)
+        out: list[str] = []
+        for pair in ids:
+            out.extend(i for i in pair if i is not None and i not in out)
+        return out
+
+
+def _setup_distributed() -> tuple[bool, Any]:
+    try:
+        import torch.distributed as dist  # noqa: PLC0415
+    except ImportError:
+        return False, None
+    if not (dist.is_available() and dist.is_initialized()):
+        return False, None
+    # Our own CPU group: the per-step flag exchange never needs a device sync or touches NCCL.
+    return True, dist.new_group(backend="gloo")
