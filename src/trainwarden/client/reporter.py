@@ -344,6 +344,8 @@ class Reporter:
 
     def flush(self, timeout: float = 1.0) -> bool:
         """Try to send everything queued within `timeout`; True when nothing is left."""
+        if self._disabled:
+            return False
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
@@ -399,6 +401,7 @@ class Reporter:
     def _forked(self) -> None:
         self._disabled = True
         self._closed = True
+        self._lock = threading.Lock()  # the sender thread may have held the old one at fork time
         self._queue.clear()
         if self._sock is not None:
             self._sock.detach()  # the parent still owns the connection; just forget our copy
