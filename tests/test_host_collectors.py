@@ -14,7 +14,12 @@ from host_cases import HOSTS, FixtureProbe, collect_case
 from trainwarden.collectors import COLLECTOR_MODULES
 from trainwarden.collectors.base import Collector, CollectorContext
 from trainwarden.collectors.cpu import CpuCollector, CpuOptions
-from trainwarden.collectors.disk_usage import DiskUsageCollector, DiskUsageOptions, VolumeStat
+from trainwarden.collectors.disk_usage import (
+    MOUNT_REFRESH_COLLECTIONS,
+    DiskUsageCollector,
+    DiskUsageOptions,
+    VolumeStat,
+)
 from trainwarden.collectors.diskstats import DiskstatsCollector, DiskstatsOptions
 from trainwarden.collectors.load import LoadCollector
 from trainwarden.collectors.memory import MemoryCollector
@@ -326,3 +331,38 @@ def test_store_replace_drops_a_vanished_interface(tmp_path: Path) -> None:
     store.replace(collector.name, collector.collect(), 2.0)
     assert store.value("trainwarden_host_network_receive_bytes_total", device="ifb1") is None
     assert store.value("trainwarden_host_network_receive_bytes_total", device="eth0") is not None
+
+
+def test_mountinfo_is_reread_on_device_change_and_periodically(tmp_path: Path) -> None:
+    """Mounts are cached per device; a volume moving to another device, or a minute passing, re-reads them."""
+    proc = copy_case(tmp_path)
+    stats = {
+        "frsize": 4096,
+        "blocks": 100,
+        "bfree": 60,
+        "bavail": 50,
+        "files": 10,
+        "ffree": 7,
+        "readonly": False,
+    }
+    devices = {"/data": {"dev_major": 254, "dev_minor": 0, **stats}}
+    collector = DiskUsageCollector(
+        DiskUsageOptions(volumes={"data": Path("/data")}, include_state_dir=False),
+        context_for(proc),
+        probe=FixtureProbe(devices),
+    )
+
+    def fstype() -> str:
+        info = values(list(collector.collect()), "trainwarden_host_filesystem_info")
+        (labels,) = info
+        return dict(labels)["fstype"]
+
+    assert fstype() == "ext4"
+    mountinfo = proc / "self" / "mountinfo"
+    mountinfo.write_text(mountinfo.read_text() + "99 27 8:16 / /data rw - xfs /dev/sdb rw\n")
+    assert fstype() == "ext4"  # same device: the cached mount is used
+    devices["/data"] = {**devices["/data"], "dev_major": 8, "dev_minor": 16}
+    assert fstype() == "xfs"  # the volume moved to another device: mountinfo re-read
+    mountinfo.write_text(mountinfo.read_text().replace("xfs /dev/sdb", "btrfs /dev/sdb"))
+    seen = {fstype() for _ in range(MOUNT_REFRESH_COLLECTIONS)}
+    assert "btrfs" in seen

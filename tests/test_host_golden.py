@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from host_cases import case_dirs, collect_case
+from host_cases import case_dirs, collect_case, host_collectors
 from trainwarden.daemon.exporter import make_registry
 
 
@@ -38,3 +38,14 @@ def test_both_kinds_of_host_are_covered() -> None:
     without_psi = [case for case in case_dirs() if not (case / "proc" / "pressure").exists()]
     assert with_psi
     assert without_psi
+
+
+@pytest.mark.parametrize("case", case_dirs(), ids=lambda p: p.name)
+def test_every_sample_matches_its_spec(case: Path) -> None:
+    """Samples carry exactly their spec's label names, sorted, and no unbounded label such as a path."""
+    for collector in host_collectors(case):
+        collector.start()
+        for sample in collector.collect():
+            names = [name for name, _ in sample.labels]
+            assert names == sorted(sample.spec.labelnames), (sample.spec.name, sample.labels)
+            assert not {"path", "mountpoint", "step", "pid"} & set(names), sample.spec.name

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from trainwarden.collectors.base import CollectorContext
-from trainwarden.collectors.host_common import HostCollector, Parsed, read_host_file
+from trainwarden.collectors.host_common import HostCollector, Parsed, read_host_file, sample
 from trainwarden.config import CollectorOptions
 from trainwarden.errors import CollectorUnavailableError
 from trainwarden.model import MetricKind, MetricSpec, Sample
@@ -129,10 +129,10 @@ class CpuCollector(HostCollector):
             if (cpu == AGGREGATE) == per_cpu:
                 continue
             samples.extend(
-                CPU_SECONDS.sample(value / per_second, cpu=cpu, mode=mode)
+                sample(CPU_SECONDS, value / per_second, (("cpu", cpu), ("mode", mode)))
                 for mode, value in zip(MODES, ticks, strict=True)
             )
-        samples.append(CPUS.sample(sum(1 for cpu in stat.cpu_ticks if cpu != AGGREGATE)))
+        samples.append(sample(CPUS, sum(1 for cpu in stat.cpu_ticks if cpu != AGGREGATE)))
         counters = stat.counters
         for key, spec in (
             ("ctxt", CONTEXT_SWITCHES),
@@ -143,7 +143,7 @@ class CpuCollector(HostCollector):
             ("btime", BOOT_TIME),
         ):
             if key in counters:
-                samples.append(spec.sample(counters[key]))
+                samples.append(sample(spec, counters[key]))
         return samples
 
 

@@ -30,7 +30,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 from trainwarden.collectors.base import CollectorContext
-from trainwarden.collectors.host_common import HostCollector, Parsed, read_host_file
+from trainwarden.collectors.host_common import HostCollector, Parsed, read_host_file, sample
 from trainwarden.config import CollectorOptions
 from trainwarden.errors import CollectorError
 from trainwarden.model import MetricKind, MetricSpec, Sample
@@ -72,6 +72,9 @@ INFO = MetricSpec(
     MetricKind.INFO,
     ("volume", "device", "fstype"),
 )
+
+MOUNT_REFRESH_COLLECTIONS = 12
+"""Re-read mountinfo at least this often (once a minute at the default 5 s interval)."""
 
 _VOLUME_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 _ST_RDONLY = getattr(os, "ST_RDONLY", 1)
@@ -230,20 +233,35 @@ class DiskUsageCollector(HostCollector):
             volumes["state"] = context.state_dir
         self._volumes = {name: os.path.normpath(str(path)) for name, path in volumes.items()}
         self._state: dict[str, _VolumeState] = {}
+        self._mountinfo = context.paths.proc("self", "mountinfo")
+        # Resolved mounts by (path, device number). mountinfo is the costliest file read here
+        # (thousands of lines on a Kubernetes node), so it is re-read only when a volume moves
+        # to another device, or every MOUNT_REFRESH_COLLECTIONS collections.
+        self._resolved: dict[tuple[str, int, int], Mount | None] = {}
+        self._collections = 0
 
     def collect(self) -> Iterable[Sample]:
         """Examine every volume; a failing one is reported as unreadable, the rest still export."""
         samples = [self.parse_error_sample()]
-        mounts = self._mounts()
+        self._collections += 1
+        if self._collections % MOUNT_REFRESH_COLLECTIONS == 0:
+            self._resolved.clear()
+        mounts: list[Mount] | None = None
         for name, path in self._volumes.items():
             state = self._state[name] = _VolumeState(path)
+            labels = (("volume", name),)
             try:
                 stat = self._probe(path)
             except OSError as exc:
                 state.error = f"{path}: {exc.strerror or exc}"
-                samples.append(READABLE.sample(0, volume=name))
+                samples.append(sample(READABLE, 0, labels))
                 continue
-            mount = find_mount(mounts, path, stat)
+            key = (path, stat.dev_major, stat.dev_minor)
+            if key not in self._resolved:
+                if mounts is None:
+                    mounts = self._read_mounts()
+                self._resolved[key] = find_mount(mounts, path, stat)
+            mount = self._resolved[key]
             if mount is not None:
                 state.mountpoint, state.device, state.fstype = (
                     mount.mountpoint,
@@ -251,25 +269,24 @@ class DiskUsageCollector(HostCollector):
                     mount.fstype,
                 )
             samples += [
-                READABLE.sample(1, volume=name),
-                SIZE.sample(stat.blocks * stat.frsize, volume=name),
-                FREE.sample(stat.bfree * stat.frsize, volume=name),
-                AVAIL.sample(stat.bavail * stat.frsize, volume=name),
-                FILES.sample(stat.files, volume=name),
-                FILES_FREE.sample(stat.ffree, volume=name),
-                READONLY.sample(1 if stat.readonly else 0, volume=name),
+                sample(READABLE, 1, labels),
+                sample(SIZE, stat.blocks * stat.frsize, labels),
+                sample(FREE, stat.bfree * stat.frsize, labels),
+                sample(AVAIL, stat.bavail * stat.frsize, labels),
+                sample(FILES, stat.files, labels),
+                sample(FILES_FREE, stat.ffree, labels),
+                sample(READONLY, 1 if stat.readonly else 0, labels),
                 INFO.sample(1, volume=name, device=state.device, fstype=state.fstype),
             ]
         return samples
 
-    def _mounts(self) -> list[Mount]:
-        path = self.context.paths.proc("self", "mountinfo")
+    def _read_mounts(self) -> list[Mount]:
         try:
-            parsed = parse_mountinfo(read_host_file(path))
+            parsed = parse_mountinfo(read_host_file(self._mountinfo))
         except CollectorError:
             # Sizes are still worth exporting without device names.
             return []
-        self.note(path, parsed)
+        self.note(self._mountinfo, parsed)
         return parsed.value
 
     def status(self) -> Mapping[str, Any]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from trainwarden.collectors.base import CollectorContext
-from trainwarden.collectors.host_common import HostCollector, Parsed, read_host_file
+from trainwarden.collectors.host_common import HostCollector, Parsed, read_host_file, sample
 from trainwarden.config import CollectorOptions
 from trainwarden.errors import CollectorUnavailableError
 from trainwarden.model import MetricKind, MetricSpec, Sample
@@ -131,16 +131,17 @@ class DiskstatsCollector(HostCollector):
         self.note(self._path, parsed)
         samples = [self.parse_error_sample()]
         for device, s in parsed.value.items():
+            labels = (("device", device),)
             samples += [
-                READS.sample(s.reads, device=device),
-                WRITES.sample(s.writes, device=device),
-                READ_BYTES.sample(s.read_bytes, device=device),
-                WRITTEN_BYTES.sample(s.written_bytes, device=device),
-                READ_TIME.sample(s.read_seconds, device=device),
-                WRITE_TIME.sample(s.write_seconds, device=device),
-                IO_TIME.sample(s.io_seconds, device=device),
-                IO_TIME_WEIGHTED.sample(s.io_weighted_seconds, device=device),
-                IO_NOW.sample(s.in_flight, device=device),
+                sample(READS, s.reads, labels),
+                sample(WRITES, s.writes, labels),
+                sample(READ_BYTES, s.read_bytes, labels),
+                sample(WRITTEN_BYTES, s.written_bytes, labels),
+                sample(READ_TIME, s.read_seconds, labels),
+                sample(WRITE_TIME, s.write_seconds, labels),
+                sample(IO_TIME, s.io_seconds, labels),
+                sample(IO_TIME_WEIGHTED, s.io_weighted_seconds, labels),
+                sample(IO_NOW, s.in_flight, labels),
             ]
         return samples
 

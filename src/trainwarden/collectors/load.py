@@ -9,7 +9,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from trainwarden.collectors.host_common import HostCollector, Parsed, read_host_file
+from trainwarden.collectors.base import CollectorContext
+from trainwarden.collectors.host_common import HostCollector, Parsed, read_host_file, sample
+from trainwarden.config import CollectorOptions
 from trainwarden.errors import CollectorUnavailableError
 from trainwarden.model import MetricSpec, Sample
 
@@ -48,25 +50,27 @@ class LoadCollector(HostCollector):
 
     name: ClassVar[str] = "load"
 
+    def __init__(self, options: CollectorOptions, context: CollectorContext) -> None:
+        super().__init__(options, context)
+        self._path = context.paths.proc("loadavg")
+
     def start(self) -> None:
         """Disable quietly where there is no `/proc/loadavg`."""
-        path = self.context.paths.proc("loadavg")
-        if not path.exists():
-            raise CollectorUnavailableError(f"{path} does not exist")
+        if not self._path.exists():
+            raise CollectorUnavailableError(f"{self._path} does not exist")
 
     def collect(self) -> Iterable[Sample]:
         """Read `/proc/loadavg` once."""
-        path = self.context.paths.proc("loadavg")
-        parsed = parse_loadavg(read_host_file(path))
-        self.note(path, parsed)
+        parsed = parse_loadavg(read_host_file(self._path))
+        self.note(self._path, parsed)
         samples = [self.parse_error_sample()]
         load = parsed.value
         if load is not None:
             samples += [
-                LOAD1.sample(load.load1),
-                LOAD5.sample(load.load5),
-                LOAD15.sample(load.load15),
-                THREADS.sample(load.threads),
+                sample(LOAD1, load.load1),
+                sample(LOAD5, load.load5),
+                sample(LOAD15, load.load15),
+                sample(THREADS, load.threads),
             ]
         return samples
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import ClassVar
 
-from trainwarden.collectors.host_common import HostCollector, Parsed, read_host_file
+from trainwarden.collectors.base import CollectorContext
+from trainwarden.collectors.host_common import HostCollector, Parsed, read_host_file, sample
+from trainwarden.config import CollectorOptions
 from trainwarden.errors import CollectorUnavailableError
 from trainwarden.model import MetricSpec, Sample
 
@@ -23,21 +25,21 @@ def parse_meminfo(text: str) -> Parsed[dict[str, int]]:
     values: dict[str, int] = {}
     problems: list[str] = []
     for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+        fields = line.split()
+        if not fields:
             continue
-        key, sep, rest = line.partition(":")
-        fields = rest.split()
-        if not sep or not key or not 1 <= len(fields) <= 2:
+        key = fields[0][:-1]
+        if not key or fields[0][-1] != ":" or not 2 <= len(fields) <= 3:
             problems.append(f"line {number}: expected 'Key: value [kB]', got {line[:80]!r}")
             continue
         multiplier = 1
-        if len(fields) == 2:
-            if fields[1] not in _UNITS:
-                problems.append(f"line {number}: unknown unit {fields[1]!r} for {key}")
+        if len(fields) == 3:
+            if fields[2] not in _UNITS:
+                problems.append(f"line {number}: unknown unit {fields[2]!r} for {key}")
                 continue
-            multiplier = _UNITS[fields[1]]
+            multiplier = _UNITS[fields[2]]
         try:
-            values[key.strip()] = int(fields[0]) * multiplier
+            values[key] = int(fields[1]) * multiplier
         except ValueError:
             problems.append(f"line {number}: non-numeric value for {key}")
     return Parsed(values, tuple(problems))
@@ -76,25 +78,27 @@ class MemoryCollector(HostCollector):
 
     name: ClassVar[str] = "memory"
 
+    def __init__(self, options: CollectorOptions, context: CollectorContext) -> None:
+        super().__init__(options, context)
+        self._path = context.paths.proc("meminfo")
+
     def start(self) -> None:
         """Disable quietly where there is no `/proc/meminfo`."""
-        path = self.context.paths.proc("meminfo")
-        if not path.exists():
-            raise CollectorUnavailableError(f"{path} does not exist")
+        if not self._path.exists():
+            raise CollectorUnavailableError(f"{self._path} does not exist")
 
     def collect(self) -> Iterable[Sample]:
         """Read `/proc/meminfo` once."""
-        path = self.context.paths.proc("meminfo")
-        parsed = parse_meminfo(read_host_file(path))
-        self.note(path, parsed)
+        parsed = parse_meminfo(read_host_file(self._path))
+        self.note(self._path, parsed)
         info = parsed.value
         samples = [self.parse_error_sample()]
-        samples.extend(spec.sample(info[key]) for key, spec in BYTE_FIELDS if key in info)
+        samples.extend(sample(spec, info[key]) for key, spec in BYTE_FIELDS if key in info)
         page_size = info.get("Hugepagesize")
         if page_size is not None:
             for key, spec in (("HugePages_Total", HUGEPAGES_TOTAL), ("HugePages_Free", HUGEPAGES_FREE)):
                 if key in info:
-                    samples.append(spec.sample(info[key] * page_size))
+                    samples.append(sample(spec, info[key] * page_size))
         return samples
 
 

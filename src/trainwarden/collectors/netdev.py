@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from trainwarden.collectors.base import CollectorContext
-from trainwarden.collectors.host_common import HostCollector, Parsed, read_host_file
+from trainwarden.collectors.host_common import HostCollector, Parsed, read_host_file, sample
 from trainwarden.config import CollectorOptions
 from trainwarden.errors import CollectorUnavailableError
 from trainwarden.model import MetricKind, MetricSpec, Sample
@@ -112,7 +112,8 @@ class NetdevCollector(HostCollector):
         self.note(self._path, parsed)
         samples = [self.parse_error_sample()]
         for device, counters in parsed.value.items():
-            samples.extend(SPECS[column].sample(value, device=device) for column, value in counters.items())
+            labels = (("device", device),)
+            samples.extend(sample(SPECS[column], value, labels) for column, value in counters.items())
         return samples
 
 

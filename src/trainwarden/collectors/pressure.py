@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from trainwarden.collectors.base import CollectorContext
-from trainwarden.collectors.host_common import HostCollector, Parsed, read_host_file
+from trainwarden.collectors.host_common import HostCollector, Parsed, read_host_file, sample
 from trainwarden.config import CollectorOptions
 from trainwarden.errors import CollectorError
 from trainwarden.model import MetricKind, MetricSpec, Sample
@@ -85,38 +85,43 @@ class PressureCollector(HostCollector):
         super().__init__(options, context)
         self._unsupported_reason = ""
         self._unreadable: dict[str, str] = {}
+        self._directory = context.paths.proc("pressure")
+        self._files = [(resource, self._directory / resource) for resource in RESOURCES]
 
     def collect(self) -> Iterable[Sample]:
         """Read each pressure file; a missing directory or file is reported, never raised."""
-        directory = self.context.paths.proc("pressure")
         samples = [self.parse_error_sample()]
-        if not directory.is_dir():
-            self._set_unsupported(f"{directory} does not exist (kernel without PSI, or booted with psi=0)")
-            samples.append(SUPPORTED.sample(0))
-            return samples
-        read_any = False
-        for resource in RESOURCES:
-            path = directory / resource
+        failures: dict[str, str] = {}
+        for resource, path in self._files:
             try:
                 text = read_host_file(path)
             except CollectorError as exc:
-                # Reading can fail with EOPNOTSUPP where PSI is compiled in but disabled.
-                if resource not in self._unreadable:
-                    log.warning("pressure: %s; its series are not exported", exc)
-                self._unreadable[resource] = str(exc)
+                # EOPNOTSUPP where PSI is compiled in but disabled; ENOENT on kernels without it.
+                failures[resource] = str(exc)
                 continue
-            self._unreadable.pop(resource, None)
-            read_any = True
             parsed = parse_pressure(text)
             self.note(path, parsed)
             for kind, stall in parsed.value.items():
-                samples.append(STALL_RATIO.sample(stall.avg10_ratio, resource=resource, kind=kind))
-                samples.append(STALL_SECONDS.sample(stall.total_seconds, resource=resource, kind=kind))
-        if read_any:
-            self._unsupported_reason = ""
-        else:
-            self._set_unsupported(f"no readable file under {directory}")
-        samples.append(SUPPORTED.sample(1 if read_any else 0))
+                labels = (("kind", kind), ("resource", resource))
+                samples.append(sample(STALL_RATIO, stall.avg10_ratio, labels))
+                samples.append(sample(STALL_SECONDS, stall.total_seconds, labels))
+        if len(failures) == len(self._files):
+            # Only now is the directory worth a stat: to say which of the two cases this is.
+            if self._directory.is_dir():
+                self._set_unsupported(f"no readable file under {self._directory}")
+                self._unreadable = failures
+            else:
+                reason = f"{self._directory} does not exist (kernel without PSI, or booted with psi=0)"
+                self._set_unsupported(reason)
+                self._unreadable = {}
+            samples.append(sample(SUPPORTED, 0))
+            return samples
+        for resource, why in failures.items():
+            if resource not in self._unreadable:
+                log.warning("pressure: %s; its series are not exported", why)
+        self._unreadable = failures
+        self._unsupported_reason = ""
+        samples.append(sample(SUPPORTED, 1))
         return samples
 
     def _set_unsupported(self, reason: str) -> None:

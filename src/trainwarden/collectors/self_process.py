@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from trainwarden.collectors.base import CollectorContext
-from trainwarden.collectors.host_common import HostCollector, Parsed, read_host_file
+from trainwarden.collectors.host_common import HostCollector, Parsed, read_host_file, sample
 from trainwarden.config import CollectorOptions
 from trainwarden.errors import CollectorError, CollectorUnavailableError
 from trainwarden.model import MetricKind, MetricSpec, Sample
+
+LIMITS_REFRESH_COLLECTIONS = 12
+"""Re-read the fd limit this often (once a minute at the default 5 s interval)."""
 
 CPU_SECONDS = MetricSpec(
     "trainwarden_daemon_cpu_seconds_total",
@@ -119,40 +122,47 @@ class SelfProcessCollector(HostCollector):
     ) -> None:
         super().__init__(options, context)
         self._dir = context.paths.proc("self" if pid is None else str(pid))
+        self._stat = self._dir / "stat"
+        self._status = self._dir / "status"
+        self._limits = self._dir / "limits"
+        self._fd_dir = self._dir / "fd"
         self._ticks_per_second = float(clock_ticks or os.sysconf("SC_CLK_TCK"))
         self._start_time: float | None = None
+        self._max_fds: int | None = None
+        self._collections = 0
 
     def start(self) -> None:
         """Disable quietly where procfs has no entry for the process."""
-        if not (self._dir / "stat").exists():
-            raise CollectorUnavailableError(f"{self._dir / 'stat'} does not exist")
+        if not self._stat.exists():
+            raise CollectorUnavailableError(f"{self._stat} does not exist")
 
     def collect(self) -> Iterable[Sample]:
         """Read stat, status, limits and the fd directory of the process."""
         samples = [self.parse_error_sample()]
-        stat_path = self._dir / "stat"
-        stat = parse_process_stat(read_host_file(stat_path))
-        self.note(stat_path, stat)
+        stat = parse_process_stat(read_host_file(self._stat))
+        self.note(self._stat, stat)
         if stat.value is not None:
             per_second = self._ticks_per_second
-            samples.append(CPU_SECONDS.sample(stat.value.utime_ticks / per_second, mode="user"))
-            samples.append(CPU_SECONDS.sample(stat.value.stime_ticks / per_second, mode="system"))
-            samples.append(THREADS.sample(stat.value.threads))
+            samples.append(sample(CPU_SECONDS, stat.value.utime_ticks / per_second, (("mode", "user"),)))
+            samples.append(sample(CPU_SECONDS, stat.value.stime_ticks / per_second, (("mode", "system"),)))
+            samples.append(sample(THREADS, stat.value.threads))
             start = self._process_start(stat.value.start_ticks)
             if start is not None:
-                samples.append(START_TIME.sample(start))
-        status_path = self._dir / "status"
-        status = parse_process_status(read_host_file(status_path))
-        self.note(status_path, status)
+                samples.append(sample(START_TIME, start))
+        status = parse_process_status(read_host_file(self._status))
+        self.note(self._status, status)
         for key, spec in (("VmRSS", RESIDENT), ("VmHWM", RESIDENT_PEAK), ("VmSize", VIRTUAL)):
             if key in status.value:
-                samples.append(spec.sample(status.value[key]))
-        limits_path = self._dir / "limits"
-        limits = parse_max_open_files(read_host_file(limits_path))
-        self.note(limits_path, limits)
-        if limits.value is not None:
-            samples.append(MAX_FDS.sample(limits.value))
-        samples.append(OPEN_FDS.sample(self._count_fds()))
+                samples.append(sample(spec, status.value[key]))
+        # The fd limit almost never changes (prlimit): re-read it once a minute, not every time.
+        if self._collections % LIMITS_REFRESH_COLLECTIONS == 0:
+            limits = parse_max_open_files(read_host_file(self._limits))
+            self.note(self._limits, limits)
+            self._max_fds = limits.value
+        self._collections += 1
+        if self._max_fds is not None:
+            samples.append(sample(MAX_FDS, self._max_fds))
+        samples.append(sample(OPEN_FDS, self._count_fds()))
         return samples
 
     def _process_start(self, start_ticks: int) -> float | None:
@@ -167,11 +177,10 @@ class SelfProcessCollector(HostCollector):
         return self._start_time
 
     def _count_fds(self) -> int:
-        fd_dir = self._dir / "fd"
         try:
-            return sum(1 for _ in fd_dir.iterdir())
+            return len(os.listdir(self._fd_dir))  # noqa: PTH208 - no Path object per fd
         except OSError as exc:
-            raise CollectorError(f"cannot list {fd_dir}: {exc.strerror or exc}") from exc
+            raise CollectorError(f"cannot list {self._fd_dir}: {exc.strerror or exc}") from exc
 
 
 COLLECTOR = SelfProcessCollector
