@@ -21,7 +21,7 @@ def _action(key: str = "a1", direction: str = "tighten", job: str = "toy") -> Ac
 
 
 def _path(tmp_path: Path) -> Path:
-    return control_path(tmp_path / "state" / "control", "toy")
+    return control_path(tmp_path / "run" / "control", "toy")
 
 
 def test_tighten_creates_and_updates_control_file(tmp_path: Path) -> None:
@@ -84,4 +84,4 @@ def test_bad_job_name_and_direction_fail_cleanly(tmp_path: Path) -> None:
     healer = _healer(tmp_path)
     assert healer.apply(_action(job="../etc"), dry_run=False).outcome is ActionOutcome.FAILED
     assert healer.apply(_action(direction="sideways"), dry_run=False).outcome is ActionOutcome.FAILED
-    assert not (tmp_path / "state").exists()
+    assert not (tmp_path / "run").exists()

@@ -68,7 +68,7 @@ class Rig:
         return Journal.in_state_dir(self.tmp / "state")
 
     def control(self) -> ControlState:
-        return read_control(control_path(self.tmp / "state" / "control", "toy"))
+        return read_control(control_path(self.tmp / "run" / "control", "toy"))
 
 
 def spike(since: float, job: str = "toy") -> Finding:
@@ -103,7 +103,7 @@ def test_default_is_dry_run_and_touches_nothing(rig: Rig) -> None:
     policy = rig.policy()
     outcomes = policy.tick(0.0, [spike(0.0)])
     assert [(o.healer, o.result) for o in outcomes] == [("clip", "dry_run")]
-    assert not (rig.tmp / "state" / "control").exists()
+    assert not (rig.tmp / "run" / "control").exists()
     entry = rig.journal().recent(1)[0]
     assert (entry.decision, entry.result, entry.dry_run) == (Decision.TAKEN, "dry_run", True)
     assert "would tighten" in entry.detail
@@ -112,7 +112,7 @@ def test_default_is_dry_run_and_touches_nothing(rig: Rig) -> None:
 def test_spike_tightens_clipping_in_control_file_and_metrics(rig: Rig) -> None:
     """An enabled policy routes a spike to clip: the control file changes and the action counter counts it."""
     write_control(
-        control_path(rig.tmp / "state" / "control", "toy"), ControlState(job="toy", checkpoint_request="r1")
+        control_path(rig.tmp / "run" / "control", "toy"), ControlState(job="toy", checkpoint_request="r1")
     )
     policy = rig.policy(actions_enabled=True)
     policy.tick(0.0, [spike(0.0)])

@@ -24,6 +24,7 @@ from trainwarden.control import (
     write_control,
 )
 from trainwarden.healers.base import Action, ActionOutcome, ActionResult, Healer
+from trainwarden.protocol import default_control_dir
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,8 @@ LAST_ACTION_KEY = "trainwarden_clip_action"
 class ClipOptions(PluginOptions):
     """How far one action moves the clipping threshold.
 
-    `control_dir` defaults to `<state_dir>/control`, where the training collector writes control
-    files (the client finds it via TRAINWARDEN_CONTROL_DIR).
+    `control_dir` defaults to `<runtime_dir>/control`, where the training collector writes control
+    files (`protocol.default_control_dir`; the client finds it via TRAINWARDEN_CONTROL_DIR).
     """
 
     control_dir: Path | None = None
@@ -65,7 +66,7 @@ class ClipHealer(Healer):
         """The control file of `job`."""
         options = self.options
         assert isinstance(options, ClipOptions)
-        directory = options.control_dir or self.context.state_dir / "control"
+        directory = options.control_dir or default_control_dir(self.context.runtime_dir)
         return control_path(directory, job)
 
     def apply(self, action: Action, *, dry_run: bool) -> ActionResult:  # noqa: PLR0911 - one return per checked state
