@@ -20,9 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
-from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.exposition import gzip_accepted
 from prometheus_client.registry import CollectorRegistry
 
+from trainwarden.daemon.encoding import fast_encoder
 from trainwarden.model import MetricKind, MetricSpec
 from trainwarden.store import Store
 
@@ -109,10 +110,13 @@ class Routes:
 
 
 def metrics_handler(registry: CollectorRegistry) -> Handler:
-    """`/metrics`: text or OpenMetrics as the scraper's Accept asks, gzipped when accepted."""
+    """`/metrics`: text or OpenMetrics as the scraper's Accept asks, gzipped when accepted.
+
+    Negotiation is prometheus_client's `choose_encoder`; the bytes come from `encoding`.
+    """
 
     def handle(request: Request) -> Response:
-        encoder, content_type = choose_encoder(request.header("Accept"))
+        encoder, content_type = fast_encoder(request.header("Accept"))
         body = encoder(registry)
         headers: tuple[tuple[str, str], ...] = ()
         if gzip_accepted(request.header("Accept-Encoding")):
@@ -207,6 +211,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     server_app: ClassVar[HttpServer]
     protocol_version = "HTTP/1.1"
+    # Headers and body are two writes; with Nagle on, a keep-alive scraper waits ~40 ms for
+    # the delayed ACK in between.
+    disable_nagle_algorithm = True
     timeout = 30  # a slow client cannot hold a thread forever
     server_version = "trainwarden"
 
