@@ -245,6 +245,7 @@ def test_throughput_drop(store: Store, feed: TrainingFeed) -> None:
 
 # --- threshold -------------------------------------------------------------------------------
 
+CLEAN_EXIT = MetricSpec("trainwarden_train_exited_cleanly", "bye", labelnames=("job", "rank"))
 FREE = MetricSpec("trainwarden_filesystem_free_ratio", "free", labelnames=("device", "mountpoint"))
 
 
@@ -369,3 +370,13 @@ def test_nonfinite_counts_a_re_reported_nan_once(store: Store, feed: TrainingFee
     feed.set(LOSS, float("nan"), last + 1, job="toy", rank="0")  # a distinct NaN object, as parsed
     found = NonFiniteRule(NonFiniteRule.Options()).evaluate(view(store), last + 2)
     assert found[0].evidence["count"] == 1
+
+
+def test_process_gone_skips_clean_exit(store: Store, feed: TrainingFeed) -> None:
+    """A rank that exited cleanly (said goodbye) is not reported as gone; one that vanished is."""
+    steady(feed, ranks=2, start=0.0, count=3)
+    for rank in ("0", "1"):
+        feed.set(PROCESS_UP, 0, 4.0, job="toy", rank=rank)
+    feed.set(CLEAN_EXIT, 1, 4.0, job="toy", rank="0")
+    found = ProcessGoneRule(ProcessGoneRule.Options()).evaluate(view(store), 5.0)
+    assert [f.subject["rank"] for f in found] == ["1"]

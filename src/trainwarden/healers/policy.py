@@ -15,6 +15,7 @@ restarted daemon continues where it stopped instead of repeating an action.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -139,6 +140,7 @@ class Policy:
         self._refusals: dict[str, int] = {}
         self._journal_errors = 0
         self._breakers: dict[str, bool] = dict.fromkeys(self._healers, False)
+        self._lock = threading.Lock()  # the scheduler and the Alertmanager webhook may both call tick
 
     @classmethod
     def from_config(
@@ -175,7 +177,14 @@ class Policy:
         return self._ladders.get(classify(finding, self.config.classes), ())
 
     def tick(self, now: float, findings: Sequence[Finding]) -> list[Outcome]:
-        """Decide on every firing finding; resolved and pending ones are only logged by the engine."""
+        """Decide on every firing finding; resolved and pending ones are only logged by the engine.
+
+        Thread-safe (one tick at a time); healers run inside the tick, so a slow healer delays the next.
+        """
+        with self._lock:
+            return self._tick(now, findings)
+
+    def _tick(self, now: float, findings: Sequence[Finding]) -> list[Outcome]:
         outcomes: list[Outcome] = []
         horizon = max(
             self.config.budget_window_seconds, self.config.breaker_open_seconds, self.config.cooldown_seconds

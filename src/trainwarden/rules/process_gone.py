@@ -1,10 +1,15 @@
-"""A training rank whose process vanished (its /proc entry is gone) without the job finishing."""
+"""A training rank whose process vanished (its /proc entry is gone) without the job finishing.
+
+A rank that said goodbye (`trainwarden_train_exited_cleanly` 1, exported once the training collector
+reports clean `bye` records) finished rather than crashed and is not a finding; without that series
+every vanished process counts, so a finished job is reported until the collector's retention forgets it.
+"""
 
 from __future__ import annotations
 
 from trainwarden.model import Finding, Severity
 from trainwarden.rules.base import Rule, RuleOptions, RuleView
-from trainwarden.rules.training import PID, PROCESS_UP
+from trainwarden.rules.training import CLEAN_EXIT, PID, PROCESS_UP
 
 
 class ProcessGoneRule(Rule):
@@ -18,7 +23,7 @@ class ProcessGoneRule(Rule):
         del now
         findings = []
         for series in view.series(PROCESS_UP):
-            if series.value != 0.0:
+            if series.value != 0.0 or view.value(CLEAN_EXIT, series.labels) == 1.0:
                 continue
             labels = dict(series.labels)
             job, rank = labels.get("job", ""), labels.get("rank", "")

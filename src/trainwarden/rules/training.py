@@ -16,6 +16,7 @@ PHASE_STARTED_TS = "trainwarden_train_phase_started_timestamp_seconds"
 PHASE_SECONDS = "trainwarden_train_phase_seconds"
 PID = "trainwarden_train_pid"
 PROCESS_UP = "trainwarden_train_process_up"
+CLEAN_EXIT = "trainwarden_train_exited_cleanly"  # proposed addition to the contract: 1 after a `bye`
 COLLECTIVE_IN_FLIGHT = "trainwarden_train_collective_in_flight_seconds"
 COLLECTIVE_DURATION_BUCKET = "trainwarden_train_collective_duration_seconds_bucket"
 
