@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -366,3 +367,57 @@ def test_mountinfo_is_reread_on_device_change_and_periodically(tmp_path: Path) -
     mountinfo.write_text(mountinfo.read_text().replace("xfs /dev/sdb", "btrfs /dev/sdb"))
     seen = {fstype() for _ in range(MOUNT_REFRESH_COLLECTIONS)}
     assert "btrfs" in seen
+
+
+def test_hung_network_filesystem_is_reported_without_blocking(tmp_path: Path) -> None:
+    """A statvfs stuck on NFS times out as readable=0, starts no second probe, and recovers later."""
+    case = HOSTS / "node_exporter_nopsi"
+    stats = {
+        "frsize": 4096,
+        "blocks": 100,
+        "bfree": 60,
+        "bavail": 50,
+        "files": 10,
+        "ffree": 7,
+        "readonly": False,
+    }
+    probe = FixtureProbe(
+        {
+            "/": {"dev_major": 8, "dev_minor": 1, **stats},
+            "/mnt/nfs/test/ckpt": {"dev_major": 0, "dev_minor": 42, **stats},
+        }
+    )
+    release = threading.Event()
+    calls: list[str] = []
+
+    def hanging_probe(path: str) -> VolumeStat:
+        calls.append(path)
+        if path.startswith("/mnt/nfs") and not release.wait(10):
+            raise AssertionError("never released")
+        return probe(path)
+
+    options = DiskUsageOptions(
+        volumes={"root": Path("/"), "ckpt": Path("/mnt/nfs/test/ckpt")},
+        include_state_dir=False,
+        remote_probe_timeout_seconds=0.05,
+    )
+    collector = DiskUsageCollector(options, context_for(case / "proc"), probe=hanging_probe)
+    for _ in range(2):
+        samples = list(collector.collect())
+        assert value(samples, "trainwarden_host_filesystem_readable", volume="ckpt") == 0
+        assert value(samples, "trainwarden_host_filesystem_readable", volume="root") == 1
+    assert "has not returned" in collector.status()["volumes"]["ckpt"]["error"]
+    assert calls.count("/mnt/nfs/test/ckpt") == 1
+    release.set()
+    samples = list(collector.collect())
+    assert value(samples, "trainwarden_host_filesystem_readable", volume="ckpt") == 1
+    assert (
+        value(
+            samples,
+            "trainwarden_host_filesystem_info",
+            volume="ckpt",
+            device="192.168.1.1:/srv/test",
+            fstype="nfs4",
+        )
+        == 1
+    )

@@ -21,8 +21,11 @@ collector failed while the other collectors carry on.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +183,66 @@ def find_mount(mounts: list[Mount], path: str, stat: VolumeStat) -> Mount | None
     return best
 
 
+def deepest_mount(mounts: list[Mount], path: str) -> Mount | None:
+    """The mount whose mount point is the longest prefix of `path` (the later one on a tie)."""
+    best: Mount | None = None
+    for mount in mounts:
+        if _under(path, mount.mountpoint) and (best is None or len(mount.mountpoint) >= len(best.mountpoint)):
+            best = mount
+    return best
+
+
+NETWORK_FSTYPES = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "glusterfs", "gpfs", "beegfs", "9p", "afs"}
+)
+
+
+def is_network_fstype(fstype: str) -> bool:
+    """Filesystems whose statvfs can block on a server; FUSE ones (s3fs, juicefs, sshfs...) included."""
+    return fstype in NETWORK_FSTYPES or fstype == "fuse" or fstype.startswith("fuse.")
+
+
+class BackgroundProbe:
+    """Runs a probe in a daemon thread and waits at most a timeout, so a hung mount cannot block us.
+
+    While a probe of a path is still stuck, no second thread is started for it: the next call
+    waits on the same one again. Daemon threads, so a hung mount never blocks daemon shutdown.
+    """
+
+    def __init__(self, probe: Probe) -> None:
+        self._probe = probe
+        self._pending: dict[str, tuple[threading.Event, list[VolumeStat | OSError], float]] = {}
+
+    def run(self, path: str, timeout: float) -> VolumeStat:
+        """The probe's result, its OSError, or TimeoutError when it did not return in time."""
+        pending = self._pending.pop(path, None)
+        if pending is None:
+            done = threading.Event()
+            box: list[VolumeStat | OSError] = []
+            thread = threading.Thread(target=self._work, args=(path, done, box), name="statvfs", daemon=True)
+            thread.start()
+            pending = (done, box, time.monotonic())
+        done, box, started = pending
+        if not done.wait(timeout):
+            self._pending[path] = pending
+            waited = time.monotonic() - started
+            raise TimeoutError(errno.ETIMEDOUT, f"statvfs has not returned for {waited:.1f} s (hung mount?)")
+        result = box[0]
+        if isinstance(result, OSError):
+            raise result
+        return result
+
+    def _work(self, path: str, done: threading.Event, box: list[VolumeStat | OSError]) -> None:
+        try:
+            box.append(self._probe(path))
+        except OSError as exc:
+            box.append(exc)
+        except Exception as exc:  # a probe bug must still release the waiter
+            box.append(OSError(errno.EIO, f"probe failed: {exc!r}"))
+        finally:
+            done.set()
+
+
 def device_label(source: str) -> str:
     """`/dev/nvme0n1p2` → `nvme0n1p2`, matching diskstats' device names; other sources unchanged."""
     return source.removeprefix("/dev/")
@@ -191,14 +254,21 @@ def _default_volumes() -> Mapping[str, Path]:
 
 @dataclass(frozen=True)
 class DiskUsageOptions(CollectorOptions):
-    """`volumes`: name → path to watch (add the checkpoint directory!); `include_state_dir` adds `state`."""
+    """`volumes`: name → path to watch (add the checkpoint directory!); `include_state_dir` adds `state`.
+
+    `remote_probe_timeout_seconds`: how long to wait for statvfs on a network filesystem before
+    reporting the volume unreadable (a hung NFS server blocks statvfs indefinitely).
+    """
 
     volumes: Mapping[str, Path] = field(default_factory=_default_volumes)
     include_state_dir: bool = True
+    remote_probe_timeout_seconds: float = 2.0
 
     def problems(self) -> list[tuple[str, str]]:
         """Volume names must be short identifiers (they become label values); paths must be absolute."""
         found = super().problems()
+        if self.remote_probe_timeout_seconds <= 0:
+            found.append(("remote_probe_timeout_seconds", "must be > 0"))
         for name, path in self.volumes.items():
             if not _VOLUME_NAME.match(name):
                 found.append(("volumes", f"name {name!r} must match {_VOLUME_NAME.pattern}"))
@@ -238,6 +308,10 @@ class DiskUsageCollector(HostCollector):
         # (thousands of lines on a Kubernetes node), so it is re-read only when a volume moves
         # to another device, or every MOUNT_REFRESH_COLLECTIONS collections.
         self._resolved: dict[tuple[str, int, int], Mount | None] = {}
+        self._mounts: list[Mount] | None = None
+        self._remote: dict[str, bool] = {}
+        self._background = BackgroundProbe(probe)
+        self._remote_timeout = opts.remote_probe_timeout_seconds
         self._collections = 0
 
     def collect(self) -> Iterable[Sample]:
@@ -246,21 +320,23 @@ class DiskUsageCollector(HostCollector):
         self._collections += 1
         if self._collections % MOUNT_REFRESH_COLLECTIONS == 0:
             self._resolved.clear()
-        mounts: list[Mount] | None = None
+            self._remote.clear()
+            self._mounts = None
+        fresh = False
         for name, path in self._volumes.items():
             state = self._state[name] = _VolumeState(path)
             labels = (("volume", name),)
             try:
-                stat = self._probe(path)
+                stat = self._examine(path)
             except OSError as exc:
                 state.error = f"{path}: {exc.strerror or exc}"
                 samples.append(sample(READABLE, 0, labels))
                 continue
             key = (path, stat.dev_major, stat.dev_minor)
             if key not in self._resolved:
-                if mounts is None:
-                    mounts = self._read_mounts()
-                self._resolved[key] = find_mount(mounts, path, stat)
+                if not fresh:
+                    self._mounts, fresh = self._read_mounts(), True
+                self._resolved[key] = find_mount(self._mounts or [], path, stat)
             mount = self._resolved[key]
             if mount is not None:
                 state.mountpoint, state.device, state.fstype = (
@@ -279,6 +355,18 @@ class DiskUsageCollector(HostCollector):
                 INFO.sample(1, volume=name, device=state.device, fstype=state.fstype),
             ]
         return samples
+
+    def _examine(self, path: str) -> VolumeStat:
+        """Probe inline, or, for a network filesystem that may hang, in a thread with a timeout."""
+        remote = self._remote.get(path)
+        if remote is None:
+            if self._mounts is None:
+                self._mounts = self._read_mounts()
+            mount = deepest_mount(self._mounts, path)
+            remote = self._remote[path] = mount is not None and is_network_fstype(mount.fstype)
+        if remote:
+            return self._background.run(path, self._remote_timeout)
+        return self._probe(path)
 
     def _read_mounts(self) -> list[Mount]:
         try:
