@@ -15,8 +15,9 @@ default because PyTorch DataLoader workers pass every batch through it, and the 
 directory is added as `state` (`include_state_dir`). Device and filesystem type come from
 `<procfs>/self/mountinfo`. A configured path that does not exist or cannot be read is exported as
 `trainwarden_host_filesystem_readable{volume} 0` with the reason in `status()`, and never stops the
-other paths. `statvfs` on a hung NFS mount blocks: the scheduler's timeout then marks this
-collector failed while the other collectors carry on.
+other paths. `statvfs` on a hung NFS server blocks forever, so volumes on network filesystems
+(NFS, Lustre, CephFS, GPFS, BeeGFS, FUSE...) are probed in a daemon thread and reported
+unreadable after `remote_probe_timeout_seconds`; local ones are probed inline (cheaper).
 """
 
 from __future__ import annotations
