@@ -140,15 +140,20 @@ def median(values: Sequence[float]) -> float:
     return quantile(values, 0.5)
 
 
-def robust_z(value: float, baseline: Sequence[float], min_scale: float) -> tuple[float, float, float]:
-    """(z, median, scale): how many robust standard deviations `value` lies above the baseline.
+def robust_scale(baseline: Sequence[float], min_scale: float) -> tuple[float, float]:
+    """(median, scale) of a baseline, the scale being 1.4826 times MAD (a normal sigma).
 
-    The scale is 1.4826 times MAD (a normal sigma), floored at `min_scale` so a perfectly flat
-    baseline does not make every tiny wobble an infinite z-score.
+    Floored at `min_scale` so a perfectly flat baseline does not make every tiny wobble an
+    infinite z-score.
     """
     center = median(baseline)
     mad = median([abs(v - center) for v in baseline])
-    scale = max(1.4826 * mad, min_scale)
+    return center, max(1.4826 * mad, min_scale)
+
+
+def robust_z(value: float, baseline: Sequence[float], min_scale: float) -> tuple[float, float, float]:
+    """(z, median, scale): how many robust standard deviations `value` lies above the baseline."""
+    center, scale = robust_scale(baseline, min_scale)
     return (value - center) / scale, center, scale
 
 

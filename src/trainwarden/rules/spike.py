@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from trainwarden.model import Finding, Labels, Severity
-from trainwarden.rules.base import Rule, RuleOptions, RuleView, median, robust_z
+from trainwarden.rules.base import Rule, RuleOptions, RuleView, median, robust_scale
 from trainwarden.rules.training import GRAD_NORM, LOSS, step_at
 from trainwarden.store import Point
 
@@ -94,14 +94,16 @@ class SpikeRule(Rule):
         self, metric: str, points: list[Point], now: float, options: SpikeOptions
     ) -> tuple[float, Point, float, float] | None:
         cutoff = now - options.recent_seconds
-        baseline = [
-            v for v in (_transform(metric, p.value) for p in points if p.timestamp < cutoff) if v is not None
-        ][-options.baseline_points :]
+        # only the newest points can be in the baseline; twice as many leaves room for skipped NaNs
+        older = [p for p in points if p.timestamp < cutoff][-2 * options.baseline_points :]
+        baseline = [v for v in (_transform(metric, p.value) for p in older) if v is not None]
+        baseline = baseline[-options.baseline_points :]
         if len(baseline) < options.min_baseline_points:
             return None  # warm-up
         # floor the scale at a relative change: on the log scale of loss a fraction is already relative
         center = median(baseline)
         min_scale = max(options.min_scale_ratio * (1.0 if metric == "loss" else abs(center)), 1e-12)
+        center, scale = robust_scale(baseline, min_scale)  # once per series, not per recent point
         best: tuple[float, Point, float, float] | None = None
         for point in points:
             if point.timestamp < cutoff:
@@ -109,7 +111,7 @@ class SpikeRule(Rule):
             value = _transform(metric, point.value)
             if value is None:
                 continue
-            z, center, scale = robust_z(value, baseline, min_scale)
+            z = (value - center) / scale
             if z > options.z_threshold and (best is None or z > best[0]):
                 best = (z, point, center, scale)
         return best
