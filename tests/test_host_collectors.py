@@ -421,3 +421,17 @@ def test_hung_network_filesystem_is_reported_without_blocking(tmp_path: Path) ->
         )
         == 1
     )
+
+
+def test_a_clean_file_does_not_rearm_the_warning_of_another(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A persistently malformed file is logged once even when the collector's other files parse cleanly."""
+    proc = copy_case(tmp_path)
+    (proc / "self" / "status").write_text("VmRSS:\tlots kB\n")
+    collector = SelfProcessCollector(SelfProcessCollector.Options(), context_for(proc), clock_ticks=100)
+    with caplog.at_level(logging.WARNING, logger="trainwarden.collectors.host_common"):
+        for _ in range(3):
+            samples = list(collector.collect())
+    assert value(samples, "trainwarden_host_parse_errors_total", collector="self") == 3
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1

@@ -123,7 +123,7 @@ class CpuCollector(HostCollector):
         self.note(self._path, parsed)
         stat = parsed.value
         per_cpu = isinstance(self.options, CpuOptions) and self.options.per_cpu
-        samples = [self.parse_error_sample()]
+        samples: list[Sample] = []
         per_second = self._ticks_per_second
         for cpu, ticks in stat.cpu_ticks.items():
             if (cpu == AGGREGATE) == per_cpu:
@@ -144,7 +144,7 @@ class CpuCollector(HostCollector):
         ):
             if key in counters:
                 samples.append(sample(spec, counters[key]))
-        return samples
+        return [*samples, self.parse_error_sample()]
 
 
 COLLECTOR = CpuCollector

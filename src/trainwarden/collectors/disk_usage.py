@@ -317,7 +317,7 @@ class DiskUsageCollector(HostCollector):
 
     def collect(self) -> Iterable[Sample]:
         """Examine every volume; a failing one is reported as unreadable, the rest still export."""
-        samples = [self.parse_error_sample()]
+        samples: list[Sample] = []
         self._collections += 1
         if self._collections % MOUNT_REFRESH_COLLECTIONS == 0:
             self._resolved.clear()
@@ -355,7 +355,7 @@ class DiskUsageCollector(HostCollector):
                 sample(READONLY, 1 if stat.readonly else 0, labels),
                 INFO.sample(1, volume=name, device=state.device, fstype=state.fstype),
             ]
-        return samples
+        return [*samples, self.parse_error_sample()]
 
     def _examine(self, path: str) -> VolumeStat:
         """Probe inline, or, for a network filesystem that may hang, in a thread with a timeout."""

@@ -129,7 +129,7 @@ class DiskstatsCollector(HostCollector):
         """Read `/proc/diskstats` once."""
         parsed = parse_diskstats(read_host_file(self._path), self._exclude)
         self.note(self._path, parsed)
-        samples = [self.parse_error_sample()]
+        samples: list[Sample] = []
         for device, s in parsed.value.items():
             labels = (("device", device),)
             samples += [
@@ -143,7 +143,7 @@ class DiskstatsCollector(HostCollector):
                 sample(IO_TIME_WEIGHTED, s.io_weighted_seconds, labels),
                 sample(IO_NOW, s.in_flight, labels),
             ]
-        return samples
+        return [*samples, self.parse_error_sample()]
 
 
 COLLECTOR = DiskstatsCollector

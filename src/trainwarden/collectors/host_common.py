@@ -49,8 +49,8 @@ class Parsed(Generic[T]):
 def read_host_file(path: Path) -> str:
     """Read a procfs/sysfs file; an unreadable file is a `CollectorError` naming it.
 
-    Plain `os.read` calls: a third cheaper than a text-mode `open()`, which matters at one read
-    per file per second. procfs returns at most a page per read for some files, hence the loop.
+    Plain `os.read` calls: a third cheaper than a text-mode `open()`, which adds up at one read
+    per file every interval on every node. procfs may return a page per read, hence the loop.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -83,18 +83,19 @@ class HostCollector(Collector):
         super().__init__(options, context)
         self._parse_errors = 0
         self._recent: list[str] = []
-        self._noisy = False
+        self._noisy: set[str] = set()
 
     def note(self, where: Path | str, parsed: Parsed[Any]) -> None:
-        """Count the problems of one parse and log the first after a clean read."""
+        """Count the problems of one parse of `where`; log the first after a clean read of that file."""
+        key = str(where)
         if not parsed.problems:
-            self._noisy = False
+            self._noisy.discard(key)
             return
         self._parse_errors += len(parsed.problems)
         described = [f"{where}: {problem}" for problem in parsed.problems]
         self._recent = (self._recent + described)[-MAX_KEPT_PROBLEMS:]
-        if not self._noisy:
-            self._noisy = True
+        if key not in self._noisy:
+            self._noisy.add(key)
             log.warning(
                 "%s collector skipped %d malformed line(s), first: %s (further ones are only counted in %s)",
                 self.name,
@@ -104,7 +105,7 @@ class HostCollector(Collector):
             )
 
     def parse_error_sample(self) -> Sample:
-        """The cumulative parse-error counter of this collector, reported with every collection."""
+        """The cumulative parse-error counter; append it last, after this collection's parses were noted."""
         return PARSE_ERRORS.sample(self._parse_errors, collector=self.name)
 
     def status(self) -> Mapping[str, Any]:

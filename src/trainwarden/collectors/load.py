@@ -63,7 +63,7 @@ class LoadCollector(HostCollector):
         """Read `/proc/loadavg` once."""
         parsed = parse_loadavg(read_host_file(self._path))
         self.note(self._path, parsed)
-        samples = [self.parse_error_sample()]
+        samples: list[Sample] = []
         load = parsed.value
         if load is not None:
             samples += [
@@ -72,7 +72,7 @@ class LoadCollector(HostCollector):
                 sample(LOAD15, load.load15),
                 sample(THREADS, load.threads),
             ]
-        return samples
+        return [*samples, self.parse_error_sample()]
 
 
 COLLECTOR = LoadCollector

@@ -92,14 +92,14 @@ class MemoryCollector(HostCollector):
         parsed = parse_meminfo(read_host_file(self._path))
         self.note(self._path, parsed)
         info = parsed.value
-        samples = [self.parse_error_sample()]
+        samples: list[Sample] = []
         samples.extend(sample(spec, info[key]) for key, spec in BYTE_FIELDS if key in info)
         page_size = info.get("Hugepagesize")
         if page_size is not None:
             for key, spec in (("HugePages_Total", HUGEPAGES_TOTAL), ("HugePages_Free", HUGEPAGES_FREE)):
                 if key in info:
                     samples.append(sample(spec, info[key] * page_size))
-        return samples
+        return [*samples, self.parse_error_sample()]
 
 
 COLLECTOR = MemoryCollector

@@ -110,11 +110,11 @@ class NetdevCollector(HostCollector):
         """Read `/proc/net/dev` once."""
         parsed = parse_net_dev(read_host_file(self._path), self._exclude)
         self.note(self._path, parsed)
-        samples = [self.parse_error_sample()]
+        samples: list[Sample] = []
         for device, counters in parsed.value.items():
             labels = (("device", device),)
             samples.extend(sample(SPECS[column], value, labels) for column, value in counters.items())
-        return samples
+        return [*samples, self.parse_error_sample()]
 
 
 COLLECTOR = NetdevCollector

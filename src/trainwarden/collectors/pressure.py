@@ -90,7 +90,7 @@ class PressureCollector(HostCollector):
 
     def collect(self) -> Iterable[Sample]:
         """Read each pressure file; a missing directory or file is reported, never raised."""
-        samples = [self.parse_error_sample()]
+        samples: list[Sample] = []
         failures: dict[str, str] = {}
         for resource, path in self._files:
             try:
@@ -115,14 +115,14 @@ class PressureCollector(HostCollector):
                 self._set_unsupported(reason)
                 self._unreadable = {}
             samples.append(sample(SUPPORTED, 0))
-            return samples
+            return [*samples, self.parse_error_sample()]
         for resource, why in failures.items():
             if resource not in self._unreadable:
                 log.warning("pressure: %s; its series are not exported", why)
         self._unreadable = failures
         self._unsupported_reason = ""
         samples.append(sample(SUPPORTED, 1))
-        return samples
+        return [*samples, self.parse_error_sample()]
 
     def _set_unsupported(self, reason: str) -> None:
         if reason != self._unsupported_reason:

@@ -138,7 +138,7 @@ class SelfProcessCollector(HostCollector):
 
     def collect(self) -> Iterable[Sample]:
         """Read stat, status, limits and the fd directory of the process."""
-        samples = [self.parse_error_sample()]
+        samples: list[Sample] = []
         stat = parse_process_stat(read_host_file(self._stat))
         self.note(self._stat, stat)
         if stat.value is not None:
@@ -163,7 +163,7 @@ class SelfProcessCollector(HostCollector):
         if self._max_fds is not None:
             samples.append(sample(MAX_FDS, self._max_fds))
         samples.append(sample(OPEN_FDS, self._count_fds()))
-        return samples
+        return [*samples, self.parse_error_sample()]
 
     def _process_start(self, start_ticks: int) -> float | None:
         # The start time never changes: read /proc/stat for btime only once.
