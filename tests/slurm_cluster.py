@@ -173,6 +173,17 @@ class SlurmCluster:
                 return item.split("=", 1)[1]
         return ""
 
+    def submit(self, command: str, *extra: str) -> str:
+        """`sbatch --wrap COMMAND` (output appended to `ROOT/job-ID.out`); returns the job id."""
+        out_path = str(self.root / "job-%j.out")
+        argv = ["sbatch", "--parsable", "--open-mode=append", "-o", out_path, *extra, "--wrap", command]
+        return self.run(*argv).stdout.strip().split(";")[0]
+
+    def job_output(self, job_id: str) -> str:
+        """What a job submitted with `submit` has written so far."""
+        path = self.root / f"job-{job_id}.out"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def logs(self, tail_lines: int = 60) -> str:
         """The tail of every daemon log, for failure messages."""
         parts = []

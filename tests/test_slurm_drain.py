@@ -187,3 +187,15 @@ def test_missing_scontrol_fails_clearly(tmp_path: Path) -> None:
     assert result.outcome is ActionOutcome.FAILED
     assert "scontrol show node n1" in result.detail
     assert "not_found" in result.detail
+
+
+def test_requeued_job_runs_again_and_sees_its_restart_count(slurm: SlurmCluster) -> None:
+    """After a requeue with `start_now`, Slurm starts the job again at once with SLURM_RESTART_COUNT=1."""
+    job_id = slurm.submit("echo run restart=${SLURM_RESTART_COUNT:-0}; sleep 300")
+    slurm.wait_for(f"job {job_id} first run", lambda: "restart=0" in slurm.job_output(job_id))
+    scontrol = Scontrol(CommandRunner(env={"SLURM_CONF": str(slurm.conf)}))
+    result = requeue_job(scontrol, job_id, dry_run=False, restarts_seen=0, start_now=True)
+    assert result.outcome is ActionOutcome.APPLIED, result.detail
+    assert "begin-time hold cleared" in result.detail
+    slurm.wait_for(f"job {job_id} second run", lambda: "restart=1" in slurm.job_output(job_id), timeout=30)
+    assert slurm.job_field(job_id, "JobState") == "RUNNING"
