@@ -353,3 +353,11 @@ def test_device_label_matches_diskstats_names() -> None:
     """`/dev/vda` becomes `vda` so filesystem and diskstats series join; other sources are unchanged."""
     assert device_label("/dev/vda") == "vda"
     assert device_label("tmpfs") == "tmpfs"
+
+
+def test_meminfo_key_filter_skips_other_fields_unchecked() -> None:
+    """With a key filter only the wanted fields are converted; a malformed unwanted line is not a problem."""
+    parsed = parse_meminfo("MemTotal: 4 kB\nWeird: ??\nMemFree: x kB\n", frozenset({"MemTotal", "MemFree"}))
+    assert parsed.value == {"MemTotal": 4096}
+    assert len(parsed.problems) == 1
+    assert "MemFree" in parsed.problems[0]

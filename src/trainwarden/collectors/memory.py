@@ -20,8 +20,11 @@ from trainwarden.model import MetricSpec, Sample
 _UNITS = {"kB": 1024}
 
 
-def parse_meminfo(text: str) -> Parsed[dict[str, int]]:
-    """Parse `/proc/meminfo` into field → value; `kB` values become bytes, unitless ones stay counts."""
+def parse_meminfo(text: str, keys: frozenset[str] | None = None) -> Parsed[dict[str, int]]:
+    """Parse `/proc/meminfo` into field → value; `kB` values become bytes, unitless ones stay counts.
+
+    With `keys`, only those fields are converted (and checked): a third of the work per read.
+    """
     values: dict[str, int] = {}
     problems: list[str] = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -29,6 +32,8 @@ def parse_meminfo(text: str) -> Parsed[dict[str, int]]:
         if not fields:
             continue
         key = fields[0][:-1]
+        if keys is not None and key not in keys:
+            continue
         if not key or fields[0][-1] != ":" or not 2 <= len(fields) <= 3:
             problems.append(f"line {number}: expected 'Key: value [kB]', got {line[:80]!r}")
             continue
@@ -71,6 +76,9 @@ BYTE_FIELDS: tuple[tuple[str, MetricSpec], ...] = (
 )
 HUGEPAGES_TOTAL = _gauge("memory_hugepages_total_bytes", "Memory in the persistent huge page pool.")
 HUGEPAGES_FREE = _gauge("memory_hugepages_free_bytes", "Unallocated memory in the huge page pool.")
+_WANTED = frozenset(
+    {key for key, _spec in BYTE_FIELDS} | {"HugePages_Total", "HugePages_Free", "Hugepagesize"}
+)
 
 
 class MemoryCollector(HostCollector):
@@ -89,7 +97,7 @@ class MemoryCollector(HostCollector):
 
     def collect(self) -> Iterable[Sample]:
         """Read `/proc/meminfo` once."""
-        parsed = parse_meminfo(read_host_file(self._path))
+        parsed = parse_meminfo(read_host_file(self._path), _WANTED)
         self.note(self._path, parsed)
         info = parsed.value
         samples: list[Sample] = []
