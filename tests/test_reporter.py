@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,7 +26,9 @@ from training_support import (
     wait_until,
 )
 from trainwarden.client import Reporter, identity_from_env
+from trainwarden.client.reporter import step_frame
 from trainwarden.control import ClipSettings, ControlState, write_control
+from trainwarden.protocol import FrameDecoder, StepRecord, parse
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -302,3 +307,43 @@ def test_burst_of_eight_ranks_arrives_without_drops(tmp_path: Path) -> None:
             assert store.value("trainwarden_train_step", job="burst", rank=str(rank)) == n - 1
             assert store.value("trainwarden_client_records_dropped_total", job="burst", rank=str(rank)) == 0
         assert collector.status()["rejected"] == {}
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_daemon_that_stops_reading_never_blocks_the_loop(tmp_path: Path, background: bool) -> None:
+    """A socket nobody reads fills up; steps keep returning and the overflow is counted as drops."""
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stuck.bind(str(tmp_path / "client.sock"))
+    stuck.listen(1)  # connections queue in the backlog; nobody ever reads
+    try:
+        reporter = make_reporter(tmp_path, background=background, max_queue=1000)
+        for i in range(30_000):
+            reporter.step(i, loss=1.0, grad_norm=0.5, lr=1e-3, samples=8.0, tokens=1024.0)
+        assert not reporter.flush(timeout=0.2)
+        stats = reporter.stats()
+        assert stats.connects == 1
+        assert stats.dropped > 0
+        assert stats.internal_errors == 0
+        reporter.close(timeout=0.2)
+    finally:
+        stuck.close()
+
+
+def test_step_frame_is_strict_json_whatever_the_value_types() -> None:
+    """numpy scalars, bools, NaN and negative counts encode to a frame the daemon accepts."""
+    record = ("step", 3, 0.5, np.float32(1.5), math.nan, True, -4.0, np.int64(9), None)
+    payload = FrameDecoder().feed(step_frame(record, 2))[0]
+    json.loads(payload, parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    parsed = parse(payload)
+    assert isinstance(parsed, StepRecord)
+    assert (parsed.step, parsed.step_seconds, parsed.loss, parsed.lr, parsed.samples, parsed.tokens) == (
+        3,
+        0.5,
+        1.5,
+        1.0,
+        None,
+        9.0,
+    )
+    assert parsed.grad_norm is not None
+    assert math.isnan(parsed.grad_norm)
+    assert parsed.dropped == 2

@@ -18,7 +18,6 @@ from __future__ import annotations
 import atexit
 import errno
 import logging
-import math
 import os
 import select
 import socket
@@ -35,6 +34,7 @@ from typing import Any, Self
 from trainwarden.client.identity import Identity, identity_from_env
 from trainwarden.control import ControlFileError, ControlState, control_path, read_control
 from trainwarden.protocol import (
+    HEADER,
     PHASES,
     PROTOCOL_VERSION,
     control_dir_from_env,
@@ -453,17 +453,29 @@ class Reporter:
             values = list(waiting.popleft())
             for i, host in pending.tensors.items():
                 values[3 + i] = float(host.item())  # host memory: no device sync
-            self._append_frame(_step_dict(tuple(values), self))
+            self._append_step(tuple(values))
         queue = self._queue
         while queue and len(self._out) < _OUT_HIGH_WATER:
             record = queue.popleft()
-            if record[0] == "step" and record[-1] is not None:
+            if record[0] == "step":
+                if record[-1] is None:
+                    self._append_step(record)
+                    continue
                 if len(waiting) >= _MAX_WAITING:
                     waiting.popleft()
                     self._dropped_sender += 1
                 waiting.append(record)
                 continue
             self._append_frame(self._to_dict(record))
+
+    def _append_step(self, record: tuple[Any, ...]) -> None:
+        try:
+            frame = step_frame(record, self.dropped)
+        except (ValueError, TypeError) as exc:
+            self._internal_error("encode", exc)
+            self._dropped_sender += 1
+            return
+        self._append_bytes(frame)
 
     def _append_frame(self, data: dict[str, Any]) -> None:
         try:
@@ -472,6 +484,9 @@ class Reporter:
             self._internal_error("encode", exc)
             self._dropped_sender += 1
             return
+        self._append_bytes(frame)
+
+    def _append_bytes(self, frame: bytes) -> None:
         if len(self._out) + len(frame) > _OUT_MAX:
             self._dropped_sender += 1
             return
@@ -480,8 +495,6 @@ class Reporter:
 
     def _to_dict(self, record: tuple[Any, ...]) -> dict[str, Any]:
         kind = record[0]
-        if kind == "step":
-            return _step_dict(record, self)
         if kind == "phase":
             out: dict[str, Any] = {"type": "phase", "phase": record[1], "event": record[2]}
             if record[3] is not None:
@@ -579,22 +592,41 @@ class Reporter:
         log.warning("%s", message)
 
 
-def _step_dict(record: tuple[Any, ...], reporter: Reporter) -> dict[str, Any]:
+_PACK = HEADER.pack
+
+
+def _signal_text(value: Any) -> str:
+    number = float(value)  # also turns numpy scalars and bools into plain floats
+    return repr(number) if number - number == 0.0 else f'"{wire_float(number)}"'  # inf-inf is NaN
+
+
+def _count_text(value: Any) -> str | None:
+    number = float(value)
+    return repr(number) if number - number == 0.0 and number >= 0.0 else None
+
+
+def step_frame(record: tuple[Any, ...], dropped: int) -> bytes:
+    """Encode a step record as one frame without json.dumps (about 2x cheaper, same strict JSON).
+
+    `repr` of a finite float is valid JSON; a non-finite loss or grad-norm travels as a string
+    (see `protocol.wire_float`); a non-finite or negative lr, samples or tokens is left out.
+    """
     _, step, seconds, loss, grad_norm, lr, samples, tokens, _pending = record
-    out: dict[str, Any] = {"type": "step", "step": step, "dropped": reporter.dropped}
+    text = f'{{"type":"step","step":{int(step)},"dropped":{int(dropped)}'
     if seconds is not None:
-        out["step_seconds"] = seconds
+        text += f',"step_seconds":{float(seconds)!r}'
     if loss is not None:
-        out["loss"] = wire_float(float(loss))
+        text += f',"loss":{_signal_text(loss)}'
     if grad_norm is not None:
-        out["grad_norm"] = wire_float(float(grad_norm))
-    if lr is not None and math.isfinite(lr := float(lr)):
-        out["lr"] = lr
-    if samples is not None:
-        out["samples"] = float(samples)
-    if tokens is not None:
-        out["tokens"] = float(tokens)
-    return out
+        text += f',"grad_norm":{_signal_text(grad_norm)}'
+    if lr is not None and (value := _count_text(lr)) is not None:
+        text += f',"lr":{value}'
+    if samples is not None and (value := _count_text(samples)) is not None:
+        text += f',"samples":{value}'
+    if tokens is not None and (value := _count_text(tokens)) is not None:
+        text += f',"tokens":{value}'
+    body = (text + "}").encode()
+    return _PACK(len(body)) + body
 
 
 def _copy_to_host(values: dict[int, Any]) -> _Pending:
