@@ -9,16 +9,19 @@ from pathlib import Path
 import pytest
 
 from training_series import TrainingFeed, steady
-from trainwarden.config import ConfigError
+from trainwarden.config import ConfigError, load_config_text
 from trainwarden.control import ControlState, control_path, read_control, write_control
 from trainwarden.daemon.exporter import make_registry
+from trainwarden.healers import healer_classes
+from trainwarden.healers import policy_config as policy_config_module
 from trainwarden.healers.base import Action, ActionOutcome, ActionResult, Healer, HealerContext
 from trainwarden.healers.clip import ClipHealer, ClipOptions
-from trainwarden.healers.policy import Policy, classify
+from trainwarden.healers.policy import Policy, classify, validate_healer_names
 from trainwarden.healers.policy_config import PolicyConfig
 from trainwarden.incidents import IncidentWriter
 from trainwarden.journal import Decision, Journal
 from trainwarden.model import Finding, FindingState, Severity
+from trainwarden.plugins import plugin_groups
 from trainwarden.store import Store
 
 
@@ -288,3 +291,31 @@ def test_incident_bundle_has_finding_windows_action_result(rig: Rig) -> None:
     assert any("rank=1" in name for name in windows)
     assert not any("rank=0" in name for name in windows)
     assert json.loads((bundle / "result.json").read_text())["outcome"] == "applied"
+
+
+def test_policy_docstring_example_loads() -> None:
+    """The documented [policy] example loads against the registered healers and merges over defaults."""
+    doc = str(policy_config_module.__doc__)
+    block = doc.split("::\n", 1)[1]
+    toml = "\n".join(line[4:] for line in block.splitlines()[1:])
+    config = load_config_text(toml, plugin_groups())
+    policy = config.policy
+    assert policy.actions_enabled is True
+    assert policy.effective_routes()["spike"] == ("clip", "checkpoint_restart")
+    assert policy.effective_routes()["nonfinite"] == ("checkpoint_restart",)  # default kept
+    assert policy.effective_ladders()["persistent"] == ("checkpoint_restart", "slurm_drain")
+    registered = healer_classes()
+    unknown = [p.why.split("'")[1] for p in validate_healer_names(policy, registered)]
+    assert all(name not in registered for name in unknown)  # only healers still to be written
+
+
+def test_incident_bundles_are_pruned(tmp_path: Path) -> None:
+    """Only the newest `keep` bundles stay on disk."""
+    writer = IncidentWriter(tmp_path, keep=2)
+    finding = stall(0.0)
+    for i in range(4):
+        action = Action("checkpoint_restart", f"k{i}", "x", subject=dict(finding.subject))
+        writer.write(finding, action, ActionResult(ActionOutcome.APPLIED, "ok"), {}, 1_700_000_000.0 + i)
+    kept = sorted(p.name for p in (tmp_path / "incidents").iterdir())
+    assert len(kept) == 2
+    assert kept[0].startswith("20231114T221322Z")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from trainwarden.config import default_config
 from trainwarden.daemon.exporter import make_registry
-from trainwarden.model import Finding, FindingState
+from trainwarden.model import Finding, FindingState, Severity
 from trainwarden.plugins import plugin_groups
 from trainwarden.rules.base import Rule, RuleOptions, RuleView
 from trainwarden.rules.engine import FindingLog, RuleEngine
@@ -115,3 +115,15 @@ def test_from_config_runs_every_default_rule(tmp_path: Path) -> None:
     assert "stall" in engine.rule_names
     assert "spike" in engine.rule_names
     assert engine.tick(0.0) == []
+
+
+def test_finding_log_rotates(tmp_path: Path) -> None:
+    """The finding log is rotated to `.1` once it would grow past its size limit."""
+    log = FindingLog(tmp_path / "findings.jsonl", max_bytes=600)
+    finding = Finding("stall", {"job": "toy"}, Severity.WARNING, "x" * 100, evidence={"v": float("inf")})
+    for _ in range(6):
+        log.write("firing", finding, 1.0)
+    assert (tmp_path / "findings.jsonl.1").exists()
+    assert (tmp_path / "findings.jsonl").stat().st_size <= 600
+    first = json.loads((tmp_path / "findings.jsonl").read_text().splitlines()[0])
+    assert first["evidence"] == {"v": "inf"}

@@ -7,9 +7,10 @@ import math
 import pytest
 
 from training_series import COLL_DURATION, IN_FLIGHT, LOSS, PROCESS_UP, TrainingFeed, steady
-from trainwarden.config import ConfigError, config_from_dict
+from trainwarden.config import ConfigError, config_from_dict, load_config_text
 from trainwarden.model import MetricKind, MetricSpec
 from trainwarden.rules import rule_classes
+from trainwarden.rules import threshold as threshold_module
 from trainwarden.rules.base import RuleView, quantile, robust_z
 from trainwarden.rules.collective import CollectiveOptions, CollectiveStuckRule, histogram_quantile
 from trainwarden.rules.gpu_health import GpuHealthRule
@@ -380,3 +381,40 @@ def test_process_gone_skips_clean_exit(store: Store, feed: TrainingFeed) -> None
     feed.set(CLEAN_EXIT, 1, 4.0, job="toy", rank="0")
     found = ProcessGoneRule(ProcessGoneRule.Options()).evaluate(view(store), 5.0)
     assert [f.subject["rank"] for f in found] == ["1"]
+
+
+AVAIL = MetricSpec("trainwarden_host_filesystem_avail_bytes", "avail", labelnames=("volume",), window=True)
+PRESSURE = MetricSpec(
+    "trainwarden_host_pressure_stall_ratio", "psi", labelnames=("resource", "kind"), window=True
+)
+
+
+def _docstring_toml(module: object) -> str:
+    doc = str(getattr(module, "__doc__", ""))
+    block = doc.split("::\n", 1)[1]
+    lines = []
+    for line in block.splitlines()[1:]:
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    return "\n".join(lines)
+
+
+def test_threshold_docstring_example_loads_and_fires(store: Store) -> None:
+    """The documented TOML example loads and its checks fire on the series the host collectors export."""
+    groups = {"rules": {name: cls.Options for name, cls in rule_classes().items()}}
+    config = load_config_text(_docstring_toml(threshold_module), groups)
+    options = config.plugin("rules", "threshold")
+    assert isinstance(options, ThresholdOptions)
+    assert [c.name for c in options.checks] == ["checkpoint_disk_low", "io_pressure_high"]
+    store.replace(
+        "disk", [AVAIL.sample(10e9, volume="checkpoints"), AVAIL.sample(1.0, volume="scratch")], 0.0
+    )
+    store.replace("psi", [PRESSURE.sample(0.7, resource="io", kind="full")], 0.0)
+    found = ThresholdRule(options).evaluate(view(store), 1.0)
+    assert sorted(f.subject_key for f in found) == [
+        "check=checkpoint_disk_low,volume=checkpoints",
+        "check=io_pressure_high",
+    ]
+    rule = ThresholdRule(options)
+    assert rule.for_seconds(found[0]) in {120.0, 60.0}

@@ -3,14 +3,23 @@
 Configured as a list of checks, e.g. checkpoint disk almost full or IO pressure high::
 
     [[rules.threshold.checks]]
-    name = "ckpt_disk_full"
-    metric = "trainwarden_filesystem_free_ratio"
-    labels = { device = "nvme0n1" }
+    name = "checkpoint_disk_low"
+    metric = "trainwarden_host_filesystem_avail_bytes"
+    labels = { volume = "checkpoints" }
     op = "<"
-    value = 0.05
-    clear_value = 0.08
+    value = 50e9
+    clear_value = 80e9
     for_seconds = 120
-    subject_labels = ["device"]
+    subject_labels = ["volume"]
+
+    [[rules.threshold.checks]]
+    name = "io_pressure_high"
+    metric = "trainwarden_host_pressure_stall_ratio"
+    labels = { resource = "io", kind = "full" }
+    op = ">"
+    value = 0.5
+    for_seconds = 60
+    interruption = "transient"
 
 `clear_value` gives hysteresis: once firing, the check stays asserted until the value crosses
 `clear_value` instead of `value`. The subject is the check name plus only the listed bounded labels.
@@ -38,7 +47,20 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     "!=": operator.ne,
 }
 BOUNDED_SUBJECT_LABELS = frozenset(
-    {"job", "rank", "local_rank", "gpu", "node", "device", "port", "hca", "interface"}
+    {
+        "job",
+        "rank",
+        "local_rank",
+        "gpu",
+        "node",
+        "device",
+        "port",
+        "hca",
+        "interface",
+        "volume",
+        "resource",
+        "kind",
+    }
 )
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
