@@ -64,11 +64,14 @@ def parse_stat(text: str) -> Parsed[ProcStat]:
     result = ProcStat()
     problems: list[str] = []
     for number, line in enumerate(text.splitlines(), 1):
-        fields = line.split()
+        # `intr` and `softirq` carry one count per IRQ (tens of thousands on a large node):
+        # split only as far as needed, and fully only the cpu lines.
+        fields = line.split(maxsplit=2)
         if not fields:
             continue
         key = fields[0]
         if key.startswith("cpu"):
+            fields = line.split()
             cpu = key[3:] or AGGREGATE
             if cpu != AGGREGATE and not cpu.isdigit():
                 problems.append(f"line {number}: unknown cpu {key!r}")
