@@ -186,11 +186,17 @@ class KmsgCollector(Collector):
     def collect(self) -> Iterable[Sample]:
         """Read every record that arrived since the last run (up to the per-run bound)."""
         for text in self._read_new():
-            self._records += 1
             try:
                 record = parse_record(text)
-                if record is not None:
-                    self._handle(parse_message(record.message))
+            except KmsgParseError as exc:
+                self._records += 1
+                self._problem(str(exc))
+                continue
+            if record is None:
+                continue  # a dictionary line of the previous record (file mode)
+            self._records += 1
+            try:
+                self._handle(parse_message(record.message))
             except KmsgParseError as exc:
                 self._problem(str(exc))
         out = [
