@@ -347,3 +347,25 @@ def test_step_frame_is_strict_json_whatever_the_value_types() -> None:
     assert parsed.grad_norm is not None
     assert math.isnan(parsed.grad_norm)
     assert parsed.dropped == 2
+
+
+def test_nested_phases_return_to_the_enclosing_phase(tmp_path: Path) -> None:
+    """Leaving a data phase inside an eval phase puts the rank back in eval, not in step."""
+    with running_collector(tmp_path) as collector:
+        reporter = make_reporter(tmp_path)
+        with reporter.phase("eval"):
+            with reporter.phase("data"):
+                pass
+            assert reporter.flush()
+            wait_until(lambda: received(collector) == 5)
+            store = collect_into(collector)
+            assert store.value("trainwarden_train_phase", job="toy", rank="0", phase="eval") == 1
+            assert (
+                store.value("trainwarden_train_phase_seconds", job="toy", rank="0", phase="data") is not None
+            )
+        assert reporter.flush()
+        wait_until(lambda: received(collector) == 6)
+        assert (
+            collect_into(collector).value("trainwarden_train_phase", job="toy", rank="0", phase="step") == 1
+        )
+        reporter.close()

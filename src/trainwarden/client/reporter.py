@@ -108,6 +108,7 @@ class _Phase:
 
     def __enter__(self) -> Self:
         self._started = time.perf_counter()
+        self._reporter._phases.append(self._name)  # noqa: SLF001
         self._reporter._enqueue(("phase", self._name, "begin", None))  # noqa: SLF001
         return self
 
@@ -118,8 +119,14 @@ class _Phase:
         tb: TracebackType | None,
     ) -> None:
         ended = time.perf_counter()
-        self._reporter._phase_ended(ended)  # noqa: SLF001
-        self._reporter._enqueue(("phase", self._name, "end", ended - self._started))  # noqa: SLF001
+        reporter = self._reporter
+        stack = reporter._phases  # noqa: SLF001
+        if stack and stack[-1] == self._name:
+            stack.pop()
+        reporter._phase_ended(ended)  # noqa: SLF001
+        reporter._enqueue(("phase", self._name, "end", ended - self._started))  # noqa: SLF001
+        if stack:  # back in the enclosing phase (e.g. data loading inside eval)
+            reporter._enqueue(("phase", stack[-1], "begin", None))  # noqa: SLF001
 
 
 class Reporter:
@@ -177,6 +184,7 @@ class Reporter:
         self._logged: set[str] = set()
 
         self._last_mark: float | None = None  # end of the last step or phase
+        self._phases: list[str] = []  # open phase() blocks, innermost last
         self._control_path: Path | None = None
         try:
             self._control_path = control_path(self.control_dir, self.identity.job)
