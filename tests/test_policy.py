@@ -85,10 +85,10 @@ def spike(since: float, job: str = "toy") -> Finding:
     )
 
 
-def stall(since: float, rank: str = "1") -> Finding:
+def stall(since: float, rank: str = "1", job: str = "toy", rule: str = "stall") -> Finding:
     return Finding(
-        rule="stall",
-        subject={"job": "toy", "rank": rank},
+        rule=rule,
+        subject={"job": job, "rank": rank},
         severity=Severity.CRITICAL,
         summary=f"rank {rank} stalled",
         since=since,
@@ -196,8 +196,20 @@ def test_resolved_and_pending_findings_are_not_acted_on(rig: Rig) -> None:
 def test_global_budget_refuses(rig: Rig) -> None:
     """Past the global budget of actions per window, further subjects are refused."""
     policy = rig.policy(actions_enabled=True, max_actions_per_window=1)
-    outcomes = policy.tick(0.0, [stall(0.0, rank="0"), stall(0.0, rank="1")])
+    outcomes = policy.tick(0.0, [stall(0.0, job="a"), stall(0.0, job="b")])
     assert [(o.decision, o.result) for o in outcomes] == [("taken", "applied"), ("refused", "budget")]
+
+
+def test_hung_job_is_restarted_once_not_per_rank(rig: Rig) -> None:
+    """A hung job fires stall and collective_stuck on every rank; that is one incident and one restart,
+    while another job on the node is still handled on its own."""
+    policy = rig.policy(actions_enabled=True)
+    findings = [stall(0.0, rank=r, rule=rule) for rule in ("stall", "collective_stuck") for r in "0123"]
+    outcomes = policy.tick(0.0, [*findings, stall(0.0, job="other")])
+    assert [o.result for o in outcomes].count("applied") == 2
+    assert [o.result for o in outcomes].count("cooldown") == 7
+    assert sorted(a.subject["job"] for a, _ in rig.restart.calls) == ["other", "toy"]
+    assert policy.tick(1.0, findings) == []  # refusals are journaled once, not on every tick
 
 
 def test_circuit_breaker_opens_after_failures(rig: Rig) -> None:

@@ -26,7 +26,7 @@ from trainwarden.healers.base import Action, ActionOutcome, ActionResult, Healer
 from trainwarden.healers.policy_config import INTERRUPTIONS, PolicyConfig
 from trainwarden.incidents import IncidentWriter
 from trainwarden.journal import Decision, Entry, Journal, JournalError
-from trainwarden.model import Finding, FindingState, MetricKind, MetricSpec, Sample
+from trainwarden.model import Finding, FindingState, MetricKind, MetricSpec, Sample, Severity
 from trainwarden.store import Point, Store
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,17 @@ class Outcome:
 def finding_key(finding: Finding) -> str:
     """Identity of one occurrence of a finding: rule, subject and when it started firing."""
     return f"{finding.rule}|{finding.subject_key}|{finding.since:.3f}"
+
+
+def scope_of(subject: Mapping[str, str]) -> str:
+    """What an action on this subject affects: its job, or else the node this daemon runs on."""
+    job = subject.get("job")
+    return f"job={job}" if job else "node"
+
+
+def parse_subject(subject_key: str) -> dict[str, str]:
+    """The subject dict back from its `k=v,k=v` text (values are bounded label values)."""
+    return dict(part.split("=", 1) for part in subject_key.split(",") if "=" in part)
 
 
 def classify(finding: Finding, classes: Mapping[str, str]) -> str:
@@ -225,33 +236,44 @@ class Policy:
 
     def _decide(self, finding: Finding, key: str, history: list[Entry], now: float) -> Outcome | None:  # noqa: PLR0911 - one return per gate, in order
         config = self.config
-        subject = finding.subject_key
         ladder = self.ladder_for(finding)
-        mine = [
-            e
-            for e in history
-            if e.rule == finding.rule and e.subject == subject and e.dry_run == self._dry_run
-        ]
         if not ladder:
             return self._refuse_once(
-                finding, key, mine, healer=NO_HEALER, decision=Decision.OBSERVED, reason="no_route", now=now
+                finding,
+                key,
+                history,
+                healer=NO_HEALER,
+                decision=Decision.OBSERVED,
+                reason="no_route",
+                now=now,
             )
+        # Findings on the same scope (job, or the node) that walk the same ladder are one incident:
+        # a hung job fires stall and collective_stuck on every rank, and must be restarted once.
+        scope = scope_of(finding.subject)
         window_start = now - config.budget_window_seconds
-        taken = [e for e in mine if e.decision == Decision.TAKEN and e.time >= window_start]
+        incident = [
+            e
+            for e in history
+            if e.dry_run == self._dry_run
+            and e.time >= window_start
+            and scope_of(parse_subject(e.subject)) == scope
+            and self._ladder_of_entry(e) == ladder
+        ]
+        taken = [e for e in incident if e.decision == Decision.TAKEN]
         if taken and now - taken[-1].time < config.cooldown_seconds:
             if taken[-1].finding_key == key:
                 return None  # dedupe: this occurrence was already acted on
             return self._refuse_once(
                 finding,
                 key,
-                mine,
+                history,
                 healer=taken[-1].healer,
                 decision=Decision.REFUSED,
                 reason="cooldown",
                 now=now,
             )
-        if any(e.decision == Decision.GAVE_UP and e.time >= window_start for e in mine):
-            return None  # already gave up on this subject in this window, and alerted
+        if any(e.decision == Decision.GAVE_UP for e in incident):
+            return None  # already gave up on this incident in this window, and alerted
         rung = len(taken) // config.attempts_per_rung
         if rung >= len(ladder):
             return self._give_up(finding, key, ladder, len(taken), now)
@@ -259,14 +281,14 @@ class Policy:
         everyone = [e for e in history if e.decision == Decision.TAKEN and e.dry_run == self._dry_run]
         if sum(e.time >= window_start for e in everyone) >= config.max_actions_per_window:
             return self._refuse_once(
-                finding, key, mine, healer=healer_name, decision=Decision.REFUSED, reason="budget", now=now
+                finding, key, history, healer=healer_name, decision=Decision.REFUSED, reason="budget", now=now
             )
         healer = self._healers.get(healer_name)
         if healer is None:
             return self._refuse_once(
                 finding,
                 key,
-                mine,
+                history,
                 healer=healer_name,
                 decision=Decision.REFUSED,
                 reason="healer_disabled",
@@ -276,7 +298,7 @@ class Policy:
             return self._refuse_once(
                 finding,
                 key,
-                mine,
+                history,
                 healer=healer_name,
                 decision=Decision.REFUSED,
                 reason="circuit_open",
@@ -286,6 +308,19 @@ class Policy:
         if self._journal.by_action_key(action.key) is not None:
             return None  # journaled before a crash: never apply an action key twice
         return self._act(finding, key, healer, action, now)
+
+    def _ladder_of_entry(self, entry: Entry) -> tuple[str, ...]:
+        route = self._routes.get(entry.rule)
+        if route is not None:
+            return route
+        stub = Finding(
+            entry.rule,
+            {},
+            Severity.INFO,
+            "",
+            evidence={"interruption": str(entry.evidence.get("interruption", ""))},
+        )
+        return self._ladders.get(classify(stub, self.config.classes), ())
 
     def _action(self, finding: Finding, key: str, healer: str, *, attempt: int, rung: int) -> Action:
         params: dict[str, str | float | int | bool] = {
@@ -403,7 +438,7 @@ class Policy:
         self,
         finding: Finding,
         key: str,
-        mine: list[Entry],
+        history: list[Entry],
         *,
         healer: str,
         decision: str,
@@ -411,7 +446,7 @@ class Policy:
         now: float,
     ) -> Outcome | None:
         """Journal a refusal the first time it applies to this finding key, not on every tick."""
-        if any(e.finding_key == key and e.result == reason for e in mine):
+        if any(e.finding_key == key and e.result == reason for e in history):
             return None
         detail = _REFUSAL_TEXT[reason].format(healer=healer, cfg=self.config)
         self._journal.record(
