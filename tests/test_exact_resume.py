@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from toy_launch import final_sha, torchrun, toy_env
+from toy_launch import baseline_sha, final_sha, torchrun, toy_env
 
 from trainwarden.client.checkpoint import CheckpointManager
 
@@ -21,10 +21,7 @@ EVERY = 4
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Parameter digest of an uninterrupted run that saves no checkpoints at all."""
-    tmp = tmp_path_factory.mktemp("baseline")
-    run = torchrun(["--steps", str(STEPS), "--out", str(tmp / "out")], toy_env(tmp))
-    assert run.wait() == 0, run.output()
-    return final_sha(tmp / "out")
+    return baseline_sha(tmp_path_factory.mktemp("baseline"), STEPS)
 
 
 def _newest_step(root: Path) -> int:

@@ -156,3 +156,11 @@ def bare_ranks(args: list[str], env: dict[str, str], nproc: int = 2) -> list[Pro
 def final_sha(out: Path) -> str:
     """The parameter digest the toy wrote at the end."""
     return (out / "final.sha256").read_text(encoding="utf-8").strip()
+
+
+def baseline_sha(tmp: Path, steps: int) -> str:
+    """Digest of an uninterrupted torchrun run of `steps` steps that saves no checkpoint at all."""
+    run = torchrun(["--steps", str(steps), "--out", str(tmp / "out")], toy_env(tmp))
+    code = run.wait()
+    assert code == 0, run.output()
+    return final_sha(tmp / "out")

@@ -1,0 +1,144 @@
+"""Planned interruptions: signals and control requests become checkpoint-and-exit at a step boundary."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from toy_launch import bare_ranks, baseline_sha, final_sha, torchrun, toy_env
+
+from trainwarden.client.checkpoint import CheckpointManager
+from trainwarden.client.interrupt import EXIT_CHECKPOINTED, PlannedInterrupt
+from trainwarden.control import ControlState, read_control, write_control
+
+STEPS = 30
+
+
+def test_signal_sets_flag_and_boundary_says_checkpoint_and_stop() -> None:
+    """SIGUSR1 only sets a flag; the next boundary asks for a checkpoint and a stop, naming the signal."""
+    previous = signal.getsignal(signal.SIGUSR1)
+    guard = PlannedInterrupt((signal.SIGUSR1,)).install()
+    try:
+        assert guard.at_boundary(0) == guard.at_boundary(0)
+        assert not guard.at_boundary(1).stop
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert guard.should_stop()
+        boundary = guard.at_boundary(2)
+        assert (boundary.checkpoint, boundary.stop) == (True, True)
+        assert "SIGUSR1" in boundary.reason
+    finally:
+        guard.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) == previous
+
+
+def test_exit_uses_the_documented_code() -> None:
+    """exit() raises SystemExit with EXIT_CHECKPOINTED (75, EX_TEMPFAIL) so finally blocks still run."""
+    assert EXIT_CHECKPOINTED == 75
+    with pytest.raises(SystemExit) as info:
+        PlannedInterrupt(()).exit()
+    assert info.value.code == 75
+
+
+def test_control_requests_are_obeyed_once_even_across_restarts(tmp_path: Path) -> None:
+    """Checkpoint and stop requests from the control file act once; a restored guard ignores them."""
+    path = tmp_path / "job.control.json"
+
+    def source() -> ControlState | None:
+        return read_control(path) if path.exists() else None
+
+    guard = PlannedInterrupt((), control=source)
+    assert guard.at_boundary(0) == guard.at_boundary(0)
+    write_control(path, ControlState(job="job", checkpoint_request="c1"))
+    first = guard.at_boundary(1)
+    assert (first.checkpoint, first.stop) == (True, False)
+    assert "c1" in first.reason
+    assert not guard.at_boundary(2).checkpoint, "the same request id is handled once"
+    write_control(path, ControlState(job="job", checkpoint_request="c1", stop_request="s1"))
+    stop = guard.at_boundary(3)
+    assert (stop.checkpoint, stop.stop) == (True, True)
+
+    restarted = PlannedInterrupt((), control=source)
+    restarted.load_state_dict(guard.state_dict())
+    assert not restarted.should_stop()
+    again = restarted.at_boundary(4)
+    assert (again.checkpoint, again.stop) == (False, False), "a resumed job does not obey the old stop again"
+    assert again.control is not None
+    assert again.control.stop_request == "s1"
+
+
+def test_broken_control_source_is_counted_not_fatal(tmp_path: Path) -> None:
+    """A control file that cannot be parsed keeps the last good state, is counted, and never raises."""
+    path = tmp_path / "job.control.json"
+    write_control(path, ControlState(job="job", checkpoint_request="c1"))
+    guard = PlannedInterrupt((), control=lambda: read_control(path))
+    assert guard.at_boundary(0).checkpoint
+    path.write_text("{not json")
+    boundary = guard.at_boundary(1)
+    assert not boundary.checkpoint
+    assert boundary.control is not None
+    assert boundary.control.checkpoint_request == "c1"
+    assert guard.control_errors == 1
+    with pytest.raises(ValueError, match="handled"):
+        guard.load_state_dict({"handled": [1, 2]})
+
+
+def test_decisions_only_at_sync_points() -> None:
+    """With sync_every=5 a signal is acted upon at the next multiple of 5, so all ranks pick the same step."""
+    guard = PlannedInterrupt((signal.SIGUSR2,), sync_every=5).install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert [guard.at_boundary(s).stop for s in (6, 7, 8, 9, 10)] == [False, False, False, False, True]
+    finally:
+        guard.uninstall()
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Parameter digest of an uninterrupted run."""
+    return baseline_sha(tmp_path_factory.mktemp("baseline"), STEPS)
+
+
+@pytest.mark.slow
+def test_sigusr1_to_one_rank_stops_both_at_the_same_step_and_resume_loses_nothing(
+    tmp_path: Path, baseline: str
+) -> None:
+    """SIGUSR1 to rank 1 alone makes both ranks checkpoint the same step and exit 75; resuming ends
+    bit-identical to an uninterrupted run."""
+    ckpt, env = tmp_path / "ckpt", toy_env(tmp_path)
+    args = ["--steps", str(STEPS), "--ckpt-dir", str(ckpt), "--ckpt-every", "0"]
+    ranks = bare_ranks([*args, "--step-sleep", "0.1"], env)
+    ranks[0].wait_for(r"^STEP 8 ")
+    os.kill(ranks[1].popen.pid, signal.SIGUSR1)
+    stopped = [int(r.wait_for(r"^STOPPED (\d+) ").group(1)) for r in ranks]
+    codes = [r.wait() for r in ranks]
+    assert codes == [EXIT_CHECKPOINTED, EXIT_CHECKPOINTED], ranks[0].output()
+    assert stopped[0] == stopped[1]
+    assert [p.name for p in CheckpointManager(ckpt).checkpoints()] == [f"step_{stopped[0]:010d}"]
+
+    resume = bare_ranks([*args, "--out", str(tmp_path / "out")], env)
+    assert int(resume[0].wait_for(r"^RESUMED (\d+)").group(1)) == stopped[0]
+    assert [r.wait() for r in resume] == [0, 0], resume[0].output()
+    assert final_sha(tmp_path / "out") == baseline
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_checkpoints_the_last_step_before_exit(tmp_path: Path, baseline: str) -> None:
+    """SIGTERM to torchrun (as at preemption) reaches the workers, which both save the step they were on
+    and stop; the resumed job starts right after it and ends bit-identical."""
+    ckpt, env = tmp_path / "ckpt", toy_env(tmp_path)
+    args = ["--steps", str(STEPS), "--ckpt-dir", str(ckpt), "--ckpt-every", "0"]
+    run = torchrun([*args, "--step-sleep", "0.1"], env)
+    run.wait_for(r"^STEP 10 ")
+    run.popen.send_signal(signal.SIGTERM)
+    last = int(run.wait_for(r"^STOPPED (\d+) signal SIGTERM").group(1))
+    assert run.wait() != 0, "torchrun reports the signal it got"
+    stops = [line for line in run.lines if line.startswith("STOPPED ")]
+    assert stops == [f"STOPPED {last} signal SIGTERM"] * 2, "both workers stopped cleanly at the same step"
+    assert [p.name for p in CheckpointManager(ckpt).checkpoints()] == [f"step_{last:010d}"]
+
+    resume = torchrun([*args, "--out", str(tmp_path / "out")], env)
+    assert int(resume.wait_for(r"^RESUMED (\d+)").group(1)) == last
+    assert resume.wait() == 0, resume.output()
+    assert final_sha(tmp_path / "out") == baseline
