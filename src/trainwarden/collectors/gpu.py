@@ -231,6 +231,7 @@ class GpuCollector(Collector):
         self._gpus: list[_Gpu] = []
         self._driver = ""
         self._unsupported: set[tuple[int, str]] = set()
+        self._new_unsupported: dict[str, list[int]] = {}
         self._query_errors: Counter[tuple[str, str]] = Counter()
         self._watcher: NvmlEventWatcher | None = None
 
@@ -304,6 +305,7 @@ class GpuCollector(Collector):
         samples.append(
             EVENT_WATCHER_UP.sample(1.0 if self._watcher is not None and self._watcher.running else 0.0)
         )
+        self._log_new_unsupported()
         return samples
 
     def sample_gpu(self, index: int) -> list[Sample]:
@@ -344,7 +346,17 @@ class GpuCollector(Collector):
     def _note_unsupported(self, gpu: _Gpu, what: str) -> None:
         if (gpu.index, what) not in self._unsupported:
             self._unsupported.add((gpu.index, what))
-            log.info("GPU %d (%s): %s not supported; skipped", gpu.index, gpu.model, what)
+            self._new_unsupported.setdefault(what, []).append(gpu.index)
+
+    def _log_new_unsupported(self) -> None:
+        """One line per collection that found new unsupported queries, not one per GPU and field."""
+        if not self._new_unsupported:
+            return
+        parts = [
+            f"{what} (GPU {','.join(map(str, gpus))})" for what, gpus in sorted(self._new_unsupported.items())
+        ]
+        log.info("NVML queries not supported, skipped from now on: %s", "; ".join(parts))
+        self._new_unsupported.clear()
 
     def _read_gpu(self, gpu: _Gpu, labels: dict[str, str]) -> list[Sample]:
         api = self._api

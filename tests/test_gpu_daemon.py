@@ -1,0 +1,165 @@
+"""The real `trainwarden daemon` on FakeNvml (TRAINWARDEN_NVML_FIXTURE) and fixture trees, over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gpu_support import FIXTURES
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+
+HOST = FIXTURES / "hosts" / "vm_psi"
+Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@dataclass
+class Node:
+    proc: subprocess.Popen[bytes]
+    url: str
+    kmsg: Path
+    log: Path
+
+    def metrics(self) -> Metrics:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
+            body = response.read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body)
+            for s in family.samples
+        }
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.metrics().get((name, tuple(sorted(labels.items()))))
+
+
+def start_node(tmp_path: Path, fixture: str) -> Node:
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    kmsg = dev / "kmsg"
+    kmsg.write_text("6,1,1,-;Linux version (history before the daemon started)\n")
+    inspector = tmp_path / "nccl"
+    inspector.mkdir()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"[paths]\ndevfs = '{dev}'\n\n"
+        "[collectors.gpu]\ninterval_seconds = 0.5\nevent_poll_ms = 100\n\n"
+        "[collectors.kmsg]\ninterval_seconds = 0.5\n\n"
+        "[collectors.xid]\ninterval_seconds = 0.5\n\n"
+        f"[collectors.nccl_inspector]\nenabled = true\ndirectory = '{inspector}'\ninterval_seconds = 0.5\n"
+    )
+    port = free_port()
+    log = tmp_path / "daemon.log"
+    binary = Path(sys.executable).parent / "trainwarden"
+    cmd = [
+        *([str(binary)] if binary.exists() else [sys.executable, "-m", "trainwarden.daemon.cli"]),
+        "daemon",
+        "--config",
+        str(config),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--runtime-dir",
+        str(tmp_path / "run"),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--path.procfs",
+        str(HOST / "proc"),
+        "--path.sysfs",
+        str(FIXTURES / "infiniband" / "ndr_4port" / "sys"),
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in {"NOTIFY_SOCKET", "WATCHDOG_USEC"}}
+    env["TRAINWARDEN_NVML_FIXTURE"] = fixture
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    node = Node(proc, f"http://127.0.0.1:{port}", kmsg, log)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            return True
+        try:
+            return node.value("trainwarden_collector_success", collector="xid") == 1
+        except OSError:
+            return False
+
+    wait_for(ready, "the daemon to serve its first collection")
+    assert proc.poll() is None, log.read_text()
+    return node
+
+
+def stop(node: Node) -> None:
+    if node.proc.poll() is None:
+        node.proc.send_signal(signal.SIGTERM)
+    try:
+        node.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        node.proc.kill()
+        node.proc.wait()
+        raise
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    running = start_node(tmp_path, "h100-sxm-8gpu")
+    yield running
+    stop(running)
+
+
+def test_daemon_exports_gpus_ports_and_kernel_xids(node: Node) -> None:
+    """On the H100 snapshot all 8 GPUs and IB ports are exported; an XID written to kmsg becomes a count."""
+    metrics = node.metrics()
+    ups = {dict(labels)["gpu"]: v for (name, labels), v in metrics.items() if name == "trainwarden_gpu_up"}
+    assert ups == {str(i): 1 for i in range(8)}
+    assert metrics[("trainwarden_collector_success", (("collector", "gpu"),))] == 1
+    assert metrics[("trainwarden_infiniband_port_up", (("device", "mlx5_0"), ("port", "1")))] == 1
+    assert metrics[("trainwarden_collector_success", (("collector", "nccl_inspector"),))] == 1
+    with node.kmsg.open("a") as handle:
+        handle.write(
+            "4,2,2,-;NVRM: Xid (PCI:0000:db:00): 79, pid=41008, name=python, GPU has fallen off the bus.\n"
+        )
+    wait_for(
+        lambda: node.value("trainwarden_gpu_xid_errors_total", gpu="7", xid="79") == 1, "XID 79 on GPU 7"
+    )
+    assert node.value("trainwarden_gpu_xid_actions_total", gpu="7", action="reboot") == 1
+    assert node.value("trainwarden_kmsg_records_total") == 1
+
+
+def test_daemon_without_a_driver_reports_gpu_unavailable(tmp_path: Path) -> None:
+    """With the no-driver snapshot the daemon runs on, gpu collector_success is 0, with one log line."""
+    running = start_node(tmp_path, "no-driver")
+    try:
+        wait_for(
+            lambda: running.value("trainwarden_collector_success", collector="gpu") == 0,
+            "gpu collector success 0",
+        )
+        assert running.value("trainwarden_gpu_up", gpu="0", uuid="", model="") is None
+        assert running.value("trainwarden_collector_success", collector="infiniband") == 1
+    finally:
+        stop(running)
+    lines = [line for line in running.log.read_text().splitlines() if "NVML" in line]
+    assert len(lines) == 1, lines
+    assert "library not found" in lines[0]
