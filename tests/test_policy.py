@@ -331,3 +331,27 @@ def test_incident_bundles_are_pruned(tmp_path: Path) -> None:
     kept = sorted(p.name for p in (tmp_path / "incidents").iterdir())
     assert len(kept) == 2
     assert kept[0].startswith("20231114T221322Z")
+
+
+def test_unusable_journal_means_no_action_and_a_counted_error(rig: Rig) -> None:
+    """When the journal cannot be read or written the policy does not act, and counts the error."""
+    journal = rig.journal()
+    policy = Policy(PolicyConfig(actions_enabled=True), rig.healers, journal, store=rig.store)
+    journal.close()
+    assert policy.tick(0.0, [stall(0.0)]) == []
+    assert rig.restart.calls == []
+    registry = make_registry(rig.store)
+    assert registry.get_sample_value("trainwarden_journal_errors_total", {}) == 1
+
+
+def test_journal_pruned_past_retention_and_status(rig: Rig) -> None:
+    """Entries older than the retention are pruned on a tick; status reports mode, healers and breakers."""
+    policy = rig.policy(actions_enabled=True, journal_retention_seconds=4000)
+    policy.tick(0.0, [stall(0.0)])
+    assert len(rig.journal().recent(10)) == 1
+    policy.tick(5000.0, [])
+    assert rig.journal().recent(10) == []
+    status = policy.status()
+    assert status["actions_enabled"] is True
+    assert status["breakers_open"] == []
+    assert "checkpoint_restart" in status["healers"]

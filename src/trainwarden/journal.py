@@ -196,6 +196,15 @@ class Journal:
         except sqlite3.Error as exc:
             raise JournalError(f"{self.path}: cannot finish decision {entry_id}: {exc}") from exc
 
+    def prune(self, before: float) -> int:
+        """Delete entries older than `before` (keeps the journal bounded); returns how many went."""
+        try:
+            with self._lock:
+                cursor = self._db.execute("DELETE FROM decisions WHERE time < ?", (before,))
+        except sqlite3.Error as exc:
+            raise JournalError(f"{self.path}: cannot prune journal: {exc}") from exc
+        return cursor.rowcount
+
     def by_action_key(self, action_key: str) -> Entry | None:
         """The entry of one action key, if journaled."""
         rows = self._query("SELECT * FROM decisions WHERE action_key = ?", (action_key,))

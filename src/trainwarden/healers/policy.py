@@ -152,6 +152,7 @@ class Policy:
         self._journal_errors = 0
         self._breakers: dict[str, bool] = dict.fromkeys(self._healers, False)
         self._lock = threading.Lock()  # the scheduler and the Alertmanager webhook may both call tick
+        self._next_prune = 0.0
 
     @classmethod
     def from_config(
@@ -208,6 +209,7 @@ class Policy:
             self._publish(now)
             return outcomes
         self._update_breakers(history, now)
+        self._prune(now)
         seen: set[str] = set()
         for finding in findings:
             key = finding_key(finding)
@@ -468,6 +470,33 @@ class Policy:
         return Outcome(finding, decision, reason, healer, detail)
 
     # --- breaker, evidence, metrics --------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        """JSON-able state for `/status` and `trainwarden status`."""
+        with self._lock:
+            return {
+                "actions_enabled": not self._dry_run,
+                "healers": sorted(self._healers),
+                "breakers_open": sorted(name for name, is_open in self._breakers.items() if is_open),
+                "routes": {rule: list(ladder) for rule, ladder in sorted(self._routes.items())},
+                "ladders": {name: list(ladder) for name, ladder in sorted(self._ladders.items())},
+                "journal": str(self._journal.path),
+                "journal_errors": self._journal_errors,
+            }
+
+    def _prune(self, now: float) -> None:
+        """Drop journal entries past the retention, at most once an hour."""
+        if now < self._next_prune:
+            return
+        self._next_prune = now + 3600.0
+        try:
+            gone = self._journal.prune(now - self.config.journal_retention_seconds)
+        except JournalError:
+            self._journal_errors += 1
+            log.exception("policy: cannot prune the journal")
+            return
+        if gone:
+            log.info("policy: pruned %d journal entries older than the retention", gone)
 
     def _update_breakers(self, history: list[Entry], now: float) -> None:
         """A healer's breaker is open after `breaker_failures` consecutive failures, for a while."""

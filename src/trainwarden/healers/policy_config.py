@@ -64,16 +64,27 @@ class PolicyConfig:
     breaker_failures: int = 3
     breaker_open_seconds: float = 900.0
     alert_healers: tuple[str, ...] = ("notify",)
+    journal_retention_seconds: float = 30 * 86400.0
     routes: Mapping[str, tuple[str, ...]] = field(default_factory=_empty_routes)
     ladders: Mapping[str, tuple[str, ...]] = field(default_factory=_empty_routes)
     classes: Mapping[str, Interruption] = field(default_factory=lambda: MappingProxyType({}))
 
     def problems(self) -> list[tuple[str, str]]:
         """Positive durations and budgets, known interruption classes."""
-        positive = ("cooldown_seconds", "budget_window_seconds", "breaker_open_seconds")
+        positive = (
+            "cooldown_seconds",
+            "budget_window_seconds",
+            "breaker_open_seconds",
+            "journal_retention_seconds",
+        )
         found = [(key, "must be > 0") for key in positive if getattr(self, key) <= 0]
         counts = ("attempts_per_rung", "max_actions_per_window", "breaker_failures")
         found.extend((key, "must be >= 1") for key in counts if getattr(self, key) < 1)
+        horizon = max(self.budget_window_seconds, self.breaker_open_seconds, self.cooldown_seconds)
+        if self.journal_retention_seconds < horizon:
+            found.append(
+                ("journal_retention_seconds", f"must be >= the longest policy window ({horizon:.0f}s)")
+            )
         found.extend(
             (f"ladders.{name}", f"unknown interruption class (valid: {', '.join(INTERRUPTIONS)})")
             for name in self.ladders

@@ -152,6 +152,24 @@ class RuleEngine:
         """Names of the rules this engine runs."""
         return [r.name for r in self._rules]
 
+    def status(self) -> dict[str, object]:
+        """JSON-able state for `/status` and `trainwarden status`: rules, counters, active findings."""
+        return {
+            "rules": self.rule_names,
+            "evaluations": dict(self._evaluations),
+            "errors": dict(self._errors),
+            "active": [
+                {
+                    "rule": t.finding.rule,
+                    "subject": t.finding.subject_key,
+                    "state": t.finding.state.value,
+                    "since": t.finding.since,
+                    "summary": t.finding.summary,
+                }
+                for t in self._tracked.values()
+            ],
+        }
+
     def active(self) -> list[Finding]:
         """Every pending or firing finding."""
         return [t.finding for t in self._tracked.values()]
