@@ -21,6 +21,9 @@ Fault injection for end-to-end tests (all off by default, on `--fault-rank` only
 manifest, printing ``CKPT_WRITING <step>``).
 """
 
+# The data augmentation draws from NumPy's legacy global generator on purpose: exact resume must restore it.
+# ruff: noqa: NPY002
+
 from __future__ import annotations
 
 import argparse
@@ -96,7 +99,12 @@ class SyntheticData:
 def build_model(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Linear(IN_FEATURES, 64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, CLASSES)
+        nn.Linear(IN_FEATURES, 64),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.Linear(64, 64),
+        nn.ReLU(),
+        nn.Linear(64, CLASSES),
     )
 
 
@@ -144,7 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 - a training loop, read top to bottom
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
+    )
     torch.set_num_threads(1)
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if distributed:
@@ -222,8 +232,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
         optimizer.step()
         scheduler.step()
         if reporter is not None:
-            reporter.step(step, loss=loss.detach(), grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],
-                          samples=args.batch_size * world)
+            reporter.step(
+                step,
+                loss=loss.detach(),
+                grad_norm=grad_norm,
+                lr=scheduler.get_last_lr()[0],
+                samples=args.batch_size * world,
+            )
         if rank == 0:
             print(f"STEP {step} loss={loss.item():.6f}", flush=True)
         boundary = guard.at_boundary(step)
@@ -249,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
         torch.save(model.state_dict(), args.out / "final.pt")
         digest = params_sha256(model)
         (args.out / "final.sha256").write_text(digest + "\n", encoding="utf-8")
-        (args.out / "final.json").write_text(json.dumps({"steps": args.steps, "sha256": digest}), encoding="utf-8")
+        (args.out / "final.json").write_text(
+            json.dumps({"steps": args.steps, "sha256": digest}), encoding="utf-8"
+        )
         print(f"FINAL {digest}", flush=True)
     if reporter is not None:
         reporter.close()

@@ -1,5 +1,8 @@
 """CheckpointManager in one process: atomic saves, validation, fallback, formats, pruning, async."""
 
+# NumPy's legacy global generator is exactly what the checkpoint must capture and restore.
+# ruff: noqa: NPY002
+
 from __future__ import annotations
 
 import contextlib
@@ -80,7 +83,11 @@ def test_round_trip_restores_tensors_optimizer_rng_and_position(tmp_path: Path) 
     fresh, fresh_opt = _model(2)
     resume = CheckpointManager(tmp_path).load_latest(_state(fresh, fresh_opt))
     assert resume is not None
-    assert (resume.step, resume.data_position, dict(resume.extras)) == (7, {"epoch": 1, "index": 3}, {"run": "a"})
+    assert (resume.step, resume.data_position, dict(resume.extras)) == (
+        7,
+        {"epoch": 1, "index": 3},
+        {"run": "a"},
+    )
     for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], expected_exp_avg)
@@ -187,7 +194,7 @@ def test_nothing_valid_returns_none(tmp_path: Path) -> None:
 
 
 def test_format_1_manifest_is_migrated(tmp_path: Path) -> None:
-    """A format-1 manifest (single process, top-level RNG and data position, no sizes) loads through migration."""
+    """A format-1 manifest (one process, top-level RNG and data position, no sizes) loads via migration."""
     _saved(tmp_path, [4])
     path = tmp_path / "step_0000000004"
 
@@ -212,7 +219,7 @@ def test_newer_format_is_refused_with_a_message_saying_so(tmp_path: Path) -> Non
     manager, _ = _saved(tmp_path, [1, 2])
     newest = tmp_path / "step_0000000002"
     _rewrite_manifest(newest, lambda body: body.update(format_version=FORMAT_VERSION + 1))
-    with pytest.raises(CheckpointError, match="newer than this trainwarden supports.*upgrade") as info:
+    with pytest.raises(CheckpointError, match=r"newer than this trainwarden supports.*upgrade") as info:
         manager.validate(newest)
     assert info.value.reason == "newer_version"
     resume = CheckpointManager(tmp_path).load_latest(_state(*_model()))
@@ -226,7 +233,11 @@ def test_keep_last_n_plus_best(tmp_path: Path) -> None:
     manager = CheckpointManager(tmp_path, keep_last=2, keep_best=1, best_mode="min")
     for step, loss in [(1, 0.9), (2, 0.2), (3, 0.5), (4, 0.6), (5, 0.7), (6, 0.8)]:
         manager.save(step, _state(model, opt), metric=loss)
-    assert [p.name for p in manager.checkpoints()] == ["step_0000000006", "step_0000000005", "step_0000000002"]
+    assert [p.name for p in manager.checkpoints()] == [
+        "step_0000000006",
+        "step_0000000005",
+        "step_0000000002",
+    ]
     maximiser = CheckpointManager(tmp_path / "max", keep_last=1, keep_best=1, best_mode="max")
     for step, acc in [(1, 0.1), (2, 0.9), (3, 0.3)]:
         maximiser.save(step, _state(model, opt), metric=acc)
@@ -235,7 +246,6 @@ def test_keep_last_n_plus_best(tmp_path: Path) -> None:
 
 def test_resaving_a_step_replaces_it(tmp_path: Path) -> None:
     """Saving a step that already exists (after falling back past a corrupt one) replaces it whole."""
-    model, opt = _model()
     manager = CheckpointManager(tmp_path)
     manager.save(3, {"t": torch.zeros(2)})
     manager.save(3, {"t": torch.ones(2)})
@@ -288,7 +298,7 @@ def test_async_failure_is_raised_by_wait(tmp_path: Path) -> None:
 
     manager = CheckpointManager(tmp_path, async_save=True, on_written=boom)
     manager.save(1, {"w": torch.zeros(1)})
-    with pytest.raises(CheckpointError, match="step_0000000001.*no space left") as info:
+    with pytest.raises(CheckpointError, match=r"step_0000000001.*no space left") as info:
         manager.wait()
     assert info.value.reason == "save_failed"
     assert manager.failed_saves == 1

@@ -94,7 +94,7 @@ def test_spike_does_not_poison_the_statistics() -> None:
 
 
 def test_spike_inside_warmup_does_not_skew_the_start() -> None:
-    """Statistics start from the median/MAD of warm-up norms, so one spike in warm-up does not inflate them."""
+    """Statistics start from the median/MAD of warm-up norms, so a spike in warm-up does not inflate them."""
     params = _params()
     clipper = AdaptiveClipper(params, WARM)
     _warm_up(clipper, params, [1.0, 500.0, 0.9, 1.05, 0.95])
@@ -192,7 +192,7 @@ def test_invalid_update_is_counted_and_ignored(bad: ClipSettings) -> None:
 
 
 def test_shortening_warmup_midway_starts_statistics() -> None:
-    """Lowering warmup_steps below the steps already seen ends the warm-up at once with the collected norms."""
+    """Lowering warmup_steps below the steps already seen ends the warm-up at once with the norms so far."""
     params = _params()
     clipper = AdaptiveClipper(params, WARM)
     _warm_up(clipper, params, [1.0, 1.1, 0.9])

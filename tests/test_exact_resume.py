@@ -8,8 +8,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from toy_launch import baseline_sha, final_sha, torchrun, toy_env
 
+from toy_launch import baseline_sha, final_sha, torchrun, toy_env
 from trainwarden.client.checkpoint import CheckpointManager
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from toy_launch import bare_ranks, baseline_sha, final_sha, torchrun, toy_env
 
+from toy_launch import bare_ranks, baseline_sha, final_sha, torchrun, toy_env
 from trainwarden.client.checkpoint import CheckpointManager
 from trainwarden.client.interrupt import EXIT_CHECKPOINTED, PlannedInterrupt
 from trainwarden.control import ControlState, read_control, write_control

@@ -32,7 +32,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -193,15 +193,14 @@ class CheckpointManager:
             }
             job_extras = _json_copy(dict(extras or {}), "extras")
             metric_value = None if metric is None else float(metric)
+            job = _SaveJob(step, resolved, rank_state, job_extras, metric_value, started)
             if not self.async_save:
-                self._write(step, resolved, rank_state, job_extras, metric_value, started)
+                self._write(job)
                 return final
-            snapshot = _to_cpu(resolved)
+            job = replace(job, state=_to_cpu(resolved))
         self._pending = final
         self._thread = threading.Thread(
-            target=self._write_in_background,
-            args=(step, snapshot, rank_state, job_extras, metric_value, started),
-            name=f"trainwarden-ckpt-{step}",
+            target=self._write_in_background, args=(job,), name=f"trainwarden-ckpt-{step}"
         )
         self._thread.start()
         return final
@@ -230,25 +229,19 @@ class CheckpointManager:
             self._thread = None
             self._pending = None
 
-    def _write_in_background(self, *args: Any) -> None:
+    def _write_in_background(self, job: _SaveJob) -> None:
         try:
-            self._write(*args)
+            self._write(job)
         except BaseException as exc:
             self._thread_error = exc
             log.exception("asynchronous checkpoint save failed")
 
-    def _write(
-        self,
-        step: int,
-        resolved: dict[str, Any],
-        rank_state: dict[str, Any],
-        extras: dict[str, Any],
-        metric: float | None,
-        started: float,
-    ) -> None:
+    def _write(self, job: _SaveJob) -> None:
         import torch  # noqa: PLC0415
-        import torch.distributed.checkpoint as dcp  # noqa: PLC0415
+        from torch.distributed.checkpoint.filesystem import FileSystemWriter  # noqa: PLC0415
+        from torch.distributed.checkpoint.state_dict_saver import save as dcp_save  # noqa: PLC0415
 
+        step = job.step
         name = f"step_{step:010d}"
         tmp = self.root / f"{_TMP_PREFIX}{name}"
         final = self.root / name
@@ -257,20 +250,20 @@ class CheckpointManager:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
             self._barrier()
-            writer = dcp.FileSystemWriter(tmp / STATE_DIR, sync_files=True)
+            writer = FileSystemWriter(tmp / STATE_DIR, sync_files=True)
             with _quiet_single_process():
-                dcp.save(resolved, storage_writer=writer, process_group=self._pg, no_dist=not self._dist)
+                dcp_save(job.state, storage_writer=writer, process_group=self._pg, no_dist=not self._dist)
             if self._on_written is not None:
                 self._on_written(tmp)
-            ranks = self._gather(rank_state)
+            ranks = self._gather(job.rank_state)
             if self.rank == 0:
-                self._publish(tmp, final, step, ranks, extras, metric, torch.__version__)
+                self._publish(job, tmp, final, ranks, torch.__version__)
             self._barrier()
         except BaseException as exc:
             self.failed_saves += 1
             self.last_error = exc
             raise
-        seconds = time.monotonic() - started
+        seconds = time.monotonic() - job.started
         log.info("checkpoint step %d saved to %s in %.3f s", step, final, seconds)
         if self.reporter is not None:
             try:
@@ -279,14 +272,7 @@ class CheckpointManager:
                 log.exception("reporter.checkpoint_saved failed (ignored)")
 
     def _publish(
-        self,
-        tmp: Path,
-        final: Path,
-        step: int,
-        ranks: list[dict[str, Any]],
-        extras: dict[str, Any],
-        metric: float | None,
-        torch_version: str,
+        self, job: _SaveJob, tmp: Path, final: Path, ranks: list[dict[str, Any]], torch_version: str
     ) -> None:
         """Rank 0: hash every file, write the manifest, rename into place, prune."""
         files: dict[str, FileEntry] = {}
@@ -294,15 +280,15 @@ class CheckpointManager:
             rel = path.relative_to(tmp).as_posix()
             files[rel] = FileEntry(sha256_file(path), path.stat().st_size)
         manifest = Manifest(
-            step=step,
+            step=job.step,
             world_size=self.world_size,
             files=files,
             ranks=tuple(
                 RankState(r["rank"], r["rng"], r["data_position"], r["local"])
                 for r in sorted(ranks, key=lambda r: int(r["rank"]))
             ),
-            extras=extras,
-            metric=metric,
+            extras=job.extras,
+            metric=job.metric,
             created_at=time.time(),
             torch_version=torch_version,
         )
@@ -373,7 +359,9 @@ class CheckpointManager:
         manifest = read_manifest(path)
         match = _STEP_DIR.match(path.name)
         if match is not None and manifest.step != int(match.group(1)):
-            raise CheckpointError(path / MANIFEST_NAME, "foreign", f"manifest step {manifest.step} != directory")
+            raise CheckpointError(
+                path / MANIFEST_NAME, "foreign", f"manifest step {manifest.step} != directory"
+            )
         verify_files(path, manifest)
         return manifest
 
@@ -383,7 +371,7 @@ class CheckpointManager:
         Invalid checkpoints are logged, counted in `rejected` and skipped. Every rank ends on the
         same checkpoint. RNG states are restored for this rank when the world size is unchanged.
         """
-        import torch.distributed.checkpoint as dcp  # noqa: PLC0415
+        from torch.distributed.checkpoint.state_dict_loader import load as dcp_load  # noqa: PLC0415
 
         self._join()
         for _, path in self._broadcast(self._candidates() if self.rank == 0 else None):
@@ -400,8 +388,11 @@ class CheckpointManager:
             try:
                 manifest = read_manifest(path)
                 with _quiet_single_process():
-                    dcp.load(
-                        dict(state), checkpoint_id=path / STATE_DIR, process_group=self._pg, no_dist=not self._dist
+                    dcp_load(
+                        dict(state),
+                        checkpoint_id=path / STATE_DIR,
+                        process_group=self._pg,
+                        no_dist=not self._dist,
                     )
                 error: CheckpointError | None = None
             except CheckpointError as exc:
@@ -498,6 +489,18 @@ class CheckpointManager:
         return box[0]
 
 
+@dataclass(frozen=True, slots=True)
+class _SaveJob:
+    """One save, captured at the step boundary (for async saves, `state` is a CPU copy)."""
+
+    step: int
+    state: dict[str, Any]
+    rank_state: dict[str, Any]
+    extras: dict[str, Any]
+    metric: float | None
+    started: float
+
+
 def _setup_distributed() -> tuple[bool, Any, int, int]:
     import torch.distributed as dist  # noqa: PLC0415
 
@@ -512,7 +515,9 @@ def _setup_distributed() -> tuple[bool, Any, int, int]:
 def _resolve(state: Mapping[str, Any]) -> dict[str, Any]:
     """Replace stateful objects by their state dicts (DCP would do this too; we need it to snapshot)."""
     return {
-        key: value.state_dict() if hasattr(value, "state_dict") and hasattr(value, "load_state_dict") else value
+        key: value.state_dict()
+        if hasattr(value, "state_dict") and hasattr(value, "load_state_dict")
+        else value
         for key, value in state.items()
     }
 

@@ -164,7 +164,7 @@ class AdaptiveClipper:
         # A non-finite norm keeps coefficient 1: multiplying NaN gradients fixes nothing.
         clipped = finite & (target < total)
         coef = torch.where(clipped, target / (total + _EPS), torch.ones_like(total))
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype))  # noqa: SLF001 - public-in-practice fused op
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
         self._clipped += clipped.to(torch.int64)
         return total
 
@@ -216,7 +216,11 @@ class AdaptiveClipper:
             return False
         old = self._settings
         self._settings = settings
-        if self._tensors_ready and settings.warmup_steps != old.warmup_steps and self._step < old.warmup_steps:
+        if (
+            self._tensors_ready
+            and settings.warmup_steps != old.warmup_steps
+            and self._step < old.warmup_steps
+        ):
             self._resize_warmup(settings.warmup_steps)
         log.info("clip settings changed: %s -> %s", old, settings)
         return True

@@ -42,7 +42,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Self
 
 from trainwarden.control import ControlState
 
@@ -94,7 +94,7 @@ class PlannedInterrupt:
 
     # --- signals ----------------------------------------------------------------------------------
 
-    def install(self) -> PlannedInterrupt:
+    def install(self) -> Self:
         """Install the signal handlers (main thread only); returns self."""
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("PlannedInterrupt.install() must be called from the main thread")
@@ -108,7 +108,7 @@ class PlannedInterrupt:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
 
-    def __enter__(self) -> PlannedInterrupt:
+    def __enter__(self) -> Self:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:
@@ -120,7 +120,7 @@ class PlannedInterrupt:
             self._signal = signal.Signals(signum)
 
     def should_stop(self) -> bool:
-        """This rank's own view: a signal arrived or a new stop request was seen (no agreement)."""
+        """Local view of this rank: a signal arrived or a new stop request was seen (no agreement)."""
         return self._signal is not None or self._new_request(self._last_control, "stop") is not None
 
     # --- the boundary -------------------------------------------------------------------------
@@ -156,7 +156,9 @@ class PlannedInterrupt:
     def _reason(self, flags: tuple[bool, bool, bool], ids: list[str]) -> str:
         parts = []
         if flags[0]:
-            parts.append(f"signal {self._signal.name}" if self._signal is not None else "signal on another rank")
+            parts.append(
+                f"signal {self._signal.name}" if self._signal is not None else "signal on another rank"
+            )
         if flags[1]:
             parts.append("stop requested")
         if flags[2]:

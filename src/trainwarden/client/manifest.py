@@ -145,7 +145,9 @@ def parse_manifest(text: str, where: Path) -> Manifest:
     except json.JSONDecodeError as exc:
         raise CheckpointError(where, "not_json", f"manifest is not valid JSON ({exc})") from exc
     if not isinstance(body, dict) or body.get("kind") != MANIFEST_KIND:
-        raise CheckpointError(where, "foreign", f"not a trainwarden checkpoint manifest (kind != {MANIFEST_KIND!r})")
+        raise CheckpointError(
+            where, "foreign", f"not a trainwarden checkpoint manifest (kind != {MANIFEST_KIND!r})"
+        )
     version = body.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CheckpointError(where, "bad_version", f"format_version {version!r} is not a positive integer")
@@ -163,7 +165,9 @@ def parse_manifest(text: str, where: Path) -> Manifest:
             return _from_v1(body)
         return _from_v2(body)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise CheckpointError(where, "malformed", f"manifest field missing or of the wrong type: {exc!r}") from exc
+        raise CheckpointError(
+            where, "malformed", f"manifest field missing or of the wrong type: {exc!r}"
+        ) from exc
 
 
 def _files(raw: Mapping[str, Any], with_size: bool) -> dict[str, FileEntry]:

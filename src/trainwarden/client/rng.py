@@ -22,12 +22,9 @@ def capture() -> dict[str, Any]:
         "python": {"version": version, "state": list(internal), "gauss": gauss},
         "torch": _b64(torch.get_rng_state()),
     }
-    try:
-        import numpy as np  # noqa: PLC0415
-    except ImportError:  # numpy is optional for the client
-        np = None
-    if np is not None:
-        name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    numpy_state = _numpy_state()
+    if numpy_state is not None:
+        name, keys, pos, has_gauss, cached = numpy_state
         state["numpy"] = {
             "name": str(name),
             "keys": [int(k) for k in keys],
@@ -35,9 +32,17 @@ def capture() -> dict[str, Any]:
             "has_gauss": int(has_gauss),
             "cached_gaussian": float(cached),
         }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
     return state
+
+
+def _numpy_state() -> Any:
+    try:
+        import numpy as np  # noqa: PLC0415
+    except ImportError:  # numpy is optional for the client
+        return None
+    return np.random.get_state(legacy=True)  # noqa: NPY002 - the user's global generator is what we save
 
 
 def restore(state: Mapping[str, Any]) -> None:
@@ -54,7 +59,7 @@ def restore(state: Mapping[str, Any]) -> None:
         import numpy as np  # noqa: PLC0415
 
         keys = np.asarray(np_state["keys"], dtype=np.uint32)
-        np.random.set_state(
+        np.random.set_state(  # noqa: NPY002 - restoring the global generator is the point
             (
                 np_state["name"],
                 keys,
