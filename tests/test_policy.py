@@ -355,3 +355,28 @@ def test_journal_pruned_past_retention_and_status(rig: Rig) -> None:
     assert status["actions_enabled"] is True
     assert status["breakers_open"] == []
     assert "checkpoint_restart" in status["healers"]
+
+
+def test_clipping_relaxes_after_spikes_stop(rig: Rig) -> None:
+    """Tightened clipping steps back to its default once no spike fired for a while, then stops;
+    a firing spike holds the relaxation off."""
+    policy = rig.policy(actions_enabled=True, relax_clip_after_seconds=100, cooldown_seconds=1000)
+    policy.tick(0.0, [spike(0.0)])
+    policy.tick(0.0, [spike(0.0)])
+    assert policy.tick(150.0, [spike(0.0)]) == []  # still spiking: no relaxation
+    relaxed = policy.tick(260.0, [])
+    assert [(o.finding.rule, o.result) for o in relaxed] == [("clip_relax", "applied")]
+    clip = rig.control().clip
+    assert clip is not None
+    assert clip.z_threshold == 2.5
+    assert [o.result for o in policy.tick(370.0, [])] == ["noop"]  # back at the default
+    assert policy.tick(1000.0, []) == []
+
+
+def test_relaxation_does_not_count_toward_escalation(rig: Rig) -> None:
+    """Relax steps are recovery, not attempts: the next spike climbs one rung, not past the ladder's end."""
+    policy = rig.policy(actions_enabled=True, relax_clip_after_seconds=100, attempts_per_rung=1)
+    policy.tick(0.0, [spike(0.0)])
+    policy.tick(200.0, [])
+    outcomes = policy.tick(250.0, [spike(250.0)])
+    assert [(o.healer, o.result) for o in outcomes] == [("checkpoint_restart", "applied")]

@@ -32,6 +32,8 @@ from trainwarden.store import Point, Store
 log = logging.getLogger(__name__)
 
 SOURCE = "policy"
+CLIP = "clip"
+RELAX_RULE = "clip_relax"
 NO_HEALER = "none"
 EVIDENCE_WINDOW_SECONDS = 300.0
 
@@ -198,9 +200,7 @@ class Policy:
 
     def _tick(self, now: float, findings: Sequence[Finding]) -> list[Outcome]:
         outcomes: list[Outcome] = []
-        horizon = max(
-            self.config.budget_window_seconds, self.config.breaker_open_seconds, self.config.cooldown_seconds
-        )
+        horizon = self.config.horizon_seconds()
         try:
             history = self._journal.since(now - horizon)
         except JournalError:
@@ -231,7 +231,58 @@ class Policy:
                 self._journal_errors += 1
                 log.exception("policy: journal unreadable; not acting further this tick")
                 break
+        else:
+            try:
+                outcomes.extend(self._relax_clipping(findings, history, now))
+            except JournalError:
+                self._journal_errors += 1
+                log.exception("policy: cannot journal a clipping relaxation")
         self._publish(now)
+        return outcomes
+
+    def _relax_clipping(self, findings: Sequence[Finding], history: list[Entry], now: float) -> list[Outcome]:
+        """Step clipping back toward its defaults once a job has had no spike for a while.
+
+        One relax step per `relax_clip_after_seconds` after the last clip action, repeated while
+        each step still changes something; a dry run shows one step and stops there.
+        """
+        after = self.config.relax_clip_after_seconds
+        healer = self._healers.get(CLIP)
+        if after <= 0 or healer is None:
+            return []
+        spiking = {
+            f.subject.get("job")
+            for f in findings
+            if f.state is FindingState.FIRING and CLIP in self.ladder_for(f)
+        }
+        last: dict[str, Entry] = {}
+        for entry in history:
+            if entry.healer == CLIP and entry.decision == Decision.TAKEN and entry.dry_run == self._dry_run:
+                job = parse_subject(entry.subject).get("job")
+                if job:
+                    last[job] = entry
+        outcomes = []
+        for job, entry in sorted(last.items()):
+            if job in spiking or now - entry.time < after or entry.result == "pending":
+                continue
+            if entry.rule == RELAX_RULE and entry.result != ActionOutcome.APPLIED.value:
+                continue  # back at the default, failed, or a dry run already showed the step
+            finding = Finding(
+                RELAX_RULE,
+                {"job": job},
+                Severity.INFO,
+                f"job {job}: no spike for {now - entry.time:.0f}s; relaxing clipping one step",
+                since=now,
+            )
+            key = finding_key(finding)
+            action = Action(
+                CLIP,
+                key=f"{key}|{CLIP}|relax",
+                reason=finding.summary,
+                subject={"job": job},
+                params={"rule": RELAX_RULE, "direction": "relax"},
+            )
+            outcomes.append(self._act(finding, key, healer, action, now))
         return outcomes
 
     # --- the decision ---------------------------------------------------------------------
@@ -312,6 +363,8 @@ class Policy:
         return self._act(finding, key, healer, action, now)
 
     def _ladder_of_entry(self, entry: Entry) -> tuple[str, ...]:
+        if entry.rule == RELAX_RULE:
+            return ()  # recovery steps never count toward an escalation
         route = self._routes.get(entry.rule)
         if route is not None:
             return route

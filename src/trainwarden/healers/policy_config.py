@@ -7,6 +7,7 @@ ladder of one rule does not drop the defaults of the others::
     [policy]
     actions_enabled = true          # observe-only (dry run) unless this is true
     cooldown_seconds = 120
+    relax_clip_after_seconds = 1800  # relax tightened clipping step by step once spikes stop
     attempts_per_rung = 2           # tries of one rung on one subject per budget window
     budget_window_seconds = 3600
 
@@ -65,6 +66,7 @@ class PolicyConfig:
     breaker_open_seconds: float = 900.0
     alert_healers: tuple[str, ...] = ("notify",)
     journal_retention_seconds: float = 30 * 86400.0
+    relax_clip_after_seconds: float = 1800.0
     routes: Mapping[str, tuple[str, ...]] = field(default_factory=_empty_routes)
     ladders: Mapping[str, tuple[str, ...]] = field(default_factory=_empty_routes)
     classes: Mapping[str, Interruption] = field(default_factory=lambda: MappingProxyType({}))
@@ -80,7 +82,9 @@ class PolicyConfig:
         found = [(key, "must be > 0") for key in positive if getattr(self, key) <= 0]
         counts = ("attempts_per_rung", "max_actions_per_window", "breaker_failures")
         found.extend((key, "must be >= 1") for key in counts if getattr(self, key) < 1)
-        horizon = max(self.budget_window_seconds, self.breaker_open_seconds, self.cooldown_seconds)
+        if self.relax_clip_after_seconds < 0:
+            found.append(("relax_clip_after_seconds", "must be >= 0 (0 never relaxes)"))
+        horizon = self.horizon_seconds()
         if self.journal_retention_seconds < horizon:
             found.append(
                 ("journal_retention_seconds", f"must be >= the longest policy window ({horizon:.0f}s)")
@@ -91,6 +95,15 @@ class PolicyConfig:
             if name not in INTERRUPTIONS
         )
         return found
+
+    def horizon_seconds(self) -> float:
+        """How far back the policy reads the journal: its longest window."""
+        return max(
+            self.budget_window_seconds,
+            self.breaker_open_seconds,
+            self.cooldown_seconds,
+            self.relax_clip_after_seconds,
+        )
 
     def effective_routes(self) -> dict[str, tuple[str, ...]]:
         """Default routes overlaid with the configured ones."""
