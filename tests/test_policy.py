@@ -380,3 +380,18 @@ def test_relaxation_does_not_count_toward_escalation(rig: Rig) -> None:
     policy.tick(200.0, [])
     outcomes = policy.tick(250.0, [spike(250.0)])
     assert [(o.healer, o.result) for o in outcomes] == [("checkpoint_restart", "applied")]
+
+
+def test_dry_run_relaxation_shows_one_step(rig: Rig) -> None:
+    """In observe-only mode the relaxation is journaled once as a dry run, not every interval."""
+    policy = rig.policy(relax_clip_after_seconds=100)
+    policy.tick(0.0, [spike(0.0)])
+    assert [o.result for o in policy.tick(150.0, [])] == ["dry_run"]
+    assert policy.tick(300.0, []) == []
+    assert not (rig.tmp / "run" / "control").exists()
+
+
+def test_policy_config_rejects_retention_shorter_than_its_windows() -> None:
+    """A journal retention shorter than the policy's own windows would forget budgets: rejected."""
+    problems = PolicyConfig(journal_retention_seconds=60).problems()
+    assert [key for key, _ in problems] == ["journal_retention_seconds"]
