@@ -26,7 +26,7 @@ from training_support import (
     wait_until,
 )
 from trainwarden.client import Reporter, identity_from_env
-from trainwarden.client.reporter import step_frame
+from trainwarden.client.reporter import _Pending, step_frame
 from trainwarden.control import ClipSettings, ControlState, write_control
 from trainwarden.protocol import FrameDecoder, StepRecord, parse
 
@@ -368,4 +368,73 @@ def test_nested_phases_return_to_the_enclosing_phase(tmp_path: Path) -> None:
         assert (
             collect_into(collector).value("trainwarden_train_phase", job="toy", rank="0", phase="step") == 1
         )
+        reporter.close()
+
+
+class _FakeEvent:
+    """Stands in for a CUDA event (no GPU here): query() says whether the copy has landed."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.broken = False
+
+    def query(self) -> bool:
+        if self.broken:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self.done
+
+
+def test_device_values_wait_for_their_event_without_holding_back_other_records(tmp_path: Path) -> None:
+    """A step whose device copy is pending is sent once its event completes; phases are not held back."""
+    with running_collector(tmp_path) as collector:
+        reporter = make_reporter(tmp_path, background=False)
+        event = _FakeEvent()
+        pending = _Pending({0: torch.tensor(7.5)}, event)
+        reporter._enqueue(("step", 1, 0.1, None, 0.5, None, None, None, pending))
+        with reporter.phase("eval"):
+            pass
+        assert not reporter.flush(timeout=0.1)  # the step is still waiting on the device
+        wait_until(lambda: received(collector) == 3)  # hello + eval begin/end
+        event.done = True
+        assert reporter.flush()
+        wait_until(lambda: received(collector) == 4)
+        assert collect_into(collector).value("trainwarden_train_loss", job="toy", rank="0") == 7.5
+        reporter.close()
+
+
+def test_a_plain_step_after_a_waiting_device_step_keeps_step_order(tmp_path: Path) -> None:
+    """A float-only step queued behind a step still waiting on its device copy is not sent before it."""
+    with running_collector(tmp_path) as collector:
+        reporter = make_reporter(tmp_path, background=False)
+        event = _FakeEvent()
+        reporter._enqueue(
+            ("step", 1, 0.1, None, None, None, None, None, _Pending({0: torch.tensor(1.0)}, event))
+        )
+        reporter.step(2, loss=2.0)
+        assert not reporter.flush(timeout=0.1)
+        assert received(collector) <= 1  # only the hello
+        event.done = True
+        assert reporter.flush()
+        wait_until(lambda: received(collector) == 3)
+        store = collect_into(collector)
+        assert [p.value for p in store.window("trainwarden_train_step", (("job", "toy"), ("rank", "0")))] == [
+            1,
+            2,
+        ]
+        reporter.close()
+
+
+def test_a_failing_device_event_drops_only_its_own_step(tmp_path: Path) -> None:
+    """If querying the device event raises, that step is dropped and counted; later steps still flow."""
+    with running_collector(tmp_path) as collector:
+        reporter = make_reporter(tmp_path, background=False)
+        event = _FakeEvent()
+        event.broken = True
+        reporter._enqueue(("step", 1, 0.1, None, None, None, None, None, _Pending({}, event)))
+        reporter.step(2, loss=1.0)
+        assert reporter.flush()
+        wait_until(lambda: received(collector) == 2)
+        stats = reporter.stats()
+        assert (stats.dropped, stats.internal_errors) == (1, 1)
+        assert collect_into(collector).value("trainwarden_train_step", job="toy", rank="0") == 2
         reporter.close()

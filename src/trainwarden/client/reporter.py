@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 _OUT_HIGH_WATER = 256 * 1024  # stop encoding once this much waits for the socket
 _OUT_MAX = 1024 * 1024  # beyond this (daemon not reading) buffered frames are dropped
 _MAX_WAITING = 1024  # GPU step records waiting for their copy to land
+_IDLE_WAIT = 0.05  # longest sleep of an idle sender thread: records wait at most this long
 _MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 _RECONNECT_ERRORS = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED, errno.EBADF}
 
@@ -418,11 +419,16 @@ class Reporter:
     # --- sending ------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        # step() never signals the thread (that would cost the caller); it polls instead, every
+        # flush_interval while busy, backing off to _IDLE_WAIT when there is nothing to send.
+        idle_wait = self._flush_interval
         while not self._closed:
             if not self._queue and not self._waiting and not self._out:
-                self._wake.wait(self._flush_interval)
+                self._wake.wait(idle_wait)
                 self._wake.clear()
+                idle_wait = min(idle_wait * 2, max(_IDLE_WAIT, self._flush_interval))
                 continue
+            idle_wait = self._flush_interval
             try:
                 with self._lock:
                     self._drain(block=True, deadline=time.monotonic() + self._flush_interval)
@@ -452,29 +458,45 @@ class Reporter:
                 select.select([], [self._sock], [], min(remaining, 0.05))
 
     def _encode_ready(self) -> None:
-        """Move queued records into the output buffer, GPU steps once their copy has landed."""
+        """Move queued records into the output buffer, GPU steps once their copy has landed.
+
+        Steps stay in order: once one waits for its device copy, later steps wait behind it.
+        Other records (phases, collectives) are never held back by a waiting step.
+        """
+        self._release_waiting()
         waiting = self._waiting
-        while waiting and len(self._out) < _OUT_HIGH_WATER:
-            pending: _Pending = waiting[0][-1]
-            if not pending.ready():
-                break
-            values = list(waiting.popleft())
-            for i, host in pending.tensors.items():
-                values[3 + i] = float(host.item())  # host memory: no device sync
-            self._append_step(tuple(values))
         queue = self._queue
         while queue and len(self._out) < _OUT_HIGH_WATER:
             record = queue.popleft()
-            if record[0] == "step":
-                if record[-1] is None:
-                    self._append_step(record)
-                    continue
+            if record[0] != "step":
+                self._append_frame(self._to_dict(record))
+            elif record[-1] is None and not waiting:
+                self._append_step(record)
+            else:
                 if len(waiting) >= _MAX_WAITING:
                     waiting.popleft()
                     self._dropped_sender += 1
                 waiting.append(record)
-                continue
-            self._append_frame(self._to_dict(record))
+
+    def _release_waiting(self) -> None:
+        """Encode waiting steps from the front whose device copies have landed."""
+        waiting = self._waiting
+        while waiting and len(self._out) < _OUT_HIGH_WATER:
+            pending: _Pending | None = waiting[0][-1]
+            if pending is not None:
+                try:
+                    if not pending.ready():
+                        break
+                except Exception as exc:  # a broken device must not wedge the queue behind it
+                    waiting.popleft()
+                    self._dropped_sender += 1
+                    self._internal_error("device event", exc)
+                    continue
+            values = list(waiting.popleft())
+            if pending is not None:
+                for i, host in pending.tensors.items():
+                    values[3 + i] = float(host.item())  # host memory: no device sync
+            self._append_step(tuple(values))
 
     def _append_step(self, record: tuple[Any, ...]) -> None:
         try:
