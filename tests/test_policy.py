@@ -383,10 +383,10 @@ def test_relaxation_does_not_count_toward_escalation(rig: Rig) -> None:
 
 
 def test_dry_run_relaxation_shows_one_step(rig: Rig) -> None:
-    """In observe-only mode the relaxation is journaled once as a dry run, not every interval."""
+    """In observe-only mode clipping never tightened: the relaxation is journaled once, not per interval."""
     policy = rig.policy(relax_clip_after_seconds=100)
     policy.tick(0.0, [spike(0.0)])
-    assert [o.result for o in policy.tick(150.0, [])] == ["dry_run"]
+    assert [o.result for o in policy.tick(150.0, [])] == ["noop"]
     assert policy.tick(300.0, []) == []
     assert not (rig.tmp / "run" / "control").exists()
 
