@@ -262,3 +262,42 @@ def test_golden_exposition(fixture: str, update_golden: bool) -> None:
     finally:
         collector.close()
     check_golden(FIXTURES / "gpu" / f"{fixture}.prom", text, update_golden)
+
+
+def test_a_reset_gpu_is_sampled_again() -> None:
+    """A lost GPU that answers again (after a GPU reset) goes back to up 1 with its full series."""
+    collector, fake = started("h100-sxm-8gpu", events=False)
+    gpu3 = {"gpu": "3", "uuid": "GPU-3e5f7a9b-2c4d-4e6f-8a1b-3c5d7e9f1a43", "model": "NVIDIA H100 80GB HBM3"}
+    try:
+        fake.set_lost(3)
+        assert collect_into(collector).get_sample_value("trainwarden_gpu_up", gpu3) == 0
+        fake.set_lost(3, lost=False)
+        reg = collect_into(collector)
+    finally:
+        collector.close()
+    assert reg.get_sample_value("trainwarden_gpu_up", gpu3) == 1
+    assert reg.get_sample_value("trainwarden_gpu_power_watts", gpu3) == pytest.approx(621.351)
+
+
+def test_a_gpu_lost_at_start_gets_its_identity_when_it_answers() -> None:
+    """A GPU lost before start has empty uuid/model; once it answers, its series carry its real identity."""
+    collector, fake = started("h100-lost-gpu", events=False)
+    try:
+        down = collect_into(collector)
+        fake.set_lost(3, lost=False)
+        up = collect_into(collector)
+    finally:
+        collector.close()
+    assert down.get_sample_value("trainwarden_gpu_up", {"gpu": "3", "uuid": "", "model": ""}) == 0
+    gpu3 = {"gpu": "3", "uuid": "GPU-3e5f7a9b-2c4d-4e6f-8a1b-3c5d7e9f1a43", "model": "NVIDIA H100 80GB HBM3"}
+    assert up.get_sample_value("trainwarden_gpu_up", gpu3) == 1
+    assert up.get_sample_value("trainwarden_gpu_up", {"gpu": "3", "uuid": "", "model": ""}) is None
+
+
+def test_a_corrupt_fixture_disables_the_collector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TRAINWARDEN_NVML_FIXTURE that is not valid JSON makes the collector unavailable, naming the file."""
+    bad = tmp_path / "broken.json"
+    bad.write_text("{")
+    monkeypatch.setenv(nvml.FIXTURE_ENV, str(bad))
+    with pytest.raises(CollectorUnavailableError, match=r"broken\.json: NVML fixture is not JSON"):
+        GpuCollector(GpuOptions(), CollectorContext()).start()

@@ -24,7 +24,7 @@ from trainwarden.collectors.base import Collector, CollectorContext
 from trainwarden.collectors.gpu_events import EVENT_TYPES, NvmlEventWatcher
 from trainwarden.collectors.labelled import labelled
 from trainwarden.config import CollectorOptions
-from trainwarden.errors import CollectorUnavailableError
+from trainwarden.errors import CollectorUnavailableError, TrainwardenError
 from trainwarden.model import MetricKind, MetricSpec, Sample
 from trainwarden.nvml import Nvml, NvmlError
 
@@ -120,6 +120,11 @@ EVENTS = MetricSpec(
     "NVML events received (xid, single/double-bit ECC, gpu_unavailable, recovery_action) per GPU.",
     MetricKind.COUNTER,
     ("gpu", "type"),
+)
+EVENT_WAIT_ERRORS = MetricSpec(
+    "trainwarden_gpu_event_wait_errors_total",
+    "nvmlEventSetWait failures other than timeouts (the thread backs off 1 s after each).",
+    MetricKind.COUNTER,
 )
 EVENT_WATCHER_UP = MetricSpec(
     "trainwarden_gpu_event_watcher_up", "1 while the NVML event thread is running (0: only polling and kmsg)."
@@ -242,7 +247,7 @@ class GpuCollector(Collector):
         try:
             api = self._api_given if self._api_given is not None else nvml.load_nvml()
             api.init()
-        except NvmlError as exc:
+        except TrainwardenError as exc:  # NvmlError, or an unusable TRAINWARDEN_NVML_FIXTURE
             raise CollectorUnavailableError(f"NVML unavailable ({exc}); GPU metrics disabled") from exc
         self._api = api
         try:
@@ -302,6 +307,7 @@ class GpuCollector(Collector):
         if self._watcher is not None:
             for (gpu_label, kind), count in sorted(self._watcher.counts().items()):
                 samples.append(EVENTS.sample(count, gpu=gpu_label, type=kind))
+            samples.append(EVENT_WAIT_ERRORS.sample(self._watcher.errors))
         samples.append(
             EVENT_WATCHER_UP.sample(1.0 if self._watcher is not None and self._watcher.running else 0.0)
         )
@@ -311,21 +317,30 @@ class GpuCollector(Collector):
     def sample_gpu(self, index: int) -> list[Sample]:
         """All series of one GPU (public so the benchmark can time one GPU)."""
         gpu = self._gpus[index]
+        recovered = not gpu.lost or self._answers_again(gpu)
         labels = gpu.labels()
-        out: list[Sample] = [
-            labelled(INFO, 1, labels, pci_bus_id=gpu.pci_bus_id, driver_version=self._driver)
-        ]
-        if gpu.lost:
-            out.append(labelled(UP, 0, labels))
-            return out
+        info = labelled(INFO, 1, labels, pci_bus_id=gpu.pci_bus_id, driver_version=self._driver)
+        if not recovered:
+            return [info, labelled(UP, 0, labels)]
         try:
-            out.extend(self._read_gpu(gpu, labels))
+            body = self._read_gpu(gpu, labels)
         except _Lost:
-            out = [s for s in out if s.spec is INFO]
-            out.append(labelled(UP, 0, labels))
-            return out
-        out.append(labelled(UP, 1, labels))
-        return out
+            return [info, labelled(UP, 0, labels)]
+        return [info, *body, labelled(UP, 1, labels)]
+
+    def _answers_again(self, gpu: _Gpu) -> bool:
+        """Probe a lost GPU once per collection; after a GPU reset it answers and is sampled again."""
+        api = self._api
+        assert api is not None
+        try:
+            uuid = api.device_get_uuid(gpu.handle)
+            model = gpu.model or api.device_get_name(gpu.handle)
+            pci = gpu.pci_bus_id or api.device_get_pci_bus_id(gpu.handle)
+        except NvmlError:
+            return False
+        gpu.uuid, gpu.model, gpu.pci_bus_id, gpu.lost = uuid, model, pci, False
+        log.warning("GPU %d (%s, %s) answers again; sampling resumes", gpu.index, gpu.model, gpu.uuid)
+        return True
 
     def _query(self, gpu: _Gpu, what: str, call: Callable[[], T]) -> T:
         """Run one NVML call, turning its failure into the right accounting."""
