@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from training_support import (
     collect_into,
@@ -370,3 +372,22 @@ def test_stale_socket_is_replaced_but_live_socket_and_files_are_not(tmp_path: Pa
     with pytest.raises(CollectorError, match="not a socket"), running_collector(other):
         pass
     assert (other / "client.sock").read_text() == "not a socket"
+
+
+def test_openmetrics_exposition_of_the_histograms_is_valid(tmp_path: Path) -> None:
+    """Two ranks' step histograms render as valid OpenMetrics (grouped per rank, buckets by numeric le)."""
+    with running_collector(tmp_path) as collector:
+        socks = []
+        for rank, seconds in ((0, 0.05), (1, 7.0)):
+            sock = connect(collector)
+            send(sock, hello(rank), {"type": "step", "step": 1, "step_seconds": seconds})
+            socks.append(sock)
+        wait_until(lambda: received(collector) == 4)
+        text = openmetrics_latest(make_registry(collect_into(collector))).decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        hist = families["trainwarden_train_step_duration_seconds"]
+        rank1 = [s for s in hist.samples if s.name.endswith("_bucket") and s.labels["rank"] == "1"]
+        assert [s.labels["le"] for s in rank1][-3:] == ["120.0", "600.0", "+Inf"]
+        assert [s.value for s in rank1 if s.labels["le"] in ("5.0", "10.0")] == [0, 1]
+        for sock in socks:
+            sock.close()
