@@ -112,6 +112,7 @@ def test_reporting_resumes_when_the_daemon_starts_later(tmp_path: Path, backgrou
         reporter.close()
 
 
+@pytest.mark.slow
 def test_training_survives_daemon_kill_and_restart(tmp_path: Path) -> None:
     """A daemon SIGKILLed and restarted mid-run: every step completes and reporting resumes."""
     status = tmp_path / "status.json"
@@ -285,6 +286,7 @@ BURST_CLIENT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_burst_of_eight_ranks_arrives_without_drops(tmp_path: Path) -> None:
     """8 processes reporting as fast as they can reach a running daemon with zero drops on both sides."""
     n = 5000
