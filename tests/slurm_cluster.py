@@ -185,11 +185,16 @@ class SlurmCluster:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def logs(self, tail_lines: int = 60) -> str:
-        """The tail of every daemon log, for failure messages."""
+        """The tail of every daemon log, for failure messages.
+
+        A daemon's stderr repeats its log file, so only its last lines are shown (they hold what it
+        printed before the log file was open, e.g. a fatal config error).
+        """
         parts = []
         for path in sorted((self.root / "log").glob("*")):
+            keep = 8 if path.suffix == ".stderr" and path.with_suffix(".log").exists() else tail_lines
             try:
-                lines = path.read_text(errors="replace").splitlines()[-tail_lines:]
+                lines = path.read_text(errors="replace").splitlines()[-keep:]
             except OSError as exc:
                 lines = [f"(unreadable: {exc})"]
             parts.append(f"----- {path.name} -----\n" + "\n".join(lines))
@@ -326,12 +331,22 @@ def slurm_cluster_running(timeout: float = 40.0) -> Iterator[SlurmCluster]:
 
 
 def cluster_for_tests(request: pytest.FixtureRequest) -> Iterator[SlurmCluster]:
-    """Body of a Slurm fixture: yields a cluster, prints the daemons' logs at teardown if a test failed.
+    """Body of a Slurm fixture: yields a cluster; if a test failed, shows the daemons' logs at teardown.
 
     Use it as `yield from cluster_for_tests(request)` in a (module-scoped) fixture of your own.
+    The logs go straight to the terminal: output captured during a module fixture's teardown
+    would otherwise be shown with no failure report.
     """
     failed_before = request.session.testsfailed
     with slurm_cluster_running() as cluster:
         yield cluster
         if request.session.testsfailed > failed_before:
-            print(f"\n===== Slurm logs ({cluster.root}) =====\n{cluster.logs()}")
+            show(request.config, f"\n===== Slurm logs ({cluster.root}) =====\n{cluster.logs()}")
+
+
+def show(config: pytest.Config, text: str) -> None:
+    """Print past pytest's output capture."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    context = capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()
+    with context:
+        print(text, flush=True)
