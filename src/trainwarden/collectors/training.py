@@ -165,7 +165,7 @@ class TrainingOptions(CollectorOptions):
     allowed_uids: tuple[int, ...] = ()
     control_dir: str = ""
     retention_seconds: float = 3600.0
-    max_ranks: int = 4096
+    max_ranks: int = 256  # ranks on one node; about 42 series each, so this bounds the series budget
     max_connections: int = 1024
 
     def problems(self) -> list[tuple[str, str]]:
