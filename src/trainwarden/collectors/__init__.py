@@ -22,6 +22,7 @@ COLLECTOR_MODULES: tuple[str, ...] = (
     "trainwarden.collectors.xid",
     "trainwarden.collectors.infiniband",
     "trainwarden.collectors.nccl_inspector",
+    "trainwarden.collectors.nccl_ras",
 )
 
 

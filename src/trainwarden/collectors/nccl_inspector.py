@@ -7,7 +7,7 @@ to `<host>-pid<pid>.log`, or (with `NCCL_INSPECTOR_PROM_DUMP=1`) a Prometheus te
 per-collective bus bandwidth and latency, labelled by the training rank that owns the process
 (through `CollectorContext.pid_owners`), never by communicator id or sequence number, so the
 series stay bounded. JSON files are tailed from their end at start (history is not recounted).
-NCCL's RAS service is not queried yet.
+NCCL's RAS service (dead peers, stuck ranks) is the `nccl_ras` collector.
 """
 
 from __future__ import annotations
