@@ -9,8 +9,11 @@ from pathlib import Path
 import pynvml
 import pytest
 
+from gpu_support import collect_into, exposition
 from trainwarden import nvml
-from trainwarden.testing import FakeNvml, FixtureError
+from trainwarden.collectors.base import CollectorContext
+from trainwarden.collectors.gpu import GpuCollector, GpuOptions
+from trainwarden.testing import FakeNvml, FixtureError, capture_snapshot, main
 
 
 def protocol_methods() -> set[str]:
@@ -134,3 +137,30 @@ def test_shipped_fixtures_are_package_data() -> None:
     names = {p.stem for p in nvml.FIXTURE_DIR.glob("*.json")}
     assert {"h100-sxm-8gpu", "a100-sxm4-4gpu", "t4-not-supported", "h100-lost-gpu", "no-driver"} <= names
     assert nvml.FIXTURE_DIR.is_relative_to(Path(nvml.__file__).parent)
+
+
+@pytest.mark.parametrize("fixture", ["h100-sxm-8gpu", "t4-not-supported", "h100-lost-gpu"])
+def test_a_captured_snapshot_reproduces_the_node(fixture: str) -> None:
+    """A node captured with capture_snapshot and loaded back into FakeNvml renders the same exposition."""
+
+    def render(api: FakeNvml) -> str:
+        collector = GpuCollector(GpuOptions(events=False), CollectorContext(), api)
+        collector.start()
+        try:
+            return exposition(collect_into(collector))
+        finally:
+            collector.close()
+
+    original = FakeNvml.shipped(fixture)
+    snapshot = json.loads(json.dumps(capture_snapshot(original, "round trip")))
+    assert original.calls["shutdown"] == 1
+    assert render(FakeNvml(snapshot)) == render(FakeNvml.shipped(fixture))
+
+
+def test_snapshot_command_without_a_driver_fails_clearly(capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m trainwarden.testing nvml-snapshot` on a GPU-less host exits 1 naming the NVML error."""
+    if Path("/proc/driver/nvidia").exists():
+        pytest.skip("an NVIDIA driver is present")
+    assert main(["nvml-snapshot"]) == 1
+    assert "NVML shared library not found" in capsys.readouterr().err
+    assert main([]) == 2
