@@ -9,6 +9,12 @@ Talks only to the `trainwarden.nvml.Nvml` Protocol (pynvml, or `FakeNvml` when
 - a GPU that fell off the bus: `trainwarden_gpu_up 0` for it while the others go on being sampled.
 
 Every per-GPU series carries `gpu` (NVML index), `uuid` and `model`: bounded by the GPUs on the node.
+
+    [collectors.gpu]
+    interval_seconds = 5.0
+    events = true                    # NVML event thread (XIDs, ECC, recovery action)
+    process_memory = true            # per-rank GPU memory, via the training collector's pids
+    pcie_throughput_fallback = true  # 20 ms NVML sample where a GPU lacks PCIe byte counters
 """
 
 from __future__ import annotations

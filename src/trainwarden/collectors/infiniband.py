@@ -5,6 +5,9 @@ the data counters count 4-byte words, so they are multiplied by 4 into bytes) an
 driver has them (mlx5 RoCE), an allowlist of `hw_counters/` that explain congestion and
 retransmission. A host without the class directory exports nothing and stays healthy; the
 directory is looked up every run, so a driver loaded later is picked up.
+
+    [collectors.infiniband]
+    interval_seconds = 5.0
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ NVML's event set misses some XIDs (79 "fallen off the bus", 119/120 GSP errors),
 deduplicates them against NVML events. The device is opened non-blocking and positioned at its
 end at start, so a daemon restart never recounts old incidents. `/dev/kmsg` returns one record
 per read; a regular file (a captured log in tests) is read line by line from where it ended.
+
+    [collectors.kmsg]
+    interval_seconds = 2.0
+    max_records_per_run = 20000      # the rest of a burst is read on the next run
 """
 
 from __future__ import annotations

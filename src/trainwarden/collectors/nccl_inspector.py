@@ -8,6 +8,11 @@ per-collective bus bandwidth and latency, labelled by the training rank that own
 (through `CollectorContext.pid_owners`), never by communicator id or sequence number, so the
 series stay bounded. JSON files are tailed from their end at start (history is not recounted).
 NCCL's RAS service (dead peers, stuck ranks) is the `nccl_ras` collector.
+
+    [collectors.nccl_inspector]
+    enabled = true
+    directory = "/var/lib/nccl-inspector"   # the jobs' NCCL_INSPECTOR_DUMP_DIR
+    stale_seconds = 300.0
 """
 
 from __future__ import annotations

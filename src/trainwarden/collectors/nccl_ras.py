@@ -7,6 +7,12 @@ Since NCCL 2.24 every NCCL process runs a RAS thread; the local one listens on `
 Communicator hashes, hosts and pids are never labels; they go to `status()` for the on-call.
 NCCL versions without JSON output answer `SET FORMAT` with an error: counted, nothing exported.
 Disabled by default: a STATUS query runs a collective across the job's RAS threads.
+
+    [collectors.nccl_ras]
+    enabled = true
+    interval_seconds = 30.0
+    address = "localhost:28028"      # the jobs' NCCL_RAS_ADDR
+    query_timeout_seconds = 5
 """
 
 from __future__ import annotations
