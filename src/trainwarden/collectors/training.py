@@ -387,6 +387,7 @@ class TrainingCollector(Collector):
                 events = self._selector.select(timeout=1.0)
             except OSError:
                 log.exception("training collector: select failed")
+                self._stopping.wait(0.5)  # do not spin on a persistent error
                 continue
             for key, _mask in events:
                 try:
