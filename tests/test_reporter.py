@@ -71,7 +71,7 @@ def test_identity_comes_from_torchrun_and_slurm_variables() -> None:
 @pytest.mark.parametrize("background", [True, False])
 def test_daemon_absent_drops_and_counts_without_retrying_each_step(tmp_path: Path, background: bool) -> None:
     """With no daemon every record is dropped and counted, and reconnects are rate-limited by backoff."""
-    reporter = make_reporter(tmp_path, background=background, backoff_initial=0.5, backoff_max=5.0)
+    reporter = make_reporter(tmp_path, background=background, backoff_initial=1.0, backoff_max=5.0)
     for i in range(2000):
         reporter.step(i, loss=1.0, grad_norm=0.5)
     reporter.flush(timeout=0.2)

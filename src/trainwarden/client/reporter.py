@@ -10,7 +10,19 @@ Tensors are welcome as values and never force a host-device sync: a CPU tensor i
 (no device to wait for); a GPU tensor is copied `non_blocking` into pinned host memory and an
 event recorded, and its step record is sent once that event has completed, typically one step
 later. Public methods never raise because of the daemon; only programming errors (an unknown
-phase name) raise, at the first call.
+phase name) raise, at the first call. `step` itself must be a Python int.
+
+    reporter = Reporter.from_env(job="llm")          # RANK, WORLD_SIZE... from torchrun/Slurm
+    with reporter.phase("init"):
+        model, loader = build()
+    for step, batch in enumerate(loader):
+        loss = train_step(model, batch)               # tensors are fine: no .item() needed
+        reporter.step(step, loss=loss.detach(), grad_norm=norm, lr=lr, samples=len(batch))
+        control = reporter.poll_control()             # a stat at most every 0.1 s
+        ...
+    reporter.close()                                  # also done at exit
+
+One reporter per process, called from the training thread.
 """
 
 from __future__ import annotations
