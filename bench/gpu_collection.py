@@ -10,6 +10,8 @@ Measures, on the shipped `h100-sxm-8gpu` snapshot:
    collectives, and XIDs in the kernel log; host series come from this machine's real /proc.
    Its /metrics is scraped and counted by family group.
 
+It also times NCCL Inspector ingest (40,000 JSON records from 8 ranks in one run).
+
 The fake answers from memory, so (1) and (2) are trainwarden's own overhead; a real driver adds
 roughly 10-100 us per NVML call (not measured here: no GPU on the build machine).
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -41,6 +44,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from training_support import hello  # noqa: E402 - tests/ on the path first
 from trainwarden.collectors.base import CollectorContext, RankIdentity  # noqa: E402
 from trainwarden.collectors.gpu import GpuCollector, GpuOptions  # noqa: E402
+from trainwarden.collectors.nccl_inspector import NcclInspectorCollector, NcclInspectorOptions  # noqa: E402
 from trainwarden.protocol import default_socket_path, encode  # noqa: E402
 from trainwarden.testing import FakeNvml  # noqa: E402
 
@@ -86,6 +90,27 @@ def bench_sampling(repeat: int) -> dict[str, float]:
         "collect_8_gpus_median_ms": statistics.median(full) * 1e3,
         "collect_8_gpus_p99_ms": percentile(full, 0.99) * 1e3,
         "gpu_collector_series_8_gpus": series,
+    }
+
+
+def bench_inspector(records_per_rank: int) -> dict[str, float]:
+    """Ingest cost of NCCL Inspector JSON records (8 ranks' logs appended since the last run)."""
+    directory = Path(tempfile.mkdtemp(prefix="tw-bench-nccl-"))
+    context = CollectorContext()
+    for rank in range(RANKS):
+        context.pid_owners.set(50000 + rank, RankIdentity("llm", rank, rank))
+    collector = NcclInspectorCollector(NcclInspectorOptions(enabled=True, directory=directory), context)
+    collector.start()
+    for rank in range(RANKS):
+        lines = (inspector_record(rank, 50000 + rank, "AllReduce", n) for n in range(records_per_rank))
+        (directory / f"node01-pid{50000 + rank}.log").write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    collector.collect()
+    elapsed = time.perf_counter() - start
+    shutil.rmtree(directory)
+    return {
+        "inspector_records": RANKS * records_per_rank,
+        "inspector_us_per_record": elapsed / (RANKS * records_per_rank) * 1e6,
     }
 
 
@@ -252,7 +277,7 @@ def main() -> None:
     if args.rank_client:
         rank_client(args.rank_client[0], int(args.rank_client[1]))
         return
-    sampling = bench_sampling(args.repeat)
+    sampling = bench_sampling(args.repeat) | bench_inspector(5000)
     families = node_series()
     groups: Counter[str] = Counter()
     for family, count in families.items():
