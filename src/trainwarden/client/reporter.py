@@ -587,10 +587,16 @@ class Reporter:
         sock.setblocking(False)  # noqa: FBT003 - stdlib signature
         try:
             sock.connect(os.fspath(self.socket_path))
-        except OSError:
+        except OSError as exc:
             sock.close()
             self._connect_failures += 1
             self._schedule_retry(now)
+            if self._connect_failures == 1:  # once: an absent daemon is normal, not an error
+                log.info(
+                    "trainwarden daemon not reachable at %s (%s); reports are dropped until it is",
+                    self.socket_path,
+                    exc.strerror or exc,
+                )
             return False
         self._sock = sock
         self._connects += 1
