@@ -27,7 +27,14 @@ from trainwarden.config import CollectorOptions
 from trainwarden.errors import CollectorUnavailableError
 from trainwarden.paths import HostPaths
 from trainwarden.testing import FakeNvml
-from trainwarden.xid_catalog import XidAction, action_for_recovery, describe, recommended_action, strongest
+from trainwarden.xid_catalog import (
+    XidAction,
+    action_for_recovery,
+    catalog,
+    describe,
+    recommended_action,
+    strongest,
+)
 from trainwarden.xid_ledger import XidLedger, XidReport, XidSource, normalize_pci_bus_id
 
 CAPTURE = FIXTURES / "kmsg" / "h100-incident.txt"
@@ -301,3 +308,10 @@ def test_the_capture_matches_the_h100_snapshot() -> None:
     }
     assert seen
     assert seen <= known
+
+
+def test_docs_list_every_catalog_entry_with_its_action() -> None:
+    """docs/METRICS.md's XID table lists every catalog XID with the same action as the code."""
+    docs = (Path(__file__).parent.parent / "docs" / "METRICS.md").read_text()
+    for xid, info in catalog().items():
+        assert f"| {xid} | {info.name} | `{info.action}` |" in docs, xid
