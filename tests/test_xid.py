@@ -277,6 +277,7 @@ def test_nvml_event_and_kernel_line_for_one_xid_export_one_count(tmp_path: Path)
     assert reg.get_sample_value("trainwarden_gpu_xid_errors_total", {"gpu": "2", "xid": "48"}) == 1
     assert reg.get_sample_value("trainwarden_gpu_xid_errors_total", {"gpu": "2", "xid": "119"}) == 1
     assert reg.get_sample_value("trainwarden_gpu_xid_actions_total", {"gpu": "2", "action": "reset_gpu"}) == 2
+    assert reg.get_sample_value("trainwarden_gpu_xid_actions_total", {"gpu": "5", "action": "reboot"}) == 0
     assert reg.get_sample_value("trainwarden_gpu_xid_reports_total", {"source": "kmsg"}) == 2
     assert reg.get_sample_value("trainwarden_gpu_xid_reports_total", {"source": "nvml"}) == 1
     assert reg.get_sample_value("trainwarden_gpu_xid_duplicate_reports_total", {}) == 1

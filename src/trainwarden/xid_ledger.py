@@ -67,6 +67,11 @@ class XidLedger:
         with self._lock:
             self._gpu_by_pci = {normalize_pci_bus_id(k): v for k, v in pci_to_index.items()}
 
+    def known_gpus(self) -> list[str]:
+        """`gpu` labels of every GPU the GPU collector announced, in index order."""
+        with self._lock:
+            return [str(i) for i in sorted(set(self._gpu_by_pci.values()))]
+
     def gpu_label(self, report: XidReport) -> str:
         """The `gpu` label: the NVML index when known, else the normalised PCI bus id."""
         with self._lock:

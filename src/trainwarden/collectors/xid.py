@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from trainwarden.collectors.base import Collector
 from trainwarden.model import MetricKind, MetricSpec, Sample
-from trainwarden.xid_catalog import recommended_action
+from trainwarden.xid_catalog import XidAction, recommended_action
 
 XID_ERRORS = MetricSpec(
     "trainwarden_gpu_xid_errors_total",
@@ -54,7 +54,8 @@ class XidCollector(Collector):
         out.extend(
             XID_REPORTS.sample(n, source=str(src)) for src, n in sorted(ledger.reports_by_source().items())
         )
-        actions: dict[tuple[str, str], int] = {}
+        # Every known GPU starts at 0 for every action, so `increase()` sees the first incident.
+        actions = {(gpu, str(action)): 0 for gpu in ledger.known_gpus() for action in XidAction}
         for (gpu, xid), count in sorted(ledger.counts().items()):
             out.append(XID_ERRORS.sample(count, gpu=gpu, xid=str(xid)))
             key = (gpu, str(recommended_action(xid)))
