@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
@@ -26,7 +26,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from trainwarden.collectors.base import Collector
-from trainwarden.model import MetricKind, MetricSpec, Sample
+from trainwarden.model import Labels, MetricKind, MetricSpec, Sample, labels_of
 from trainwarden.store import Store
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ class CollectorState:
     failures_in_a_row: int = 0
     last_logged: float = float("-inf")
     suppressed: int = 0
+    _label_cache: Labels | None = None
 
     def record_error(self, duration: float, error: BaseException) -> None:
         """A run that raised."""
@@ -153,20 +154,37 @@ class CollectorState:
         }
 
     def samples(self) -> list[Sample]:
-        """Series the scheduler exports about this collector."""
-        c = self.name
-        out = [
-            SUCCESS.sample(1.0 if self.success and self.unavailable is None else 0.0, collector=c),
-            DURATION.sample(self.duration, collector=c),
-            RUNS.sample(self.runs, collector=c),
-            ERRORS.sample(self.errors, collector=c),
-            TIMEOUTS.sample(self.timeouts, collector=c),
-            SERIES.sample(self.series, collector=c),
-        ]
-        out.extend(SKIPPED.sample(n, collector=c, reason=r) for r, n in self.skipped.items())
-        if self.last_success:
-            out.append(LAST_SUCCESS.sample(self.last_success, collector=c))
+        """Every series the scheduler exports about this collector."""
+        out = self.run_samples()
+        out.append(Sample(ERRORS, float(self.errors), self._labels()))
+        out.append(Sample(TIMEOUTS, float(self.timeouts), self._labels()))
+        out.extend(
+            Sample(SKIPPED, float(n), labels_of(collector=self.name, reason=r))
+            for r, n in self.skipped.items()
+        )
         return out
+
+    def run_samples(self) -> list[Sample]:
+        """The series every finished run changes (the rest change only on errors, timeouts, skips).
+
+        Built directly rather than through `MetricSpec.sample`: this runs after every collection
+        and the labels are known to match.
+        """
+        labels = self._labels()
+        out = [
+            Sample(SUCCESS, 1.0 if self.success and self.unavailable is None else 0.0, labels),
+            Sample(DURATION, self.duration, labels),
+            Sample(RUNS, float(self.runs), labels),
+            Sample(SERIES, float(self.series), labels),
+        ]
+        if self.last_success:
+            out.append(Sample(LAST_SUCCESS, self.last_success, labels))
+        return out
+
+    def _labels(self) -> Labels:
+        if self._label_cache is None:
+            self._label_cache = labels_of(collector=self.name)
+        return self._label_cache
 
 
 class DaemonThreadPool:
@@ -269,7 +287,7 @@ class CollectorScheduler:
         self._scheduler.add_listener(self._on_skip, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
         self._watchdog = threading.Thread(target=self._watch, name="trainwarden-watchdog", daemon=True)
         timeouts = [c.options.timeout_seconds for c in collectors]
-        self._watch_period = min([1.0, *(t / 4 for t in timeouts)])
+        self._min_timeout = min(timeouts, default=1.0)
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -279,11 +297,15 @@ class CollectorScheduler:
         with self._lock:
             samples = [s for state in self._states.values() for s in state.samples()]
         self._store.replace(SOURCE, samples, self._clock())
-        for name, collector in self._collectors.items():
+        count = max(1, len(self._collectors))
+        for index, (name, collector) in enumerate(self._collectors.items()):
             interval = collector.options.interval_seconds
+            # All run at once first (readiness), then spread over the interval: collectors that
+            # read files concurrently fight over the GIL, which costs more CPU than the reads.
+            phase = timedelta(seconds=interval * index / count)
             self._scheduler.add_job(
                 self._run,
-                IntervalTrigger(seconds=interval, timezone=UTC),
+                IntervalTrigger(seconds=interval, start_date=now + phase, timezone=UTC),
                 args=(name,),
                 id=name,
                 name=f"collector:{name}",
@@ -364,7 +386,7 @@ class CollectorScheduler:
                 if state.failures_in_a_row:
                     log.info("collector %s recovered after %d failure(s)", name, state.failures_in_a_row)
                 state.record_success(duration, stored, now)
-            samples_out = state.samples()
+            samples_out = state.run_samples() if error is None and not late else state.samples()
         self._store.add(SOURCE, samples_out, now)
         self._maybe_first_round()
 
@@ -389,9 +411,25 @@ class CollectorScheduler:
         log.warning("collector %s %s%s", state.name, message, extra, exc_info=exc_info)
 
     def _watch(self) -> None:
-        """Declare runs that exceed their timeout failed; Python cannot interrupt them."""
-        while not self._stop.wait(self._watch_period):
+        """Declare runs that exceed their timeout failed; Python cannot interrupt them.
+
+        Sleeps until the earliest deadline of a run in flight, or for the shortest timeout when
+        none is: a run starting meanwhile cannot expire before that, so nothing is missed and an
+        idle daemon wakes only once per shortest timeout.
+        """
+        while not self._stop.wait(self._next_check_in()):
             self.check_timeouts()
+
+    def _next_check_in(self) -> float:
+        mono = self._monotonic()
+        with self._lock:
+            deadlines = [
+                s.running_since + s.timeout
+                for s in self._states.values()
+                if s.running_since is not None and s.timed_out_seq != s.run_seq
+            ]
+        wait = min([self._min_timeout, *(d - mono for d in deadlines)])
+        return max(wait, 0.0) + 0.005  # land just past the deadline, not just before it
 
     def check_timeouts(self) -> list[str]:
         """One watchdog pass; returns the collectors newly declared timed out."""
