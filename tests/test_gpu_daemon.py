@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,6 +55,10 @@ class Node:
             for s in family.samples
         }
 
+    def text(self) -> str:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
     def value(self, name: str, **labels: str) -> float | None:
         return self.metrics().get((name, tuple(sorted(labels.items()))))
 
@@ -71,7 +76,9 @@ def start_node(tmp_path: Path, fixture: str) -> Node:
         "[collectors.gpu]\ninterval_seconds = 0.5\nevent_poll_ms = 100\n\n"
         "[collectors.kmsg]\ninterval_seconds = 0.5\n\n"
         "[collectors.xid]\ninterval_seconds = 0.5\n\n"
-        f"[collectors.nccl_inspector]\nenabled = true\ndirectory = '{inspector}'\ninterval_seconds = 0.5\n"
+        f"[collectors.nccl_inspector]\nenabled = true\ndirectory = '{inspector}'\ninterval_seconds = 0.5\n\n"
+        f"[collectors.nccl_ras]\nenabled = true\naddress = '127.0.0.1:{free_port()}'\n"
+        "interval_seconds = 0.5\n"
     )
     port = free_port()
     log = tmp_path / "daemon.log"
@@ -163,3 +170,29 @@ def test_daemon_without_a_driver_reports_gpu_unavailable(tmp_path: Path) -> None
     lines = [line for line in running.log.read_text().splitlines() if "NVML" in line]
     assert len(lines) == 1, lines
     assert "library not found" in lines[0]
+
+
+MINE = (
+    "trainwarden_gpu_",
+    "trainwarden_infiniband_",
+    "trainwarden_nccl_",
+    "trainwarden_kmsg_",
+    "trainwarden_kernel_",
+)
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed"
+)
+def test_promtool_finds_no_naming_problem_in_these_series(node: Node) -> None:
+    """`promtool check metrics` (Prometheus' linter) reports nothing about the GPU/XID/interconnect series."""
+    with node.kmsg.open("a") as handle:
+        handle.write("4,3,3,-;NVRM: Xid (PCI:0000:18:00): 48, An uncorrectable double bit error (DBE)\n")
+    wait_for(lambda: node.value("trainwarden_gpu_xid_errors_total", gpu="0", xid="48") == 1, "XID 48")
+    text = node.text()
+    assert "trainwarden_nccl_ras_reachable 0.0" in text
+    result = subprocess.run(
+        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30, check=False
+    )
+    complaints = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith(MINE)]
+    assert complaints == []

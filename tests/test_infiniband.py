@@ -66,10 +66,10 @@ def test_roce_hw_counters_follow_the_allowlist() -> None:
     """RoCE hw_counters in the allowlist are exported by name; others (rx_write_requests) are not."""
     reg = collect_into(collector_on(CASES / "roce_bond" / "sys"))
     port = {"device": "mlx5_bond_0", "port": "1"}
-    hw = "trainwarden_infiniband_hw_counter_total"
-    assert reg.get_sample_value(hw, {**port, "counter": "np_cnp_sent"}) == 1234
-    assert reg.get_sample_value(hw, {**port, "counter": "out_of_buffer"}) == 17
-    assert reg.get_sample_value(hw, {**port, "counter": "rx_write_requests"}) is None
+    hw = "trainwarden_infiniband_hw_events_total"
+    assert reg.get_sample_value(hw, {**port, "event": "np_cnp_sent"}) == 1234
+    assert reg.get_sample_value(hw, {**port, "event": "out_of_buffer"}) == 17
+    assert reg.get_sample_value(hw, {**port, "event": "rx_write_requests"}) is None
     assert reg.get_sample_value("trainwarden_infiniband_port_info", {**port, "link_layer": "Ethernet"}) == 1
 
 

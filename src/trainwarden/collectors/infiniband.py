@@ -48,11 +48,11 @@ INFO = MetricSpec(
     MetricKind.INFO,
     (*LABELS, "link_layer"),
 )
-HW_COUNTER = MetricSpec(
-    "trainwarden_infiniband_hw_counter_total",
-    "Selected driver hardware counters (RoCE congestion, retransmission, sequence errors).",
+HW_EVENTS = MetricSpec(
+    "trainwarden_infiniband_hw_events_total",
+    "Selected driver hw_counters by name: RoCE congestion (CNPs, ECN marks), retransmits, sequence errors.",
     MetricKind.COUNTER,
-    (*LABELS, "counter"),
+    (*LABELS, "event"),
 )
 
 # counters/<file> → (spec, multiplier).
@@ -188,7 +188,7 @@ class InfinibandCollector(HostCollector):
             for name in sorted(HW_COUNTERS):
                 value = self._number(hw_dir / name, parse_counter)
                 if value is not None:
-                    out.append(labelled(HW_COUNTER, value, labels, counter=name))
+                    out.append(labelled(HW_EVENTS, value, labels, event=name))
         return out
 
     def _states(self, port_dir: Path, labels: dict[str, str]) -> list[Sample]:
