@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import json
 from pathlib import Path
@@ -164,3 +165,66 @@ def test_snapshot_command_without_a_driver_fails_clearly(capsys: pytest.CaptureF
     assert main(["nvml-snapshot"]) == 1
     assert "NVML shared library not found" in capsys.readouterr().err
     assert main([]) == 2
+
+
+# --- the real binding's decoding, on pynvml's own ctypes structures ------------------------------
+
+
+def test_binding_decodes_field_values_by_type_and_return_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Field values come from the union member their valueType names; a per-field error is an NvmlError."""
+    values = (pynvml.c_nvmlFieldValue_t * 4)()
+    for slot, (field_id, value_type, member, value, ret) in enumerate(
+        [
+            (nvml.FI_ECC_SBE_AGG_TOTAL, pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, "ullVal", 7, 0),
+            (
+                nvml.FI_MEMORY_TEMP,
+                pynvml.NVML_VALUE_TYPE_UNSIGNED_INT,
+                "uiVal",
+                0,
+                pynvml.NVML_ERROR_NOT_SUPPORTED,
+            ),
+            (nvml.FI_GET_GPU_RECOVERY_ACTION, pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, "uiVal", 2, 0),
+            (9999, pynvml.NVML_VALUE_TYPE_DOUBLE, "dVal", 1.5, 0),
+        ]
+    ):
+        values[slot].fieldId = field_id
+        values[slot].valueType = value_type
+        values[slot].nvmlReturn = ret
+        setattr(values[slot].value, member, value)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetFieldValues", lambda handle, ids: values)
+    decoded = nvml.PynvmlBinding().device_get_field_values(object(), [3])
+    assert [(f.field_id, f.value) for f in decoded] == [(5, 7.0), (82, None), (230, 2.0), (9999, 1.5)]
+    assert isinstance(decoded[1].error, nvml.NvmlNotSupportedError)
+
+
+def test_binding_reads_bus_id_and_unattributed_process_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PCI bus id comes back as text, and NVML_VALUE_NOT_AVAILABLE process memory as None."""
+    info = pynvml.nvmlPciInfo_t()
+    info.busId = b"00000000:18:00.0"
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetPciInfo", lambda handle: info)
+    procs = [pynvml.c_nvmlProcessInfo_t(), pynvml.c_nvmlProcessInfo_t()]
+    procs[0].pid, procs[0].usedGpuMemory = 41001, 5 << 30
+    procs[1].pid, procs[1].usedGpuMemory = 7001, nvml.VALUE_NOT_AVAILABLE
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetComputeRunningProcesses", lambda handle: procs)
+    binding = nvml.PynvmlBinding()
+    assert binding.device_get_pci_bus_id(object()) == "00000000:18:00.0"
+    assert binding.device_get_compute_running_processes(object()) == [
+        nvml.ProcessInfo(41001, 5 << 30),
+        nvml.ProcessInfo(7001, None),
+    ]
+
+
+def test_event_device_pointer_matches_the_handle_it_came_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event's fresh ctypes device pointer maps back to our handle by address, not object identity."""
+    device = pynvml.struct_c_nvmlDevice_t()
+    handle = ctypes.pointer(device)
+    data = pynvml.c_nvmlEventData_t()
+    data.device = ctypes.pointer(device)
+    data.eventType = pynvml.nvmlEventTypeXidCriticalError
+    data.eventData = 79
+    monkeypatch.setattr(pynvml, "nvmlEventSetWait_v2", lambda event_set, timeout: data)
+    event = nvml.PynvmlBinding().event_set_wait(object(), 10)
+    assert event.device is not handle
+    assert nvml.handle_key(event.device) == nvml.handle_key(handle)
+    assert nvml.handle_key(ctypes.pointer(pynvml.struct_c_nvmlDevice_t())) != nvml.handle_key(handle)
+    assert (event.event_type, event.event_data) == (nvml.EVENT_XID_CRITICAL, 79)
