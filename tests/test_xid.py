@@ -316,3 +316,21 @@ def test_docs_list_every_catalog_entry_with_its_action() -> None:
     docs = (Path(__file__).parent.parent / "docs" / "METRICS.md").read_text()
     for xid, info in catalog().items():
         assert f"| {xid} | {info.name} | `{info.action}` |" in docs, xid
+
+
+def test_an_oom_killed_rank_is_attributed_after_its_pid_was_forgotten(tmp_path: Path) -> None:
+    """The rank's connection closes before the kernel line is read; the kill still names its job and rank."""
+    owners_context = CollectorContext()
+    owners = owners_context.pid_owners
+    owners.set(41004, RankIdentity("llm", 3, 3))
+    collector, log = kmsg_collector(tmp_path, {"pid_owners": owners})
+    try:
+        collect_into(collector)  # the rank is alive during this run
+        owners.forget(41004)  # it is OOM-killed; the training collector drops its pid
+        with log.open("a") as handle:
+            handle.write("3,9,9,-;Memory cgroup out of memory: Killed process 41004 (python) total-vm:1kB\n")
+        reg = collect_into(collector)
+    finally:
+        collector.close()
+    labels = {"scope": "cgroup", "job": "llm", "rank": "3"}
+    assert reg.get_sample_value("trainwarden_kernel_oom_kills_total", labels) == 1
