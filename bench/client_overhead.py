@@ -49,6 +49,20 @@ while True:
     c.collect()  # as the scheduler would, so pending windows stay bounded
 """
 
+BURST_CLIENT = """
+import os, sys, time
+from trainwarden.client import Reporter
+sock, go, rank, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+env = {"RANK": str(rank), "WORLD_SIZE": "8"}
+rep = Reporter(job="burst", socket_path=sock, control_dir="/nonexistent", env=env, max_queue=2 * n)
+while not os.path.exists(go):
+    time.sleep(0.001)
+for i in range(n):
+    rep.step(i, loss=2.5, grad_norm=0.8, lr=3e-4, samples=256.0, tokens=524288.0)
+rep.close(timeout=60)
+print(rep.dropped)
+"""
+
 STEP = {"loss": 2.345678, "grad_norm": 0.812345, "lr": 3e-4, "samples": 256.0, "tokens": 524288.0}
 
 
@@ -124,6 +138,37 @@ def amortised(reporter: Reporter, calls: int) -> tuple[float, float]:
         step(i, **kw)
     reporter.flush(timeout=60)
     return (time.perf_counter() - t0) / calls * 1e6, (time.process_time() - c0) / calls * 1e6
+
+
+def daemon_ingest(n: int) -> tuple[float, int]:
+    """8 processes send n steps each as fast as they can: records/s the daemon accepted, drops."""
+    from trainwarden.collectors.base import CollectorContext  # noqa: PLC0415 - daemon side only here
+    from trainwarden.collectors.training import TrainingCollector, TrainingOptions  # noqa: PLC0415
+
+    runtime = Path(tempfile.mkdtemp(prefix="tw-ingest-"))
+    collector = TrainingCollector(TrainingOptions(), CollectorContext(runtime_dir=runtime, state_dir=runtime))
+    collector.start()
+    go = runtime / "go"
+    try:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", BURST_CLIENT, str(collector.socket_path), str(go), str(rank), str(n)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for rank in range(8)
+        ]
+        time.sleep(3.0)  # let all eight import and connect before the start signal
+        expected = 8 * (n + 2)
+        go.touch()
+        t0 = time.perf_counter()
+        while collector.status()["received"] < expected and time.perf_counter() - t0 < 120:
+            time.sleep(0.005)
+        elapsed = time.perf_counter() - t0
+        drops = sum(int(p.communicate(timeout=60)[0]) for p in procs)
+        return collector.status()["received"] / elapsed, drops
+    finally:
+        collector.close()
 
 
 def main() -> None:
@@ -229,6 +274,11 @@ def main() -> None:
     print("|---|---:|")
     for name, n in drops.items():
         print(f"| {name} | {n} |")
+    rate, burst_drops = daemon_ingest(5000)
+    print("\n| daemon ingest, 8 processes x 5000 steps as fast as they can | value |")
+    print("|---|---:|")
+    print(f"| records accepted per second | {rate:,.0f} |")
+    print(f"| records dropped (clients' counters) | {burst_drops} |")
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -239,6 +289,8 @@ def main() -> None:
                     "p99_us": {k: v.median_p99 for k, v in results.items()},
                     "amortised_wall_cpu_us": amort,
                     "drops_daemon_up": drops,
+                    "ingest_records_per_second": rate,
+                    "ingest_drops": burst_drops,
                 },
                 indent=2,
             )

@@ -269,6 +269,10 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"bare {name} is not JSON; send it as a string")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+"""Built once: `json.loads` with keyword arguments builds a new decoder on every call."""
+
+
 def parse(payload: bytes) -> Record:
     """Decode and validate one payload; raise `RecordError` with a bounded reason."""
     try:
@@ -276,7 +280,7 @@ def parse(payload: bytes) -> Record:
     except UnicodeDecodeError as exc:
         raise RecordError(Reason.BAD_UTF8, f"payload is not UTF-8 at byte {exc.start}") from exc
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         raise RecordError(Reason.MALFORMED, f"not JSON: {str(exc)[:200]}") from exc
     if not isinstance(data, dict):
