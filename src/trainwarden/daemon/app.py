@@ -91,6 +91,15 @@ def load(path: Path | None, overrides: Overrides = Overrides()) -> Config:
     return overrides.apply(config)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Runtime:
+    """What one configuration runs: its scheduler, started collectors and disabled names."""
+
+    scheduler: CollectorScheduler | None = None
+    collectors: tuple[Collector, ...] = ()
+    disabled: tuple[str, ...] = ()
+
+
 class Daemon:
     """One trainwarden daemon. `run()` blocks until SIGTERM/SIGINT; `start()`/`stop()` for embedding."""
 
@@ -123,9 +132,8 @@ class Daemon:
         self.routes.add("GET", "/status", self._status)
         self.routes.add("GET", "/", self._landing)
         self._commands: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self._collectors: list[Collector] = []
-        self._disabled: list[str] = []
-        self._scheduler: CollectorScheduler | None = None
+        # Replaced as a whole on reload, so /status never sees a half-built set.
+        self._runtime = _Runtime()
         self._http: HttpServer | None = None
         self._reload_lock = threading.Lock()
         self._reloads = {"success": 0, "failure": 0}
@@ -243,9 +251,7 @@ class Daemon:
         interval = self.notifier.ping_interval()
         if interval is not None:
             jobs.append(ExtraJob("systemd-watchdog", self._watchdog_ping, interval))
-        self._collectors = collectors
-        self._disabled = disabled
-        self._scheduler = CollectorScheduler(
+        scheduler = CollectorScheduler(
             self.store,
             collectors,
             unavailable=unavailable,
@@ -253,18 +259,19 @@ class Daemon:
             clock=self.clock,
             on_first_round=self._on_first_round,
         )
-        self._scheduler.start()
+        self._runtime = _Runtime(scheduler, tuple(collectors), tuple(disabled))
+        scheduler.start()
 
     def _stop_collectors(self) -> None:
-        if self._scheduler is not None:
-            self._scheduler.stop()
-            self._scheduler = None
-        for collector in self._collectors:
+        """Stop the scheduler and close collectors; `_runtime` stays readable until replaced."""
+        runtime = self._runtime
+        if runtime.scheduler is not None:
+            runtime.scheduler.stop()
+        for collector in runtime.collectors:
             try:
                 collector.close()
             except Exception:
                 log.exception("collector %s failed to close", collector.name)
-        self._collectors = []
 
     def _on_first_round(self) -> None:
         if self.ready.is_set():
@@ -300,7 +307,7 @@ class Daemon:
                 if getattr(new.daemon, key) != getattr(self.config.daemon, key):
                     log.warning("daemon.%s changed; it takes effect only after a restart", key)
             logging.getLogger("trainwarden").setLevel(new.daemon.log_level.upper())
-            old_names = {c.name for c in self._collectors}
+            old_names = {c.name for c in self._runtime.collectors}
             self._stop_collectors()
             self.config = dataclasses.replace(
                 new,
@@ -308,11 +315,14 @@ class Daemon:
                     new.daemon, **{key: getattr(self.config.daemon, key) for key in RESTART_ONLY}
                 ),
             )
-            self._start_collectors()
-            for name in old_names - {c.name for c in self._collectors}:
+            wanted = {name for name in collector_classes() if new.plugin("collectors", name).enabled}
+            for name in old_names - wanted:  # before restarting, so no scrape sees them afterwards
                 self.store.drop_source(name)
+            self._start_collectors()
             self._record_reload(ok=True, error=None)
-            log.info("config reloaded from %s: %d collector(s) running", new.source, len(self._collectors))
+            log.info(
+                "config reloaded from %s: %d collector(s) running", new.source, len(self._runtime.collectors)
+            )
             self.notifier.ready(status="config reloaded")
             return True
 
@@ -346,16 +356,16 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         """Everything `trainwarden status` shows, as JSON-able data."""
         now = self.clock()
-        scheduler = self._scheduler
-        collectors: dict[str, Any] = scheduler.status() if scheduler is not None else {}
-        for collector in self._collectors:
+        runtime = self._runtime
+        collectors: dict[str, Any] = runtime.scheduler.status() if runtime.scheduler is not None else {}
+        for collector in runtime.collectors:
             try:
                 detail = dict(collector.status())
             except Exception as exc:
                 detail = {"error": f"status() failed: {type(exc).__name__}: {exc}"}
             if detail:
-                collectors[collector.name]["detail"] = detail
-        for name in self._disabled:
+                collectors.setdefault(collector.name, {})["detail"] = detail
+        for name in runtime.disabled:
             collectors[name] = {"state": "disabled"}
         data: dict[str, Any] = {
             "version": __version__,

@@ -358,6 +358,8 @@ class CollectorScheduler:
             samples = []
         duration = self._monotonic() - started
         now = self._clock()
+        if self._stop.is_set():
+            return  # a run that outlived a stop (or a reload) must not write into the store
         with self._lock:
             late = state.timed_out_seq == seq
         if error is None and not late:
