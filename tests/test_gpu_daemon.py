@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -153,6 +154,10 @@ def test_daemon_exports_gpus_ports_and_kernel_xids(node: Node) -> None:
     )
     assert node.value("trainwarden_gpu_xid_actions_total", gpu="7", action="reboot") == 1
     assert node.value("trainwarden_kmsg_records_total") == 1
+    with urllib.request.urlopen(node.url + "/status", timeout=5) as response:
+        collectors = json.loads(response.read())["collectors"]
+    assert len(collectors["gpu"]["detail"]["gpus"]) == 8
+    assert collectors["xid"]["detail"]["recent"][0]["xid"] == 79
 
 
 def test_daemon_without_a_driver_reports_gpu_unavailable(tmp_path: Path) -> None:
