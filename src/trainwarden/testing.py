@@ -7,7 +7,7 @@ falling off the bus, an XID event) go through explicit methods. Set
 `TRAINWARDEN_NVML_FIXTURE=h100-sxm-8gpu` (or a path) to run the whole daemon on it.
 
 Fixture format (per GPU, any call's key may instead hold `{"error": "NOT_SUPPORTED"}`):
-`index, uuid, name, pci_bus_id, lost, utilization{gpu,memory}, memory{total,used,free}`,
+`index, uuid, name, pci_bus_id, lost, handle_error, utilization{gpu,memory}, memory{total,used,free}`,
 `temperature_gpu, power_usage_mw, energy_mj, clocks_mhz{sm,mem}, clocks_event_reasons`,
 `remapped_rows{correctable,uncorrectable,pending,failure}, pcie_throughput_kbps{tx,rx}`,
 `fields{"<field id>": number | "NOT_SUPPORTED"}, processes[{pid,used_gpu_memory}]`,
@@ -110,9 +110,15 @@ class FakeNvml:
     # --- mutators for tests -------------------------------------------------------------------
 
     def set_lost(self, index: int, lost: bool = True) -> None:
-        """Make one GPU fall off the bus (every query on it raises `NvmlGpuLostError`)."""
+        """Make one GPU fall off the bus (every query on it raises `NvmlGpuLostError`), or come back.
+
+        Coming back also clears a fixture's `handle_error` (a GPU lost before NVML started, whose
+        handle could not be had at all).
+        """
         with self._lock:
             self._gpus[index]["lost"] = lost
+            if not lost:
+                self._gpus[index].pop("handle_error", None)
 
     def set_value(self, index: int, key: str, value: Any) -> None:
         """Replace one fixture key of one GPU (e.g. `temperature_gpu`, or `{"error": ...}`)."""
@@ -191,11 +197,14 @@ class FakeNvml:
             return len(self._gpus)
 
     def device_get_handle_by_index(self, index: int) -> object:
-        """Call `nvmlDeviceGetHandleByIndex_v2`; works for a lost GPU, as the driver's cached handle does."""
+        """Call `nvmlDeviceGetHandleByIndex_v2`; fails only as the GPU's `handle_error` says."""
         with self._lock:
             self._check_init("device_get_handle_by_index")
             if not 0 <= index < len(self._gpus):
                 raise nvml.nvml_error(nvml.ERROR_INVALID_ARGUMENT, "nvmlDeviceGetHandleByIndex")
+            error = self._gpus[index].get("handle_error")
+            if error:
+                raise _named_error(str(error), "nvmlDeviceGetHandleByIndex")
             return FakeHandle(index)
 
     def device_get_uuid(self, handle: object) -> str:
@@ -370,7 +379,12 @@ def capture_snapshot(api: nvml.Nvml, description: str = "") -> dict[str, Any]:
     try:
         gpus: list[dict[str, Any]] = []
         for index in range(api.device_get_count()):
-            h = api.device_get_handle_by_index(index)
+            try:
+                h = api.device_get_handle_by_index(index)
+            except nvml.NvmlError as exc:
+                blank = {"uuid": "", "name": "", "pci_bus_id": ""}
+                gpus.append({"index": index, **blank, "lost": True, "handle_error": exc.name.upper()})
+                continue
 
             def pair(call: Any, *args: Any) -> Any:
                 return attempt(lambda c=call, a=args: c(h, *a))  # noqa: B023 - called at once

@@ -210,7 +210,7 @@ class GpuOptions(CollectorOptions):
 @dataclass
 class _Gpu:
     index: int
-    handle: object
+    handle: object | None
     uuid: str
     model: str
     pci_bus_id: str
@@ -265,7 +265,7 @@ class GpuCollector(Collector):
         self._gpus = [self._identify(api, index) for index in range(count)]
         self.context.xid_ledger.set_gpus({g.pci_bus_id: g.index for g in self._gpus if g.pci_bus_id})
         if self._opts.events:
-            handles = {g.index: g.handle for g in self._gpus if not g.lost}
+            handles = {g.index: g.handle for g in self._gpus if not g.lost and g.handle is not None}
             self._watcher = NvmlEventWatcher(
                 api, handles, self.context.xid_ledger, self.context.clock, self._opts.event_poll_ms
             )
@@ -276,17 +276,17 @@ class GpuCollector(Collector):
                 self._watcher = None
 
     def _identify(self, api: Nvml, index: int) -> _Gpu:
-        handle = api.device_get_handle_by_index(index)
-        gpu = _Gpu(index, handle, uuid="", model="", pci_bus_id="")
+        gpu = _Gpu(index, None, uuid="", model="", pci_bus_id="")
         try:
+            # A GPU that fell off the bus before NVML started often has no handle at all.
+            gpu.handle = handle = api.device_get_handle_by_index(index)
             gpu.uuid = api.device_get_uuid(handle)
             gpu.model = api.device_get_name(handle)
             gpu.pci_bus_id = api.device_get_pci_bus_id(handle)
-        except nvml.LOST_ERRORS:
-            gpu.lost = True
-            log.error("GPU %d is lost at start (fell off the bus or needs a reset)", index)  # noqa: TRY400
         except NvmlError as exc:
-            log.warning("GPU %d: identity incomplete (%s)", index, exc)
+            # Lost, or answering nothing useful: reported down and probed again every collection.
+            gpu.lost = True
+            log.error("GPU %d does not answer at start (%s): reported down", index, exc)  # noqa: TRY400
         return gpu
 
     def close(self) -> None:
@@ -339,6 +339,8 @@ class GpuCollector(Collector):
         api = self._api
         assert api is not None
         try:
+            if gpu.handle is None:
+                gpu.handle = api.device_get_handle_by_index(gpu.index)
             uuid = api.device_get_uuid(gpu.handle)
             model = gpu.model or api.device_get_name(gpu.handle)
             pci = gpu.pci_bus_id or api.device_get_pci_bus_id(gpu.handle)
