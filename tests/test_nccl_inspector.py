@@ -204,3 +204,14 @@ def test_enabled_without_a_directory_is_a_config_problem() -> None:
 def test_disabled_by_default() -> None:
     """The collector only runs when configured with a directory."""
     assert NcclInspectorOptions().enabled is False
+
+
+def test_records_flushed_after_the_rank_exited_keep_its_rank(tmp_path: Path) -> None:
+    """The last records a rank writes as it exits are still attributed after its pid was forgotten."""
+    collector = make(tmp_path)
+    collect_into(collector)  # rank 1 (pid 41002) is alive during this run
+    collector.context.pid_owners.forget(41002)
+    shutil.copy(CAPTURES / "json" / "node01-pid41002.log", tmp_path / "node01-pid41002.log")
+    reg = collect_into(collector)
+    r1 = {"job": "llm", "rank": "1", "collective": "AllReduce"}
+    assert reg.get_sample_value("trainwarden_nccl_collectives_total", r1) == 1

@@ -23,7 +23,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from trainwarden.collectors.base import Collector, CollectorContext, RankIdentity
+from trainwarden.collectors.base import Collector, CollectorContext
+from trainwarden.collectors.recent_owners import RecentOwners
 from trainwarden.config import CollectorOptions
 from trainwarden.errors import CollectorError, CollectorUnavailableError
 from trainwarden.model import MetricKind, MetricSpec, Sample
@@ -52,8 +53,6 @@ OOM_KILLS = MetricSpec(
     window=True,
 )
 
-OWNER_MEMORY_SECONDS = 120.0
-"""How long a training pid stays attributable after the training collector forgot it."""
 _READ_SIZE = 16384  # larger than any kmsg record (the kernel caps them at ~8 KiB)
 _MAX_KEPT = 5
 
@@ -164,7 +163,7 @@ class KmsgCollector(Collector):
         self._lost = 0
         self._parse_errors = 0
         self._oom: Counter[tuple[str, str, str]] = Counter()
-        self._recent_owners: dict[int, tuple[RankIdentity, float]] = {}
+        self._owners = RecentOwners(context.pid_owners)
         self._recent_problems: list[str] = []
 
     def start(self) -> None:
@@ -192,7 +191,7 @@ class KmsgCollector(Collector):
 
     def collect(self) -> Iterable[Sample]:
         """Read every record that arrived since the last run (up to the per-run bound)."""
-        self._remember_owners(self.context.clock())
+        self._owners.refresh(self.context.clock())
         for text in self._read_new():
             try:
                 record = parse_record(text)
@@ -232,7 +231,7 @@ class KmsgCollector(Collector):
                 )
             )
         elif isinstance(event, OomKill):
-            owner = self._owner(event.pid)
+            owner = self._owners.get(event.pid)  # the rank may already have been forgotten
             job, rank = (owner.job, str(owner.rank)) if owner is not None else ("", "")
             self._oom[("cgroup" if event.cgroup else "system", job, rank)] += 1
             log.warning(
@@ -241,24 +240,6 @@ class KmsgCollector(Collector):
                 event.command,
                 f", rank {rank} of job {job}" if owner else "",
             )
-
-    def _remember_owners(self, now: float) -> None:
-        """Keep ranks' pids for a while after they end.
-
-        An OOM-killed rank's connection closes (and the training collector forgets its pid)
-        before the kill's kernel line is read here.
-        """
-        for pid, identity in self.context.pid_owners.snapshot().items():
-            self._recent_owners[pid] = (identity, now)
-        for pid in [p for p, (_, seen) in self._recent_owners.items() if now - seen > OWNER_MEMORY_SECONDS]:
-            del self._recent_owners[pid]
-
-    def _owner(self, pid: int) -> RankIdentity | None:
-        current = self.context.pid_owners.get(pid)
-        if current is not None:
-            return current
-        remembered = self._recent_owners.get(pid)
-        return remembered[0] if remembered is not None else None
 
     def _problem(self, text: str) -> None:
         self._parse_errors += 1

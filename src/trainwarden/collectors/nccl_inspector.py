@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 from prometheus_client.parser import text_string_to_metric_families
 
 from trainwarden.collectors.base import Collector, CollectorContext, RankIdentity
+from trainwarden.collectors.recent_owners import RecentOwners
 from trainwarden.config import CollectorOptions
 from trainwarden.errors import CollectorError, CollectorUnavailableError
 from trainwarden.model import MetricKind, MetricSpec, Sample
@@ -237,6 +238,7 @@ class NcclInspectorCollector(Collector):
         self._records: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
         self._recent_problems: list[str] = []
+        self._owners = RecentOwners(context.pid_owners)
 
     def start(self) -> None:
         """Skip what the JSON logs already hold: only collectives from now on are counted."""
@@ -253,6 +255,7 @@ class NcclInspectorCollector(Collector):
     def collect(self) -> Iterable[Sample]:
         """Ingest new JSON records and current textfiles; export counters and this run's means."""
         directory = self._opts.directory
+        self._owners.refresh(self.context.clock())
         fresh: dict[_Key, list[CollectiveRecord]] = {}
         prom: dict[_Key, list[tuple[str, float]]] = {}
         if directory is not None and directory.is_dir():
@@ -375,7 +378,7 @@ class NcclInspectorCollector(Collector):
         return (owner.job, str(owner.rank), collective)
 
     def _owner_by_pid(self, pid: int | None) -> RankIdentity | None:
-        return None if pid is None else self.context.pid_owners.get(pid)
+        return None if pid is None else self._owners.get(pid)  # records flushed at exit still count
 
     def _owner_by_device(self, device: str) -> RankIdentity | None:
         """Textfiles name the CUDA device (`GPU4`), not the pid: match the one rank with that local rank."""
