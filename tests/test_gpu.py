@@ -14,6 +14,7 @@ from trainwarden.collectors.base import CollectorContext, RankIdentity
 from trainwarden.collectors.gpu import GpuCollector, GpuOptions
 from trainwarden.errors import CollectorUnavailableError
 from trainwarden.testing import FakeNvml
+from trainwarden.xid_catalog import XidAction, action_for_recovery
 
 H100 = {"gpu": "0", "uuid": "GPU-6c1f3a2e-8d4b-4f0e-9a51-0b7e2d3c4f10", "model": "NVIDIA H100 80GB HBM3"}
 SHIPPED = ["h100-sxm-8gpu", "a100-sxm4-4gpu", "t4-not-supported", "h100-lost-gpu"]
@@ -301,3 +302,28 @@ def test_a_corrupt_fixture_disables_the_collector(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv(nvml.FIXTURE_ENV, str(bad))
     with pytest.raises(CollectorUnavailableError, match=r"broken\.json: NVML fixture is not JSON"):
         GpuCollector(GpuOptions(), CollectorContext()).start()
+
+
+def test_gpu_lost_reported_inside_field_values_marks_it_down() -> None:
+    """A GPU_IS_LOST in one field's own return code takes that GPU down like a failed call would."""
+    collector, fake = started("h100-sxm-8gpu", events=False)
+    fake.set_field(1, nvml.FI_PCIE_REPLAY_COUNTER, "GPU_IS_LOST")
+    try:
+        reg = collect_into(collector)
+    finally:
+        collector.close()
+    gpu1 = {"gpu": "1", "uuid": "GPU-0a9e7b21-5c33-4d7a-8e62-1f4b9c8d7e21", "model": "NVIDIA H100 80GB HBM3"}
+    assert reg.get_sample_value("trainwarden_gpu_up", gpu1) == 0
+    assert reg.get_sample_value("trainwarden_gpu_up", H100) == 1
+
+
+def test_recovery_action_from_the_driver_is_exported() -> None:
+    """The driver's recovery-action field is exported as its code; the catalog maps it to an action."""
+    collector, fake = started("h100-sxm-8gpu", events=False)
+    fake.set_field(0, nvml.FI_GET_GPU_RECOVERY_ACTION, 2)
+    try:
+        value = collect_into(collector).get_sample_value("trainwarden_gpu_recovery_action", H100)
+    finally:
+        collector.close()
+    assert value == 2
+    assert action_for_recovery(int(value)) is XidAction.REBOOT
