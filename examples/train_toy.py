@@ -174,9 +174,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
     if args.clip != "none":
         clipper = AdaptiveClipper(model.parameters(), ClipSettings(warmup_steps=10), mode=args.clip)
     reporter = make_reporter(args.job)
-    guard = PlannedInterrupt(
-        (signal.SIGTERM, signal.SIGUSR1), control=reporter.poll_control if reporter is not None else None
-    ).install()
+    guard = PlannedInterrupt((signal.SIGTERM, signal.SIGUSR1), reporter=reporter).install()
 
     def write_pause(tmp: Path) -> None:
         print(f"CKPT_WRITING {tmp.name}", flush=True)

@@ -11,7 +11,8 @@ import pytest
 from toy_launch import bare_ranks, baseline_sha, final_sha, torchrun, toy_env
 from trainwarden.client.checkpoint import CheckpointManager
 from trainwarden.client.interrupt import EXIT_CHECKPOINTED, PlannedInterrupt
-from trainwarden.control import ControlState, read_control, write_control
+from trainwarden.client.reporter import Reporter
+from trainwarden.control import ControlState, control_path, read_control, write_control
 
 STEPS = 30
 
@@ -66,6 +67,26 @@ def test_control_requests_are_obeyed_once_even_across_restarts(tmp_path: Path) -
     assert (again.checkpoint, again.stop) == (False, False), "a resumed job does not obey the old stop again"
     assert again.control is not None
     assert again.control.stop_request == "s1"
+
+
+def test_reporter_poll_control_is_the_default_source(tmp_path: Path) -> None:
+    """Given a real Reporter, the guard reads the daemon's control file through its poll_control()."""
+    reporter = Reporter(
+        job="job",
+        socket_path=tmp_path / "absent.sock",
+        control_dir=tmp_path,
+        background=False,
+        control_interval=0,
+    )
+    try:
+        guard = PlannedInterrupt((), reporter=reporter)
+        assert not guard.at_boundary(0).stop
+        write_control(control_path(tmp_path, "job"), ControlState(job="job", stop_request="s9"))
+        boundary = guard.at_boundary(1)
+        assert (boundary.checkpoint, boundary.stop) == (True, True)
+        assert "s9" in boundary.reason
+    finally:
+        reporter.close()
 
 
 def test_broken_control_source_is_counted_not_fatal(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ SIGUSR1 120 s ahead; SIGTERM follows at the deadline), Kubernetes and torchrun s
 the trainwarden daemon can write a stop or checkpoint request into the job's control file. In each
 case the handler only sets a flag; the training loop asks at each step boundary what to do::
 
-    guard = PlannedInterrupt(signals=(signal.SIGTERM, signal.SIGUSR1), control=reporter.poll_control)
+    guard = PlannedInterrupt(signals=(signal.SIGTERM, signal.SIGUSR1), reporter=reporter)
     guard.install()
     for step in range(start, steps):
         train_step()
@@ -76,12 +76,16 @@ class PlannedInterrupt:
         signals: Iterable[signal.Signals] = DEFAULT_SIGNALS,
         *,
         control: ControlSource | None = None,
+        reporter: object | None = None,
         sync_every: int = 1,
         exit_code: int = EXIT_CHECKPOINTED,
     ) -> None:
+        """`control` returns the daemon's current `ControlState`; by default a reporter's `poll_control`."""
         if sync_every < 1:
             raise ValueError(f"sync_every={sync_every} must be >= 1")
         self.signals = tuple(signal.Signals(s) for s in signals)
+        if control is None and reporter is not None:
+            control = getattr(reporter, "poll_control", None)
         self.control = control
         self.sync_every = sync_every
         self.exit_code = exit_code
