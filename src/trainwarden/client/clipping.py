@@ -145,7 +145,9 @@ class AdaptiveClipper:
         grads = [p.grad for p in self._params if p.grad is not None]
         if not grads:
             return torch.zeros(())
-        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0).to(torch.float32)
+        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if total.dtype != torch.float32:
+            total = total.to(torch.float32)
         if not self._tensors_ready:
             self._init_tensors(total.device)
         finite = torch.isfinite(total)
@@ -163,9 +165,11 @@ class AdaptiveClipper:
             self._step += 1
         # A non-finite norm keeps coefficient 1: multiplying NaN gradients fixes nothing.
         clipped = finite & (target < total)
-        coef = torch.where(clipped, target / (total + _EPS), torch.ones_like(total))
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
-        self._clipped += clipped.to(torch.int64)
+        coef = torch.where(clipped, target / (total + _EPS), 1.0)
+        if coef.dtype != grads[0].dtype:
+            coef = coef.to(grads[0].dtype)
+        torch._foreach_mul_(grads, coef)  # the fused op clip_grad_norm_ itself uses
+        self._clipped.add_(clipped)
         return total
 
     def _start_statistics(self) -> None:
