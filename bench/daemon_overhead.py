@@ -71,11 +71,13 @@ class Target:
     port: int
     ready_path: str
     proc: subprocess.Popen[bytes] | None = None
+    log: Path = Path("/dev/null")
     started: float = 0.0
     ready_after: float = 0.0
     results: dict[str, float] = field(default_factory=dict)
 
     def start(self, log: Path) -> None:
+        self.log = log
         self.started = time.monotonic()
         with log.open("wb") as sink:
             self.proc = subprocess.Popen(self.cmd, stdout=sink, stderr=subprocess.STDOUT)
@@ -90,7 +92,7 @@ class Target:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise SystemExit(f"{self.name} exited with {self.proc.returncode}")
+                raise SystemExit(f"{self.name} exited with {self.proc.returncode}:\n{self.log.read_text()}")
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
                 conn.request("GET", self.ready_path)
@@ -174,8 +176,9 @@ def one_second_config(directory: Path) -> Path:
     from trainwarden.plugins import plugin_groups  # noqa: PLC0415 - only the bench needs it
 
     lines = []
-    for name in plugin_groups()["collectors"]:
-        lines += [f"[collectors.{name}]", "interval_seconds = 1.0", "timeout_seconds = 1.0", ""]
+    for name, options_cls in plugin_groups()["collectors"].items():
+        if options_cls().enabled:  # what runs by default, now every second
+            lines += [f"[collectors.{name}]", "interval_seconds = 1.0", ""]
     path = directory / "one_second.toml"
     path.write_text("\n".join(lines))
     return path
@@ -190,7 +193,7 @@ def trainwarden_cmd(port: int, work: Path, name: str, config: Path | None = None
 
 
 def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}×" if b else "n/a"
+    return f"{a / b:.2f}x" if b else "n/a"
 
 
 def report(tw: Target, ne: Target, tw1: Target, args: argparse.Namespace) -> str:
@@ -244,16 +247,20 @@ def report(tw: Target, ne: Target, tw1: Target, args: argparse.Namespace) -> str
         ("start to ready", f"{t['ready_after_s']:.2f} s", f"{n['ready_after_s']:.2f} s", ""),
     ]
     out = [
-        f"{args.scrapes} scrapes each after {args.warmup} warm-up, idle windows of {args.idle_seconds:g} s, "
-        f"{os.cpu_count()} CPUs",
+        (
+            f"{args.scrapes} scrapes each after {args.warmup} warm-up, idle windows of "
+            f"{args.idle_seconds:g} s, {os.cpu_count()} CPUs"
+        ),
         "",
         "| measure | trainwarden | node_exporter | ratio |",
         "|---|---|---|---|",
         *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows),
         "",
-        f"Every collector at 1 s: idle CPU {tw1.results['idle_core_percent']:.3f} % of one core "
-        f"({tw1.results['idle_cpu_per_minute_s'] * 1e3:.1f} ms per minute), "
-        f"RSS {memory_kib(tw1.pid)['VmRSS'] / 1024:.1f} MiB.",
+        (
+            f"Every collector at 1 s: idle CPU {tw1.results['idle_core_percent']:.3f} % of one core "
+            f"({tw1.results['idle_cpu_per_minute_s'] * 1e3:.1f} ms per minute), "
+            f"RSS {memory_kib(tw1.pid)['VmRSS'] / 1024:.1f} MiB."
+        ),
     ]
     return "\n".join(out)
 
