@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 from functools import cache
+from typing import TYPE_CHECKING
 
-from trainwarden.collectors.base import Collector
+from trainwarden.registry import load_plugins
+
+if TYPE_CHECKING:
+    from trainwarden.collectors.base import Collector
+
 
 COLLECTOR_MODULES: tuple[str, ...] = (
     "trainwarden.collectors.cpu",
@@ -29,10 +33,4 @@ COLLECTOR_MODULES: tuple[str, ...] = (
 @cache
 def collector_classes() -> dict[str, type[Collector]]:
     """Every registered collector class by name, in registration order."""
-    found: dict[str, type[Collector]] = {}
-    for module_name in COLLECTOR_MODULES:
-        cls: type[Collector] = importlib.import_module(module_name).COLLECTOR
-        if cls.name in found:
-            raise RuntimeError(f"collector name {cls.name!r} registered twice")
-        found[cls.name] = cls
-    return found
+    return load_plugins(COLLECTOR_MODULES, "COLLECTOR")

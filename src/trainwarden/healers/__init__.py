@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 from functools import cache
 from typing import TYPE_CHECKING
+
+from trainwarden.registry import load_plugins
 
 if TYPE_CHECKING:
     from trainwarden.healers.base import Healer
@@ -21,10 +22,4 @@ HEALER_MODULES: tuple[str, ...] = (
 @cache
 def healer_classes() -> dict[str, type[Healer]]:
     """Every registered healer class by name, in registration order."""
-    found: dict[str, type[Healer]] = {}
-    for module_name in HEALER_MODULES:
-        cls: type[Healer] = importlib.import_module(module_name).HEALER
-        if cls.name in found:
-            raise RuntimeError(f"healer name {cls.name!r} registered twice")
-        found[cls.name] = cls
-    return found
+    return load_plugins(HEALER_MODULES, "HEALER")

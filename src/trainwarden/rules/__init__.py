@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 from functools import cache
 from typing import TYPE_CHECKING
+
+from trainwarden.registry import load_plugins
 
 if TYPE_CHECKING:
     from trainwarden.rules.base import Rule
@@ -25,10 +26,4 @@ RULE_MODULES: tuple[str, ...] = (
 @cache
 def rule_classes() -> dict[str, type[Rule]]:
     """Every registered rule class by name, in registration order."""
-    found: dict[str, type[Rule]] = {}
-    for module_name in RULE_MODULES:
-        cls: type[Rule] = importlib.import_module(module_name).RULE
-        if cls.name in found:
-            raise RuntimeError(f"rule name {cls.name!r} registered twice")
-        found[cls.name] = cls
-    return found
+    return load_plugins(RULE_MODULES, "RULE")
