@@ -249,3 +249,16 @@ def test_healthz_is_503_until_the_first_collection() -> None:
     assert response(Request("GET", "/healthz")).status == 503
     daemon.ready.set()
     assert response(Request("GET", "/healthz")).status == 200
+
+
+def test_a_taken_port_is_a_clear_error_and_exit_1(tmp_path: Path) -> None:
+    """When the listen address is in use the daemon says so, names the address and exits 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "trainwarden.daemon.cli", "daemon", "--listen", f"127.0.0.1:{port}"]
+        cmd += ["--runtime-dir", str(tmp_path / "run"), "--state-dir", str(tmp_path / "state")]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 1, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr

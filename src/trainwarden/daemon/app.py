@@ -164,12 +164,19 @@ class Daemon:
         self._start_collectors()
 
     def run(self) -> int:
-        """Start, then serve until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit status."""
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._on_stop_signal)
-        signal.signal(signal.SIGHUP, self._on_hup)
-        self.start()
+        """Start, then serve until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit status.
+
+        Raises `TrainwardenError` when it cannot start (e.g. the port is taken), after undoing
+        whatever had started; the previous signal handlers are restored either way.
+        """
+        wanted: dict[signal.Signals, Callable[[int, FrameType | None], None]] = {
+            signal.SIGTERM: self._on_stop_signal,
+            signal.SIGINT: self._on_stop_signal,
+            signal.SIGHUP: self._on_hup,
+        }
+        previous = {signum: signal.signal(signum, handler) for signum, handler in wanted.items()}
         try:
+            self.start()
             while True:
                 try:
                     command = self._commands.get(timeout=1.0)
@@ -181,6 +188,8 @@ class Daemon:
                     self.reload()
         finally:
             self.stop()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         return 0
 
     def request_stop(self) -> None:
