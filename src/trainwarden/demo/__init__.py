@@ -1,0 +1,1 @@
+"""`trainwarden demo`: a tiny CPU training job under supervision, with faults injected and healed."""
