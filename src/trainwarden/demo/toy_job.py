@@ -38,6 +38,7 @@ the demo's summary and bench/healing.py.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -251,6 +252,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--fault-once", type=Path, default=None, metavar="DIR", help="fire each fault once")
     p.add_argument("--events", type=Path, default=None, metavar="FILE", help="append JSON events here")
+    p.add_argument(
+        "--pg-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="timeout of the gloo process group's collectives (default: torch's, 30 min for gloo)",
+    )
     p.add_argument("--ckpt-write-delay", type=float, default=0.0, help="pause inside each checkpoint write")
     return p.parse_args(argv)
 
@@ -283,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
     torch.set_num_threads(1)
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if distributed:
-        dist.init_process_group("gloo")
+        timeout = None if args.pg_timeout is None else dt.timedelta(seconds=args.pg_timeout)
+        dist.init_process_group("gloo", timeout=timeout)
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
     events = EventLog(args.events)
