@@ -296,7 +296,7 @@ class Daemon:
 
         Nothing is sent before READY=1: systemd's watchdog only starts once startup is over.
         """
-        if self.ready.is_set() and self._http is not None and self._http._thread.is_alive():  # noqa: SLF001 - our own server
+        if self.ready.is_set() and self._http is not None and self._http.alive:
             self.notifier.watchdog()
 
     # --- reload -----------------------------------------------------------------------------

@@ -259,7 +259,9 @@ def print_status(data: dict[str, Any], out: TextIO) -> None:
                 (
                     name,
                     str(c.get("state", "?")),
-                    "-" if duration is None else f"{duration * 1000:.1f}ms",
+                    "-"
+                    if duration is None or c.get("state") == "unavailable"
+                    else f"{duration * 1000:.1f}ms",
                     str(c.get("series", "-")),
                     str(c.get("errors_total", "-")),
                     str(c.get("timeouts_total", "-")),
@@ -271,6 +273,12 @@ def print_status(data: dict[str, Any], out: TextIO) -> None:
         for row in rows:
             cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
             print("  ".join([*cells, row[-1]]).rstrip(), file=out)
+        details = [(name, c["detail"]) for name, c in sorted(collectors.items()) if c.get("detail")]
+        if details:
+            print("\ndetails (full: --json):", file=out)
+            for name, detail in details:
+                text = json.dumps(detail, sort_keys=True)
+                print(f"  {name}: {text if len(text) <= 160 else text[:157] + '...'}", file=out)
     known = {"version", "pid", "started_at", "uptime_seconds", "ready", "listen", "config", "paths", "series"}
     for key, value in data.items():
         if key not in known and key != "collectors":

@@ -156,6 +156,11 @@ class HttpServer:
         host, port = self._server.server_address[:2]
         return str(host), int(port)
 
+    @property
+    def alive(self) -> bool:
+        """True while the serving thread runs."""
+        return self._thread.is_alive()
+
     def start(self) -> None:
         """Serve in the background."""
         self._thread.start()

@@ -232,8 +232,8 @@ class DaemonThreadPool:
 class _Executor(BasePoolExecutor):  # type: ignore[misc]
     """APScheduler executor on a `DaemonThreadPool`, logging through our quiet logger."""
 
-    def __init__(self, workers: int) -> None:
-        super().__init__(DaemonThreadPool(workers))
+    def __init__(self, pool: DaemonThreadPool) -> None:
+        super().__init__(pool)
 
     def start(self, scheduler: Any, alias: str) -> None:
         super().start(scheduler, alias)
@@ -245,7 +245,7 @@ class ExtraJob:
     """A periodic task that is not a collector (the systemd watchdog ping, later the rule engine)."""
 
     name: str
-    func: Callable[[], None]
+    func: Callable[[], object]  # the return value is ignored
     interval_seconds: float
 
 
@@ -278,10 +278,11 @@ class CollectorScheduler:
             self._states[name] = CollectorState(name, 0.0, 0.0, unavailable=why)
         self.first_round = threading.Event()
         self._stop = threading.Event()
-        workers = len(self._collectors) + len(self._extra) + 1
+        # One worker per job (plus one): a hung job holds at most its own (max_instances=1).
+        self._pool = DaemonThreadPool(len(self._collectors) + len(self._extra) + 1)
         self._scheduler = BackgroundScheduler(
             timezone=UTC,
-            executors={"default": _Executor(workers)},
+            executors={"default": _Executor(self._pool)},
             logger=_APSCHEDULER_LOG,
         )
         self._scheduler.add_listener(self._on_skip, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
@@ -334,8 +335,7 @@ class CollectorScheduler:
         self._stop.set()
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
-        executor = self._scheduler._lookup_executor("default")  # noqa: SLF001 - our own executor
-        executor._pool.shutdown(wait=True, timeout=grace_seconds)  # noqa: SLF001
+        self._pool.shutdown(wait=True, timeout=grace_seconds)
         if self._watchdog.is_alive():
             self._watchdog.join(timeout=2.0)
 
