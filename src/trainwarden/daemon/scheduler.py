@@ -301,8 +301,8 @@ class CollectorScheduler:
         count = max(1, len(self._collectors))
         for index, (name, collector) in enumerate(self._collectors.items()):
             interval = collector.options.interval_seconds
-            # All run at once first (readiness), then spread over the interval: collectors that
-            # read files concurrently fight over the GIL, which costs more CPU than the reads.
+            # All run at once first (readiness), then spread over the interval, so they do not
+            # queue on the GIL together and the node never sees one burst of all of them.
             phase = timedelta(seconds=interval * index / count)
             self._scheduler.add_job(
                 self._run,
