@@ -6,7 +6,7 @@ field. The first record on a connection is `hello`; it binds the connection to o
 
 Records (keys not listed are ignored, so a newer client can talk to an older daemon):
 
-- `hello`: v, job, rank, local_rank, world_size, pid, restart_count
+- `hello`: v, job, rank, local_rank, world_size, pid, restart_count, stack_file? (faulthandler dump file)
 - `step`: step, step_seconds?, loss?, grad_norm?, lr?, samples?, tokens?, dropped?
 - `phase`: phase (init | data | eval | checkpoint), event (begin | end), seconds?
 - `checkpoint`: step, path, seconds?
@@ -142,6 +142,7 @@ class Hello:
     pid: int
     restart_count: int
     version: int
+    stack_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,7 +364,17 @@ def _hello(data: dict[str, Any]) -> Hello:
         pid=_int(data, "hello", "pid", 1, (1 << 31) - 1),
         restart_count=_int(data, "hello", "restart_count", 0, 1 << 31),
         version=version,
+        stack_file=_opt_path(data, "hello", "stack_file"),
     )
+
+
+def _opt_path(data: dict[str, Any], kind: str, key: str) -> str:
+    value = data.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_PATH_CHARS or "\x00" in value:
+        raise _bad(kind, key, f"expected a path of 1-{MAX_PATH_CHARS} characters")
+    return value
 
 
 def _step(data: dict[str, Any]) -> StepRecord:

@@ -44,6 +44,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from trainwarden.client.identity import Identity, identity_from_env
+from trainwarden.client.stackdump import install_stack_dump
 from trainwarden.control import ControlFileError, ControlState, control_path, read_control
 from trainwarden.protocol import (
     HEADER,
@@ -163,8 +164,13 @@ class Reporter:
         control_interval: float = 0.1,
         backoff_initial: float = 0.05,
         backoff_max: float = 5.0,
+        stack_dump: bool = True,
     ) -> None:
         self.identity = identity or identity_from_env(job, env)
+        # faulthandler on SIGUSR2, so the daemon can read this rank's stacks before killing a hang
+        self.stack_file = (
+            install_stack_dump(self.identity.job, self.identity.rank, env) if stack_dump else None
+        )
         self.socket_path = Path(socket_path) if socket_path is not None else socket_path_from_env(env)
         self.control_dir = Path(control_dir) if control_dir is not None else control_dir_from_env(env)
         self._background = background
@@ -604,7 +610,10 @@ class Reporter:
         # The hello goes first on every connection; partial frames of a dead one are gone.
         self._out.clear()
         self._out_frames.clear()
-        self._append_frame(self.identity.hello(PROTOCOL_VERSION))
+        hello = self.identity.hello(PROTOCOL_VERSION)
+        if self.stack_file is not None:
+            hello["stack_file"] = str(self.stack_file)
+        self._append_frame(hello)
         return True
 
     def _schedule_retry(self, now: float) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from trainwarden import control
+from trainwarden.backends.base import RankProcess
 from trainwarden.collectors.base import Collector, CollectorContext, RankIdentity
 from trainwarden.config import CollectorOptions
 from trainwarden.errors import CollectorError
@@ -100,6 +101,12 @@ PHASE_SECONDS = MetricSpec(
 )
 RESTART_COUNT = MetricSpec(
     "trainwarden_train_restart_count", "Restarts of the job as the launcher counts them.", _G, _RANK
+)
+EXITED_CLEANLY = MetricSpec(
+    "trainwarden_train_exited_cleanly",
+    "1 once the rank's process said goodbye (a finished rank, not a crash); 0 while it runs.",
+    _G,
+    _RANK,
 )
 PID = MetricSpec("trainwarden_train_pid", "Process id of the rank (as the daemon sees it).", _G, _RANK)
 PROCESS_UP = MetricSpec("trainwarden_train_process_up", "1 while the rank's process exists.", _G, _RANK)
@@ -268,6 +275,8 @@ class _RankState:
     dropped_base: int = 0  # drops reported by earlier processes of this rank
     dropped_reported: int = 0
     connected: bool = False
+    stack_file: str = ""
+    exited_cleanly: bool = False
 
 
 @dataclass
@@ -515,8 +524,10 @@ class TrainingCollector(Collector):
                 state.last_checkpoint_path = record.path
             elif isinstance(record, CollectiveRecord):
                 self._on_collective(state, record, now)
-            elif isinstance(record, ByeRecord) and record.dropped is not None:
-                state.dropped_reported = record.dropped
+            elif isinstance(record, ByeRecord):
+                state.exited_cleanly = True
+                if record.dropped is not None:
+                    state.dropped_reported = record.dropped
         return True
 
     def _hello(self, conn: _Connection, hello: Hello) -> bool:
@@ -544,6 +555,8 @@ class TrainingCollector(Collector):
             state.local_rank = hello.local_rank
             state.world_size = hello.world_size
             state.restart_count = hello.restart_count
+            state.stack_file = hello.stack_file
+            state.exited_cleanly = False
             state.last_seen = now
             state.phase = "step"
             state.phase_started = now
@@ -596,6 +609,25 @@ class TrainingCollector(Collector):
         if not path.exists():
             return None
         return control.read_control(path)
+
+    # --- the healers' view of the ranks (trainwarden.backends.base.JobView) --------------------
+
+    def processes(self, job: str) -> list[RankProcess]:
+        """Every known local rank of `job` with its current pid and faulthandler stack file."""
+        with self._lock:
+            return [
+                RankProcess(s.job, s.rank, s.local_rank, s.pid, s.stack_file)
+                for s in sorted(self._ranks.values(), key=lambda s: s.rank)
+                if s.job == job
+            ]
+
+    def forget(self, job: str) -> None:
+        """Drop `job`'s ranks after a restart: their old pids vanished on purpose, not by a crash."""
+        with self._lock:
+            for key in [k for k in self._ranks if k[0] == job]:
+                state = self._ranks.pop(key)
+                if state.pid:
+                    self.context.pid_owners.forget(state.pid)
 
     # --- collection ---------------------------------------------------------------------------
 
@@ -655,6 +687,7 @@ class TrainingCollector(Collector):
             yield from series.samples(PHASE_SECONDS, job=job, rank=rank, phase=phase)
         yield RESTART_COUNT.sample(state.restart_count, job=job, rank=rank)
         yield PID.sample(state.pid, job=job, rank=rank)
+        yield EXITED_CLEANLY.sample(1.0 if state.exited_cleanly else 0.0, job=job, rank=rank)
         alive = state.pid > 0 and self.context.paths.proc(str(state.pid)).exists()
         yield PROCESS_UP.sample(1.0 if alive else 0.0, job=job, rank=rank)
         oldest = min(state.in_flight.values(), default=None)

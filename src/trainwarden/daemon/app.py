@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainwarden import __version__
 from trainwarden.collectors import collector_classes
@@ -32,6 +32,9 @@ from trainwarden.errors import CollectorUnavailableError, ConfigError, Trainward
 from trainwarden.model import MetricKind, MetricSpec
 from trainwarden.plugins import plugin_groups
 from trainwarden.store import Store
+
+if TYPE_CHECKING:
+    from trainwarden.daemon.healing import Healing
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +129,8 @@ class Daemon:
         # (the rule engine's tick) without touching this class.
         self.status_sections: dict[str, Callable[[], Any]] = {}
         self.extra_jobs: list[ExtraJob] = []
+        # Detect-and-heal (rules, policy, healers); built in start() unless a caller set one first.
+        self.healing: Healing | None = None
         self.routes = Routes()
         self.routes.add("GET", "/metrics", metrics_handler(self.registry))
         self.routes.add("GET", "/healthz", self._healthz)
@@ -161,7 +166,21 @@ class Daemon:
         )
         _prepare_dirs(self.config)
         self._publish_daemon_series()
+        self._install_healing()
         self._start_collectors()
+
+    def _install_healing(self) -> None:
+        """Rules and policy on a scheduler job; a config error stops the start, a broken journal does not."""
+        from trainwarden.daemon.healing import Healing  # noqa: PLC0415 - keeps `import app` light
+
+        try:
+            if self.healing is None:
+                self.healing = Healing(self)
+            self.healing.install(self)
+        except ConfigError:
+            raise
+        except (OSError, TrainwardenError) as exc:
+            log.error("detect-and-heal disabled: %s", exc)  # noqa: TRY400 - a clear message, no traceback
 
     def run(self) -> int:
         """Start, then serve until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit status.

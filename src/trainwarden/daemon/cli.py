@@ -285,10 +285,152 @@ def print_status(data: dict[str, Any], out: TextIO) -> None:
             print(f"\n{key}: {json.dumps(value, sort_keys=True)}", file=out)
 
 
+# --- actions ---------------------------------------------------------------------------------
+
+
+def add_actions(subparsers: Subparsers) -> None:
+    """`trainwarden actions`: print the decision journal."""
+    parser = subparsers.add_parser(
+        "actions",
+        help="print the policy's decisions (taken, refused, failed), newest last",
+        description="Read the decision journal in the state directory (no running daemon needed).",
+        epilog="example: trainwarden actions --state-dir /var/lib/trainwarden --limit 20",
+    )
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML config (for daemon.state_dir)")
+    parser.add_argument("--state-dir", type=Path, metavar="DIR", help="state directory holding the journal")
+    parser.add_argument("--limit", type=int, default=50, help="newest N entries (default 50)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.set_defaults(func=run_actions)
+
+
+def run_actions(args: argparse.Namespace) -> int:
+    """Print the newest entries; exit 1 when the journal cannot be read."""
+    from trainwarden.daemon.actions_cli import format_actions  # noqa: PLC0415 - lazy
+    from trainwarden.daemon.app import Overrides, load  # noqa: PLC0415
+    from trainwarden.errors import ConfigError, TrainwardenError  # noqa: PLC0415
+    from trainwarden.journal import JOURNAL_NAME, Journal  # noqa: PLC0415
+
+    try:
+        config = load(args.config, Overrides(state_dir=args.state_dir))
+    except ConfigError as exc:
+        print(f"trainwarden: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    path = config.daemon.state_dir / JOURNAL_NAME
+    if not path.exists():
+        print(f"trainwarden: no journal at {path} (pass --state-dir or --config)", file=sys.stderr)
+        return 1
+    try:
+        journal = Journal(path)
+        try:
+            sys.stdout.write(format_actions(journal, args.limit, as_json=args.json))
+        finally:
+            journal.close()
+    except (TrainwardenError, ValueError) as exc:
+        print(f"trainwarden: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --- run ------------------------------------------------------------------------------------
+
+
+def add_run(subparsers: Subparsers) -> None:
+    """`trainwarden run -- CMD ARGS…`: supervise a training command with the daemon in-process."""
+    parser = subparsers.add_parser(
+        "run",
+        help="run a training command under supervision (restart on crash or hang, resume)",
+        description=(
+            "Run the daemon in this process and CMD as its child process group. Restarts (and the job's "
+            "resume) happen only when the config enables actions ([policy] actions_enabled = true); the "
+            "exit status is the job's final one."
+        ),
+        epilog=(
+            "example: trainwarden run --config demo.toml -- "
+            "torchrun --nproc-per-node 2 train.py --ckpt-dir /tmp/ckpt"
+        ),
+    )
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML config (default: observe-only)")
+    parser.add_argument(
+        "--job", metavar="NAME", help="job name (default $TRAINWARDEN_JOB or the program name)"
+    )
+    parser.add_argument("--listen", type=_listen, metavar="HOST:PORT", help="HTTP address for /metrics")
+    parser.add_argument("--runtime-dir", type=Path, metavar="DIR", help="socket and control files")
+    parser.add_argument("--state-dir", type=Path, metavar="DIR", help="journal, findings, incidents")
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the job to run")
+    parser.set_defaults(func=run_run)
+
+
+def run_run(args: argparse.Namespace) -> int:
+    """Run the job; exit with its final status (EX_CONFIG on a bad config, 2 without a command)."""
+    from trainwarden.daemon.app import Overrides, load  # noqa: PLC0415 - lazy
+    from trainwarden.daemon.run_cli import run_job  # noqa: PLC0415
+    from trainwarden.errors import ConfigError, TrainwardenError  # noqa: PLC0415
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print(
+            "trainwarden run: give the command after --, e.g. trainwarden run -- python train.py",
+            file=sys.stderr,
+        )
+        return 2
+    setup_logging("info")
+    try:
+        config = load(
+            args.config, Overrides(listen=args.listen, runtime_dir=args.runtime_dir, state_dir=args.state_dir)
+        )
+    except ConfigError as exc:
+        print(f"trainwarden: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(config.daemon.log_level)
+
+    def show(event: Any) -> None:
+        print(f"trainwarden: {event.line()}", file=sys.stderr, flush=True)
+
+    try:
+        return run_job(config, command, on_event=show, job=args.job, handle_signals=True)
+    except TrainwardenError as exc:
+        logging.getLogger("trainwarden").error("%s", exc)  # noqa: TRY400 - a clear message, no traceback
+        return 1
+
+
+# --- demo -----------------------------------------------------------------------------------
+
+
+def add_demo(subparsers: Subparsers) -> None:
+    """`trainwarden demo`: a toy job under supervision, faults injected, detected and healed."""
+    parser = subparsers.add_parser(
+        "demo",
+        help="watch a toy training job get faults and be healed (about two minutes, CPU only)",
+        description=(
+            "Run a tiny 2-rank CPU training job (torchrun, gloo) under the daemon with actions enabled, "
+            "inject a loss spike, a hung rank, a crashed rank and a NaN burst, and print each one "
+            "being detected and healed as it happens. Needs torch (pip install 'trainwarden[torch]')."
+        ),
+        epilog="example: trainwarden demo --port 9871 --keep",
+    )
+    parser.add_argument("--port", type=int, default=9871, help="metrics port on 127.0.0.1 (0: any free one)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps (at least 120; default 200)")
+    parser.add_argument("--keep", action="store_true", help="keep the demo directory (journal, incidents)")
+    parser.set_defaults(func=run_demo_command)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    """Run the demo; exit 0 when the job completed and every fault was healed."""
+    from trainwarden.demo.runner import run_demo  # noqa: PLC0415 - lazy
+
+    setup_logging("info")
+    return run_demo(steps=args.steps, port=args.port, keep=args.keep)
+
+
 COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_daemon,
     add_check_config,
     add_status,
+    add_actions,
+    add_run,
+    add_demo,
 )
 """Every subcommand; adding one is a function above and one line here."""
 

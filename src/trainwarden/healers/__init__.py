@@ -16,6 +16,7 @@ HEALER_MODULES: tuple[str, ...] = (
     "trainwarden.healers.slurm_drain",
     "trainwarden.healers.k8s_drain",
     "trainwarden.healers.command_drain",
+    "trainwarden.healers.checkpoint_restart",
 )
 
 

@@ -13,9 +13,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from trainwarden.config import PluginOptions
+
+if TYPE_CHECKING:
+    from trainwarden.backends.base import JobView, RestartBackend
+    from trainwarden.store import Store
 
 
 class ActionOutcome(enum.StrEnum):
@@ -50,11 +54,19 @@ class ActionResult:
 
 @dataclass(frozen=True)
 class HealerContext:
-    """What every healer gets: directories and a clock (never the store or the rules)."""
+    """What every healer gets: directories and a clock (never the rules).
+
+    Optional, for healers that must observe the job they act on (checkpoint-restart waits for the
+    job's checkpoint record): the store, a view of the job's rank processes, and the restart
+    backend the daemon itself runs (the `supervise` child of `trainwarden run`).
+    """
 
     runtime_dir: Path = Path("/run/trainwarden")
     state_dir: Path = Path("/var/lib/trainwarden")
     clock: Callable[[], float] = time.time
+    store: Store | None = None
+    jobs: JobView | None = None
+    restart_backend: RestartBackend | None = None
 
 
 class Healer(abc.ABC):

@@ -1,0 +1,78 @@
+"""What a restart backend is: one way to bring a whole training job back after it was stopped.
+
+The checkpoint-restart healer decides *when* (after a checkpoint, or after capturing a hung job's
+stacks); a backend only knows *how*: its own child process group (`supervise`), the local workers
+that torchrun's elastic agent restarts (`torchrun`), a systemd unit, a Slurm requeue, or an
+operator's command. `restart` is idempotent per action key, so a retried action restarts once.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+from trainwarden.healers.base import ActionOutcome, ActionResult
+from trainwarden.model import Sample
+
+
+@dataclass(frozen=True)
+class RankProcess:
+    """One local rank of a job as the daemon knows it (from the training socket's hello)."""
+
+    job: str
+    rank: int
+    local_rank: int
+    pid: int
+    stack_file: str = ""
+
+
+class JobView(Protocol):
+    """The daemon's view of the training processes on this node (the training collector)."""
+
+    def processes(self, job: str) -> Sequence[RankProcess]:
+        """Every known local rank of `job`, its current pid and stack file."""
+        ...
+
+    def forget(self, job: str) -> None:
+        """Drop the ranks of `job` after a restart, so its vanished pids do not read as crashes."""
+        ...
+
+
+class RestartBackend(abc.ABC):
+    """Restarts a job; subclasses implement `_restart` and may override `pids`."""
+
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._done: dict[str, ActionResult] = {}
+        self._lock = threading.Lock()
+        self.restarts = 0
+        self.last_restart: float | None = None
+
+    def restart(self, job: str, reason: str, *, key: str, dry_run: bool = False) -> ActionResult:
+        """Restart `job` once per `key`; a repeated key answers NOOP with the first result's detail."""
+        with self._lock:
+            done = self._done.get(key)
+            if done is not None:
+                return ActionResult(ActionOutcome.NOOP, f"already restarted for {key}: {done.detail}")
+            result = self._restart(job, reason, dry_run=dry_run)
+            if result.outcome is ActionOutcome.APPLIED:
+                self._done[key] = result
+                self.restarts += 1
+            return result
+
+    @abc.abstractmethod
+    def _restart(self, job: str, reason: str, *, dry_run: bool) -> ActionResult:
+        """Do the restart (never when `dry_run`) and say what happened."""
+
+    def pids(self, job: str) -> set[int] | None:
+        """Pids this backend itself runs for `job` now; None when it cannot know."""
+        del job
+        return None
+
+    def samples(self) -> list[Sample]:
+        """Metrics of the backend (e.g. commands run)."""
+        return []

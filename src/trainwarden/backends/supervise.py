@@ -1,0 +1,200 @@
+"""The `supervise` backend: the daemon's own child, started as a process group of its own.
+
+`trainwarden run -- CMD…` starts CMD through this class; a restart kills the child's whole
+process tree and starts CMD again with `TRAINWARDEN_RESTART_COUNT` raised by one, so the job
+knows it was restarted (and resumes from its newest valid checkpoint). The tree, not only the
+process group, is killed: torchrun starts each worker in a session of its own.
+
+SIGKILL, not SIGTERM: by the time a restart is asked for, the healer has already taken the
+checkpoint it wanted (or the job is hung and cannot answer), and a SIGTERM would make the job's
+planned-interrupt handler race the restart with a checkpoint of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import psutil
+
+from trainwarden.backends.base import RestartBackend
+from trainwarden.daemon.timeline import EventKind, EventSink, TimelineEvent, emit
+from trainwarden.errors import TrainwardenError
+from trainwarden.healers.base import ActionOutcome, ActionResult
+
+log = logging.getLogger(__name__)
+
+RESTART_COUNT_ENV = "TRAINWARDEN_RESTART_COUNT"
+
+
+def exit_status(returncode: int) -> int:
+    """A shell-style status: 128 + N for a child killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def kill_tree(pid: int, grace: float = 5.0) -> list[int]:
+    """SIGKILL `pid` and every descendant (whatever session they moved to); return the pids signalled.
+
+    A SIGSTOPped process dies of SIGKILL too; the kernel needs no cooperation from it.
+    """
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)  # stragglers forked after the snapshot, same group
+    psutil.wait_procs(tree[1:], timeout=grace)
+    return [p.pid for p in tree]
+
+
+class Supervisor(RestartBackend):
+    """Runs one command as a child process group; restart kills the tree and starts it again."""
+
+    name = "supervise"
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        *,
+        job: str,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        kill_grace_seconds: float = 10.0,
+        on_event: EventSink | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__()
+        if not command:
+            raise TrainwardenError("supervise: no command given")
+        self.command = tuple(command)
+        self.job = job
+        self.env = dict(os.environ if env is None else env)
+        self.cwd = cwd
+        self.kill_grace_seconds = kill_grace_seconds
+        self.on_event = on_event
+        self.clock = clock
+        self.generation = 0
+        self.started_at = 0.0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._state = threading.Lock()  # guards _proc/generation against a concurrent restart
+        self._stopped = False
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the command (the first time, or again after it exited)."""
+        with self._state:
+            self._spawn()
+
+    def _spawn(self) -> None:
+        env = {**self.env, RESTART_COUNT_ENV: str(self.generation)}
+        try:
+            proc = subprocess.Popen(  # the operator's own argument list, no shell
+                self.command, env=env, cwd=self.cwd, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        except OSError as exc:
+            raise TrainwardenError(f"cannot start {self.command[0]!r}: {exc.strerror or exc}") from exc
+        self._proc = proc
+        self.started_at = self.clock()
+        self.generation += 1
+        summary = f"started {' '.join(self.command)[:120]} (pid {proc.pid}, restart {self.generation - 1})"
+        log.info("supervise: %s", summary)
+        emit(
+            self.on_event,
+            TimelineEvent(
+                EventKind.CHILD_STARTED,
+                summary,
+                job=self.job,
+                data={"pid": proc.pid, "restart_count": self.generation - 1},
+            ),
+        )
+
+    def wait(self, timeout: float) -> int | None:
+        """The current child's exit status once it exited on its own; None while it runs or was replaced."""
+        with self._state:
+            proc, generation = self._proc, self.generation
+        if proc is None:
+            return None
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        with self._state:
+            if generation != self.generation or self._stopped:
+                return None  # a restart (or stop) killed it: not the job's own exit
+        return exit_status(code)
+
+    def stop(self) -> None:
+        """Kill the child's tree (the run is over or being aborted)."""
+        with self._state:
+            self._stopped = True
+            if self._proc is not None and self._proc.poll() is None:
+                kill_tree(self._proc.pid, self.kill_grace_seconds)
+                self._proc.wait(self.kill_grace_seconds)
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the current child."""
+        proc = self._proc
+        return None if proc is None else proc.pid
+
+    def running(self) -> bool:
+        """True while the current child has not exited."""
+        proc = self._proc
+        return proc is not None and proc.poll() is None
+
+    def pids(self, job: str) -> set[int] | None:
+        """The current child and every descendant."""
+        del job
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return set()
+        try:
+            root = psutil.Process(proc.pid)
+            return {root.pid, *(c.pid for c in root.children(recursive=True))}
+        except psutil.NoSuchProcess:
+            return set()
+
+    # --- RestartBackend ---------------------------------------------------------------------
+
+    def _restart(self, job: str, reason: str, *, dry_run: bool) -> ActionResult:
+        if job != self.job:
+            return ActionResult(ActionOutcome.FAILED, f"job {job!r} is not the supervised job {self.job!r}")
+        with self._state:
+            if self._stopped:
+                return ActionResult(ActionOutcome.FAILED, "supervise: the run is stopping; not restarting")
+            proc = self._proc
+            alive = proc is not None and proc.poll() is None
+            what = f"kill pid {proc.pid} and its tree, then start again" if alive and proc else "start again"
+            if dry_run:
+                return ActionResult(ActionOutcome.DRY_RUN, f"would {what} ({reason})")
+            killed: list[int] = []
+            if proc is not None:
+                if alive:
+                    killed = kill_tree(proc.pid, self.kill_grace_seconds)
+                try:
+                    proc.wait(self.kill_grace_seconds)
+                except subprocess.TimeoutExpired:
+                    return ActionResult(ActionOutcome.FAILED, f"pid {proc.pid} survived SIGKILL")
+            try:
+                self._spawn()
+            except TrainwardenError as exc:
+                return ActionResult(ActionOutcome.FAILED, str(exc))
+            assert self._proc is not None
+            detail = f"restarted job {job}: killed {len(killed)} process(es), new pid {self._proc.pid}"
+            return ActionResult(
+                ActionOutcome.APPLIED,
+                detail,
+                {"killed": len(killed), "pid": self._proc.pid, "restart_count": self.generation - 1},
+            )

@@ -1,0 +1,183 @@
+"""Detect-and-heal inside the daemon: the rule engine, the policy and the healers on a scheduler job.
+
+Every `interval_seconds` the tick evaluates the rules over the store, hands firing findings to
+the policy (which journals and maybe acts), publishes each healer's own metrics (any healer with
+a `samples()` method) and turns what happened into timeline events. It runs as one of the
+scheduler's extra jobs, on a thread of its own, so a healer waiting for a checkpoint delays only
+the next tick (APScheduler skips overlapping runs), never the collectors.
+
+`trainwarden run` lends the policy its supervised child (`restart_backend`) and feeds it findings
+of its own (`decide`): a child that exited non-zero is a `process_exit` finding at once, not only
+when the process-gone rule notices.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from trainwarden.backends.base import RankProcess, RestartBackend
+from trainwarden.daemon.scheduler import ExtraJob
+from trainwarden.daemon.timeline import EventKind, EventSink, TimelineEvent, emit
+from trainwarden.healers import healer_classes
+from trainwarden.healers.base import Healer, HealerContext
+from trainwarden.healers.policy import Outcome, Policy, finding_key
+from trainwarden.incidents import IncidentWriter
+from trainwarden.journal import Decision, Journal
+from trainwarden.model import Finding, FindingState, Sample
+from trainwarden.rules.engine import RuleEngine
+
+if TYPE_CHECKING:
+    from trainwarden.daemon.app import Daemon
+
+log = logging.getLogger(__name__)
+
+SOURCE = "healers"
+TICK_SECONDS = 1.0
+
+
+class CollectorJobs:
+    """The training collector of the daemon's current runtime, looked up on each call (reload-safe)."""
+
+    def __init__(self, collectors: Callable[[], Sequence[Any]]) -> None:
+        self._collectors = collectors
+
+    def _training(self) -> Any | None:
+        return next((c for c in self._collectors() if c.name == "training"), None)
+
+    def processes(self, job: str) -> Sequence[RankProcess]:
+        """Local ranks of `job` from the training socket's hellos."""
+        training = self._training()
+        return [] if training is None else list(training.processes(job))
+
+    def forget(self, job: str) -> None:
+        """Drop `job`'s ranks (after a restart)."""
+        training = self._training()
+        if training is not None:
+            training.forget(job)
+
+
+class Healing:
+    """Owns the engine, the policy and the healers of one daemon."""
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        *,
+        restart_backend: RestartBackend | None = None,
+        on_event: EventSink | None = None,
+        interval_seconds: float = TICK_SECONDS,
+    ) -> None:
+        config = daemon.config
+        self.clock = daemon.clock
+        self.store = daemon.store
+        self.on_event = on_event
+        self.interval_seconds = interval_seconds
+        self.restart_backend = restart_backend
+        self.context = HealerContext(
+            runtime_dir=config.daemon.runtime_dir,
+            state_dir=config.daemon.state_dir,
+            clock=daemon.clock,
+            store=daemon.store,
+            jobs=CollectorJobs(lambda: daemon._runtime.collectors),  # noqa: SLF001 - the daemon's own runtime
+            restart_backend=restart_backend,
+        )
+        options = config.plugins.get("healers", {})
+        self.healers: dict[str, Healer] = {}
+        for name, healer_cls in healer_classes().items():
+            healer_options = options.get(name) or healer_cls.Options()
+            if healer_options.enabled:
+                self.healers[name] = healer_cls(healer_options, self.context)
+        self.engine = RuleEngine.from_config(config, daemon.store)
+        self.policy = Policy(
+            config.policy,
+            self.healers,
+            Journal.in_state_dir(config.daemon.state_dir),
+            registered=healer_classes(),
+            store=daemon.store,
+            incidents=IncidentWriter(config.daemon.state_dir),
+        )
+        self._firing: set[str] = set()
+        self._lock = threading.Lock()
+
+    def install(self, daemon: Daemon) -> None:
+        """Add the tick to the daemon's scheduler jobs and the engine/policy state to /status."""
+        daemon.extra_jobs.append(ExtraJob("detect-and-heal", self.tick, self.interval_seconds))
+        daemon.status_sections["rules"] = self.engine.status
+        daemon.status_sections["policy"] = self.policy.status
+
+    def tick(self) -> list[Outcome]:
+        """One round: rules, then the policy on what fires; returns the policy's outcomes."""
+        now = self.clock()
+        findings = self.engine.tick(now)
+        self._finding_events(findings)
+        return self.decide(findings, now)
+
+    def decide(self, findings: Sequence[Finding], now: float | None = None) -> list[Outcome]:
+        """Hand findings (from the engine, or the supervisor's own) to the policy; publish and report."""
+        now = self.clock() if now is None else now
+        outcomes = self.policy.tick(now, findings)
+        for outcome in outcomes:
+            emit(self.on_event, outcome_event(outcome, now))
+        self._publish(now)
+        return outcomes
+
+    def _finding_events(self, findings: Sequence[Finding]) -> None:
+        with self._lock:
+            for finding in findings:
+                key = f"{finding.rule}|{finding.subject_key}"
+                if finding.state is FindingState.FIRING and key not in self._firing:
+                    self._firing.add(key)
+                    emit(self.on_event, finding_event(EventKind.FINDING_FIRED, finding))
+                elif finding.state is FindingState.RESOLVED and key in self._firing:
+                    self._firing.discard(key)
+                    emit(self.on_event, finding_event(EventKind.FINDING_RESOLVED, finding))
+
+    def _publish(self, now: float) -> None:
+        samples: list[Sample] = []
+        for healer in self.healers.values():
+            method = getattr(healer, "samples", None)
+            if callable(method):
+                try:
+                    samples.extend(method())
+                except Exception:
+                    log.exception("healer %s: samples() failed", healer.name)
+        if self.restart_backend is not None:
+            samples.extend(self.restart_backend.samples())
+        self.store.replace(SOURCE, samples, now)
+
+
+def finding_event(kind: EventKind, finding: Finding) -> TimelineEvent:
+    """A finding as a timeline event."""
+    verb = "fired" if kind is EventKind.FINDING_FIRED else "resolved"
+    return TimelineEvent(
+        kind,
+        f"{finding.rule} {verb} on {finding.subject_key}: {finding.summary}",
+        job=finding.subject.get("job", ""),
+        rule=finding.rule,
+        data={k: v for k, v in finding.evidence.items() if isinstance(v, str | float | int)},
+    )
+
+
+def outcome_event(outcome: Outcome, now: float) -> TimelineEvent:
+    """A policy outcome as a timeline event."""
+    finding = outcome.finding
+    if outcome.decision == Decision.GAVE_UP:
+        kind = EventKind.GAVE_UP
+    elif outcome.decision != Decision.TAKEN or outcome.result == "dry_run":
+        kind = EventKind.ACTION_DECIDED
+    elif outcome.result == "failed":
+        kind = EventKind.ACTION_FAILED
+    else:
+        kind = EventKind.ACTION_APPLIED
+    return TimelineEvent(
+        kind,
+        f"{outcome.healer} {outcome.result} for {finding.rule} on {finding.subject_key}: {outcome.detail}",
+        time=now,
+        job=finding.subject.get("job", ""),
+        rule=finding.rule,
+        healer=outcome.healer,
+        data={"decision": outcome.decision, "result": outcome.result, "finding": finding_key(finding)},
+    )

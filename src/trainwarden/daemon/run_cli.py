@@ -1,0 +1,168 @@
+"""`trainwarden run -- CMD ARGS…`: the daemon in-process, supervising CMD as its own child process group.
+
+The embedded default on one node. The daemon (collectors, rules, policy, healers, HTTP) runs in
+this process; CMD runs through the `supervise` backend with `TRAINWARDEN_SOCKET`,
+`TRAINWARDEN_CONTROL_DIR`, `TRAINWARDEN_JOB` and `TRAINWARDEN_RESTART_COUNT` in its environment so
+the training client finds the daemon. A hang or a bad job is healed by the policy as on any node; a
+child that exits non-zero is itself a `process_exit` finding, handed to the policy at once. The
+policy's cooldowns, budgets and ladders apply as everywhere: when it refuses for good (budget
+spent, ladder exhausted, observe-only mode) the run exits with the job's last status.
+
+    trainwarden run --config demo.toml -- torchrun --nproc-per-node 2 train.py --ckpt-dir ckpt
+
+Python callers (the demo) use `run_job(config, command, on_event=...)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from trainwarden.backends.supervise import Supervisor
+from trainwarden.client.identity import JOB_ENV, safe_job_name
+from trainwarden.client.interrupt import EXIT_CHECKPOINTED
+from trainwarden.collectors.training import TrainingOptions
+from trainwarden.config import Config
+from trainwarden.daemon.app import Daemon
+from trainwarden.daemon.healing import Healing
+from trainwarden.daemon.timeline import EventKind, EventSink, TimelineEvent, emit
+from trainwarden.journal import Decision
+from trainwarden.model import Finding, Severity
+from trainwarden.protocol import CONTROL_DIR_ENV, SOCKET_ENV, default_control_dir, default_socket_path
+
+log = logging.getLogger(__name__)
+
+EXIT_RULE = "process_exit"
+POLL_SECONDS = 0.5
+_FINAL = frozenset({"budget", "circuit_open", "healer_disabled", "no_route", "failed", "dry_run"})
+
+
+def job_env(config: Config, job: str) -> dict[str, str]:
+    """What the child needs to find this daemon: socket, control dir, job name."""
+    options = config.plugins.get("collectors", {}).get("training")
+    training = options if isinstance(options, TrainingOptions) else TrainingOptions()
+    runtime = config.daemon.runtime_dir
+    socket_path = Path(training.socket_path) if training.socket_path else default_socket_path(runtime)
+    control = Path(training.control_dir) if training.control_dir else default_control_dir(runtime)
+    return {SOCKET_ENV: str(socket_path), CONTROL_DIR_ENV: str(control), JOB_ENV: job}
+
+
+def exit_finding(job: str, code: int, now: float) -> Finding:
+    """A child's non-zero exit as a finding: planned (75, checkpointed) or transient."""
+    planned = code == EXIT_CHECKPOINTED
+    why = "checkpointed and asked to be resumed" if planned else "crashed"
+    return Finding(
+        EXIT_RULE,
+        {"job": job},
+        Severity.WARNING if planned else Severity.CRITICAL,
+        f"job {job} exited with status {code} ({why})",
+        since=now,
+        evidence={"exit_code": code, "interruption": "planned" if planned else "transient"},
+        source="supervisor",
+    )
+
+
+class _Run:
+    """One supervised run: the child, the daemon around it and the exit-handling loop."""
+
+    def __init__(self, config: Config, command: Sequence[str], job: str, on_event: EventSink | None) -> None:
+        self.job = job
+        self.on_event = on_event
+        self.config = config
+        self.daemon = Daemon(config)
+        env = {**os.environ, **job_env(config, job)}
+        self.supervisor = Supervisor(command, job=job, env=env, on_event=on_event, clock=self.daemon.clock)
+        self.healing = Healing(self.daemon, restart_backend=self.supervisor, on_event=on_event)
+        self.daemon.healing = self.healing
+        self.stopping = threading.Event()
+
+    def run(self) -> int:
+        self.daemon.start()
+        try:
+            self.supervisor.start()
+            while True:
+                code = self.supervisor.wait(POLL_SECONDS)
+                if code is None:
+                    continue
+                self._event(
+                    EventKind.CHILD_EXITED, f"job {self.job} exited with status {code}", exit_code=code
+                )
+                if code == 0 or self.stopping.is_set():
+                    return code
+                if not self._heal_exit(code):
+                    return code
+        finally:
+            self.supervisor.stop()
+            self.daemon.stop()
+
+    def _heal_exit(self, code: int) -> bool:
+        """Let the policy restart the exited job; False when it will not (the run ends)."""
+        generation = self.supervisor.generation
+        finding = exit_finding(self.job, code, self.daemon.clock())
+        # A cooldown refusal means "not yet": wait it out (bounded), then the policy decides again.
+        deadline = time.monotonic() + self.config.policy.cooldown_seconds + 10.0
+        while not self.stopping.is_set():
+            outcomes = self.healing.decide([finding])
+            if self.supervisor.generation != generation:
+                return True  # restarted (by this decision, or by the scheduler's tick meanwhile)
+            outcome = outcomes[0] if outcomes else None
+            if outcome is not None:
+                if outcome.decision == Decision.GAVE_UP or outcome.result in _FINAL:
+                    self._event(
+                        EventKind.GAVE_UP,
+                        f"not restarting job {self.job}: {outcome.result}: {outcome.detail}",
+                        exit_code=code,
+                    )
+                    return False
+                if outcome.decision == Decision.TAKEN:
+                    return self.supervisor.running()
+            if time.monotonic() > deadline:
+                self._event(
+                    EventKind.GAVE_UP, f"policy did not restart job {self.job} in time", exit_code=code
+                )
+                return False
+            self.stopping.wait(1.0)
+        return False
+
+    def _event(self, kind: EventKind, summary: str, **data: int) -> None:
+        emit(self.on_event, TimelineEvent(kind, summary, job=self.job, data=dict(data)))
+
+    def request_stop(self) -> None:
+        """Forward SIGTERM to the job (it checkpoints and exits) and end the run when it exits."""
+        self.stopping.set()
+        for pid in self.supervisor.pids(self.job) or ():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
+
+
+def run_job(
+    config: Config,
+    command: Sequence[str],
+    *,
+    on_event: EventSink | None = None,
+    job: str | None = None,
+    handle_signals: bool = False,
+) -> int:
+    """Supervise `command` under the daemon until it finishes or the policy gives up; its exit status.
+
+    `job` defaults to `$TRAINWARDEN_JOB`, else the program's name. With `handle_signals` (the CLI),
+    SIGTERM/SIGINT are forwarded to the job as SIGTERM and end the run once it exits.
+    """
+    name = safe_job_name(job or os.environ.get(JOB_ENV, "") or Path(command[0]).name)
+    run = _Run(config, command, name, on_event)
+    if handle_signals:
+
+        def _on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s: stopping job %s", signal.Signals(signum).name, name)
+            run.request_stop()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _on_signal)
+    return run.run()
