@@ -9,12 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-    python3 python3-venv python3-pip
     prometheus prometheus-alertmanager prometheus-node-exporter
     slurmctld slurmd munge
 )
 TORCH_VERSION=2.13.0
-TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
 PYTHON=${PYTHON:-python3}
 
 missing=()
@@ -40,8 +38,9 @@ if [[ ! -x .venv/bin/python ]]; then
     "$PYTHON" -m venv .venv
 fi
 if ! .venv/bin/python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
-    echo "setup: installing torch==$TORCH_VERSION from $TORCH_INDEX"
-    .venv/bin/pip install --quiet "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX"
+    # The exact pin matters: an open-ended torch requirement would pull a multi-GB CUDA build.
+    echo "setup: installing torch==$TORCH_VERSION (CPU build)"
+    .venv/bin/pip install --quiet "torch==$TORCH_VERSION"
 fi
 .venv/bin/pip install --quiet -e '.[dev,torch]'
 echo "setup: done. Run the tests with: .venv/bin/pytest"
