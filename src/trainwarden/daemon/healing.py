@@ -13,9 +13,11 @@ when the process-gone rule notices.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainwarden.backends.base import RankProcess, RestartBackend
@@ -25,7 +27,7 @@ from trainwarden.healers import healer_classes
 from trainwarden.healers.base import Healer, HealerContext
 from trainwarden.healers.policy import Outcome, Policy, finding_key
 from trainwarden.incidents import IncidentWriter
-from trainwarden.journal import Decision, Journal
+from trainwarden.journal import Decision, Journal, JournalError
 from trainwarden.model import Finding, FindingState, Sample
 from trainwarden.rules.engine import RuleEngine
 
@@ -91,10 +93,11 @@ class Healing:
             if healer_options.enabled:
                 self.healers[name] = healer_cls(healer_options, self.context)
         self.engine = RuleEngine.from_config(config, daemon.store)
+        self.journal = Journal.in_state_dir(config.daemon.state_dir)
         self.policy = Policy(
             config.policy,
             self.healers,
-            Journal.in_state_dir(config.daemon.state_dir),
+            self.journal,
             registered=healer_classes(),
             store=daemon.store,
             incidents=IncidentWriter(config.daemon.state_dir),
@@ -120,9 +123,27 @@ class Healing:
         now = self.clock() if now is None else now
         outcomes = self.policy.tick(now, findings)
         for outcome in outcomes:
+            if outcome.action_key is not None:
+                self._attach_stacks(outcome.action_key)
             emit(self.on_event, outcome_event(outcome, now))
         self._publish(now)
         return outcomes
+
+    def _attach_stacks(self, action_key: str) -> None:
+        """Copy the stacks a restart captured into the action's incident bundle (written after apply)."""
+        try:
+            entry = self.journal.by_action_key(action_key)
+            if entry is None or not entry.incident:
+                return
+            bundle = Path(entry.incident)
+            result = json.loads((bundle / "result.json").read_text(encoding="utf-8"))
+            folder = result.get("data", {}).get("stacks_dir")
+            if not folder:
+                return
+            for path in sorted(Path(folder).glob("rank*.txt")):
+                IncidentWriter.add_file(bundle, f"stacks-{path.name}", path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, JournalError) as exc:
+            log.warning("cannot attach stacks to the incident of %s: %s", action_key, exc)
 
     def _finding_events(self, findings: Sequence[Finding]) -> None:
         with self._lock:
