@@ -16,6 +16,7 @@ from types import MappingProxyType
 from trainwarden.model import Finding, Severity
 from trainwarden.rules.base import Rule, RuleOptions, RuleView, quantile
 from trainwarden.rules.training import (
+    CLEAN_EXIT,
     LAST_STEP_TS,
     PHASE_SECONDS,
     PHASE_STARTED_TS,
@@ -95,6 +96,8 @@ class StallRule(Rule):
         labels = rank_labels(job, rank)
         if view.value(PROCESS_UP, labels) == 0.0:
             return None  # a vanished process is process_gone's finding, not a stall
+        if view.value(CLEAN_EXIT, labels) == 1.0:
+            return None  # said goodbye: a finished rank tearing down (torch, torchrun) is not hung
         phase = current_phase(view, job, rank)
         last_step = view.value(LAST_STEP_TS, labels)
         phase_started = view.value(PHASE_STARTED_TS, labels)
