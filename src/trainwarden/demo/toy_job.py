@@ -274,12 +274,13 @@ def scripted_faults(args: argparse.Namespace) -> list[Fault]:
 
 
 def restart_count() -> int:
-    """How often the launcher restarted this job (0 when no launcher says)."""
+    """How often this job was restarted: the most any launcher says (torchrun's agent, Slurm, trainwarden)."""
+    counts = [0]
     for name in ("TORCHELASTIC_RESTART_COUNT", "TRAINWARDEN_RESTART_COUNT", "SLURM_RESTART_COUNT"):
         value = os.environ.get(name, "")
         if value.isdigit():
-            return int(value)
-    return 0
+            counts.append(int(value))
+    return max(counts)
 
 
 def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 - a training loop, read top to bottom

@@ -1,0 +1,174 @@
+"""What the demo runs: the daemon's config, the toy job's command line and its scripted faults.
+
+The config is the product's own TOML, written into the demo's directory so a newcomer can read
+(and copy) what made each decision: actions enabled explicitly, learned-timeout floors and
+cooldowns small enough that a job stepping every ~0.1 s is diagnosed in seconds.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+JOB = "demo"
+STEP_SLEEP_SECONDS = 0.1
+CKPT_EVERY = 10
+MIN_STEPS = 120
+
+
+@dataclass(frozen=True)
+class ScriptedFault:
+    """One fault the toy injects, and what must notice and mend it."""
+
+    kind: str
+    step: int
+    rank: int
+    rules: tuple[str, ...]
+    healers: tuple[str, ...]
+    what: str
+
+    @property
+    def restarts(self) -> bool:
+        """True when healing this fault restarts the job."""
+        return "checkpoint_restart" in self.healers
+
+    def flag(self) -> str:
+        """The toy's `--fault` value."""
+        return f"{self.kind}@{self.step}:{self.rank}"
+
+
+def scripted_faults(steps: int) -> list[ScriptedFault]:
+    """A loss spike, a hung rank, a crashed rank and a NaN burst, spread over the run.
+
+    The spike comes once the spike rule has its baseline (30 points); the others are far enough
+    apart that each is healed before the next one starts, so the timeline reads one story at a time.
+    """
+    if steps < MIN_STEPS:
+        raise ValueError(f"the demo needs --steps >= {MIN_STEPS} to fit its four faults, got {steps}")
+
+    def at(fraction: float) -> int:
+        return int(steps * fraction) // CKPT_EVERY * CKPT_EVERY + CKPT_EVERY // 2
+
+    restart = ("checkpoint_restart",)
+    return [
+        ScriptedFault("spike", at(0.2), 0, ("spike",), ("clip",), "loss spike (a batch scaled 1000x)"),
+        ScriptedFault(
+            "hang", at(0.4), 1, ("stall", "collective_stuck"), restart, "hung rank (sleeps forever)"
+        ),
+        ScriptedFault(
+            "crash", at(0.6), 0, ("process_exit", "process_gone"), restart, "crashed rank (exit status 1)"
+        ),
+        ScriptedFault("nan", at(0.8), 1, ("nonfinite",), restart, "NaN burst (loss times NaN)"),
+    ]
+
+
+def toy_command(
+    root: Path, steps: int, faults: Sequence[ScriptedFault], master_port: int, python: str = sys.executable
+) -> list[str]:
+    """The command: torchrun, two gloo ranks of the packaged toy job; faults fire once (markers in `root`)."""
+    return [
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(master_port),
+        "--max-restarts",
+        "0",
+        "--monitor-interval",
+        "0.2",
+        "-m",
+        "trainwarden.demo.toy_job",
+        "--job",
+        JOB,
+        "--steps",
+        str(steps),
+        "--step-sleep",
+        str(STEP_SLEEP_SECONDS),
+        "--ckpt-dir",
+        str(root / "checkpoints"),
+        "--ckpt-every",
+        str(CKPT_EVERY),
+        "--fault-once",
+        str(root / "faults"),
+        "--events",
+        str(root / "events.jsonl"),
+        "--out",
+        str(root / "out"),
+        *[arg for fault in faults for arg in ("--fault", fault.flag())],
+    ]
+
+
+def config_text(root: Path, port: int) -> str:
+    """The daemon config of the demo (TOML), every value that differs from the defaults explained."""
+    return f"""\
+# trainwarden demo configuration: the defaults, with actions enabled and timings shrunk so a toy
+# job that steps every ~0.1 s is diagnosed and healed in seconds.
+
+[daemon]
+listen = "127.0.0.1:{port}"
+runtime_dir = "{root / "run"}"
+state_dir = "{root / "state"}"
+log_level = "warning"
+window_seconds = 300.0
+
+[collectors.training]
+# Step records arrive continuously; turn them into series twice a second.
+interval_seconds = 0.5
+
+# Nothing to see on a CPU-only laptop.
+[collectors.gpu]
+enabled = false
+[collectors.kmsg]
+enabled = false
+[collectors.xid]
+enabled = false
+[collectors.infiniband]
+enabled = false
+
+[rules.stall]
+# Learned: 99th percentile of the job's own step times x 4, at least 3 s (default 20 s).
+floor_seconds = 3.0
+min_samples = 10
+default_timeout_seconds = 30.0
+
+[rules.spike]
+# A spike stays "recent" for 5 s (default 30 s), so it resolves before the cooldown ends.
+recent_seconds = 5.0
+resolve_after_seconds = 5.0
+
+[rules.nonfinite]
+recent_seconds = 5.0
+resolve_after_seconds = 5.0
+
+[rules.process_gone]
+resolve_after_seconds = 5.0
+
+# A restart makes the job slower for a while and shuffles step times; not what the demo is about.
+[rules.straggler]
+enabled = false
+[rules.throughput_drop]
+enabled = false
+
+[policy]
+# Observe-only is the default; the demo heals.
+actions_enabled = true
+# Longer than a restart takes here, so the restart's own aftermath is not acted on twice.
+cooldown_seconds = 15.0
+budget_window_seconds = 600.0
+# Three restarts (hang, crash, NaN) in one window are one ladder's rungs; allow them.
+attempts_per_rung = 4
+
+[healers.checkpoint_restart]
+backend = "supervise"
+checkpoint_timeout_seconds = 15.0
+stack_timeout_seconds = 5.0
+kill_grace_seconds = 5.0
+# Skip the first bad step and the one after it on resume.
+skip_batches_after = 1
+"""
