@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,13 @@ import torch
 from trainwarden.client.clipping import AdaptiveClipper, ClipSettingsError
 from trainwarden.control import ClipSettings, ControlState, read_control, write_control
 
-WARM = ClipSettings(z_threshold=2.5, ema_alpha=0.9, warmup_steps=5, warmup_max_norm=10.0)
+# Skipping off: these settings check the ZClip part alone; SKIP checks the skip on top of it.
+WARM = ClipSettings(
+    z_threshold=2.5, ema_alpha=0.9, warmup_steps=5, warmup_max_norm=10.0, skip_z_threshold=math.inf
+)
+SKIP = ClipSettings(
+    z_threshold=2.5, ema_alpha=0.9, warmup_steps=5, warmup_max_norm=10.0, skip_z_threshold=10.0
+)
 
 
 def _params(n: int = 2) -> list[torch.nn.Parameter]:
@@ -120,10 +127,13 @@ def test_non_finite_norm_leaves_grads_and_stats_alone() -> None:
     assert (after.mean, after.std, after.clipped_steps) == (before.mean, before.std, 0)
 
 
-def test_clip_never_reads_device_values_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No .item(), bool() or float() on tensors inside clip(): no host-device sync per step."""
+@pytest.mark.parametrize("settings", [WARM, SKIP], ids=["zclip", "skip"])
+def test_clip_never_reads_device_values_on_the_host(
+    monkeypatch: pytest.MonkeyPatch, settings: ClipSettings
+) -> None:
+    """No .item(), bool() or float() on tensors in clip(), skipping or not: no host-device sync per step."""
     params = _params()
-    clipper = AdaptiveClipper(params, WARM)
+    clipper = AdaptiveClipper(params, settings)
 
     def forbidden(*_a: object, **_k: object) -> None:
         raise AssertionError("host read of a tensor inside clip()")
@@ -179,6 +189,10 @@ def test_daemon_settings_arrive_through_the_control_file(tmp_path: Path) -> None
         ClipSettings(ema_alpha=1.0),
         ClipSettings(warmup_steps=1),
         ClipSettings(warmup_max_norm=-1.0),
+        ClipSettings(z_threshold=3.0, skip_z_threshold=3.0),
+        ClipSettings(skip_z_threshold=float("nan")),
+        ClipSettings(max_consecutive_skips=0),
+        ClipSettings(max_consecutive_skips=True),
     ],
 )
 def test_invalid_update_is_counted_and_ignored(bad: ClipSettings) -> None:
@@ -226,3 +240,169 @@ def test_constructor_rejects_unknown_mode_and_no_parameters() -> None:
         AdaptiveClipper(_params(), mode="median")  # type: ignore[arg-type]
     with pytest.raises(ClipSettingsError, match="at least one parameter"):
         AdaptiveClipper([])
+
+
+def test_extreme_outlier_is_skipped_and_leaves_the_statistics_alone() -> None:
+    """Above skip_z_threshold the gradients are zeroed (step skipped), counted, and the EMA does not move."""
+    params = _params()
+    clipper = AdaptiveClipper(params, SKIP)
+    _warm_up(clipper, params, [1.0, 1.1, 0.9, 1.05, 0.95])
+    before = clipper.stats()
+    _set_norm(params, 1000.0)
+    assert clipper.clip().item() == pytest.approx(1000.0)
+    assert _total(params) == 0.0
+    after = clipper.stats()
+    assert (after.skipped_steps, after.clipped_steps) == (1, 1)
+    assert (after.mean, after.std) == (before.mean, before.std)
+
+
+def test_spike_between_the_thresholds_is_clipped_not_skipped() -> None:
+    """A spike above z_threshold but below skip_z_threshold is clipped to the ZClip bound, not zeroed."""
+    params = _params()
+    clipper = AdaptiveClipper(params, SKIP, mode="zscore")
+    _warm_up(clipper, params, [1.0, 1.1, 0.9, 1.05, 0.95])
+    stats = clipper.stats()
+    norm = stats.mean + 6.0 * stats.std  # z = 6: between 2.5 and 10
+    _set_norm(params, norm)
+    clipper.clip()
+    assert _total(params) == pytest.approx(stats.mean + SKIP.z_threshold * stats.std, rel=1e-4)
+    assert clipper.stats().skipped_steps == 0
+
+
+def test_consecutive_skips_are_capped_so_training_never_stops() -> None:
+    """After max_consecutive_skips in a row the next outlier is clipped instead; then skipping resumes."""
+    params = _params()
+    clipper = AdaptiveClipper(params, replace(SKIP, max_consecutive_skips=2))
+    _warm_up(clipper, params, [1.0, 1.1, 0.9, 1.05, 0.95])
+    kept = []
+    for _ in range(4):
+        _set_norm(params, 1000.0)
+        clipper.clip()
+        kept.append(_total(params) > 0)
+    assert kept == [False, False, True, False]
+    assert clipper.stats().skipped_steps == 3
+
+
+def test_unfused_optimizer_steps_a_skipped_outlier_as_a_zero_gradient() -> None:
+    """A non-fused AdamW (no found_inf support) moves on a skipped outlier exactly as on a zero gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    ref = torch.nn.Linear(4, 1)
+    ref.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.1)
+    clipper = AdaptiveClipper(list(model.parameters()), SKIP)
+    x = torch.randn(8, 4)
+    for step in range(8):
+        scale = 1e4 if step == 7 else 1.0  # an outlier batch after the 5 warm-up steps
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            (scale * m(x).square().mean()).backward()
+        clipper.clip()
+        if step == 7:
+            for p in ref.parameters():
+                assert p.grad is not None
+                p.grad.zero_()
+        else:
+            torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 10.0)  # what the warm-up did
+        clipper.step(opt)
+        ref_opt.step()
+    assert clipper.stats().skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters(), strict=True))
+
+
+def test_state_without_skip_fields_loads_with_defaults_and_skip_run_survives() -> None:
+    """A clipper state saved before skipping existed still loads; a saved run of skips carries over."""
+    params = _params()
+    a = AdaptiveClipper(params, replace(SKIP, max_consecutive_skips=2))
+    _warm_up(a, params, [1.0, 1.1, 0.9, 1.05, 0.95, 1000.0])
+    b_params = _params()
+    b = AdaptiveClipper(b_params, ClipSettings())
+    b.load_state_dict(a.state_dict())
+    for clipper, ps in ((a, params), (b, b_params)):
+        _set_norm(ps, 1000.0)
+        clipper.clip()  # the second skip in a row: allowed
+        assert _total(ps) == 0.0
+        _set_norm(ps, 1000.0)
+        clipper.clip()  # a third is not: clipped instead
+        assert _total(ps) > 0.0
+    assert a.stats() == b.stats()
+    old = a.state_dict()
+    for key in ("skipped", "skip_run"):
+        del old[key]
+    for key in ("skip_z_threshold", "max_consecutive_skips"):
+        del old["settings"][key]
+    c = AdaptiveClipper(_params(), WARM)
+    c.load_state_dict(old)
+    assert c.settings == replace(SKIP, skip_z_threshold=10.0, max_consecutive_skips=3)
+    assert c.stats().skipped_steps == 0
+
+
+def test_control_file_carries_skip_settings_and_old_files_get_defaults(tmp_path: Path) -> None:
+    """Skip settings (inf = off) round-trip through the control file; a file without them gets defaults."""
+    path = tmp_path / "job.control.json"
+    off = ClipSettings(skip_z_threshold=math.inf, max_consecutive_skips=5)
+    write_control(path, ControlState(job="job", clip=off))
+    assert read_control(path).clip == off
+    old = '{"version": 1, "job": "job", "clip": {"z_threshold": 2.0, "ema_alpha": 0.9, '
+    old += '"warmup_steps": 10, "warmup_max_norm": 1.0}}'
+    path.write_text(old)
+    clip = read_control(path).clip
+    assert clip is not None
+    assert (clip.skip_z_threshold, clip.max_consecutive_skips) == (10.0, 3)
+
+
+def _fused_setup() -> tuple[torch.nn.Linear, torch.optim.AdamW, AdaptiveClipper, torch.Tensor]:
+    """A model, a fused AdamW and a clipper after five warm-up steps."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    clipper = AdaptiveClipper(list(model.parameters()), SKIP)
+    x = torch.randn(8, 4)
+    for _ in range(5):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        clipper.clip()
+        clipper.step(opt)
+    return model, opt, clipper, x
+
+
+def test_fused_optimizer_skips_an_outlier_step_entirely() -> None:
+    """With a fused AdamW, clipper.step leaves weights, moments and step counts alone on a skipped step."""
+    model, opt, clipper, x = _fused_setup()
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = {k: {n: t.clone() for n, t in v.items()} for k, v in opt.state.items()}
+    opt.zero_grad()
+    (1e4 * model(x).square().mean()).backward()
+    clipper.clip()
+    clipper.step(opt)
+    assert clipper.skip_flag is not None
+    assert clipper.skip_flag.item() == 1.0
+    assert not hasattr(opt, "found_inf")
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+    assert all(torch.equal(state[k][n], t) for k, v in opt.state.items() for n, t in v.items())
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    clipper.clip()
+    clipper.step(opt)  # an ordinary step moves again
+    assert clipper.skip_flag.item() == 0.0
+    assert not all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+
+
+def test_fused_skip_step_never_reads_device_values_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """clip() and clipper.step() with a fused optimizer, skipping or not, never read a tensor on the host."""
+    model, opt, clipper, x = _fused_setup()
+
+    def forbidden(*_a: object, **_k: object) -> None:
+        raise AssertionError("host read of a tensor inside clip()/step()")
+
+    for scale in (1.0, 1e4, 1.0):
+        opt.zero_grad()
+        loss = scale * model(x).square().mean()
+        loss.backward()
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+            monkeypatch.setattr(torch.Tensor, name, forbidden)
+        clipper.clip()
+        clipper.step(opt)
+        monkeypatch.undo()
+    assert clipper.stats().skipped_steps == 1

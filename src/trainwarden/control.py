@@ -33,6 +33,9 @@ class ClipSettings:
     ema_alpha: float = 0.97
     warmup_steps: int = 25
     warmup_max_norm: float = 1.0
+    # Added after format 1 shipped; the defaults keep older control files and checkpoints valid.
+    skip_z_threshold: float = 10.0
+    max_consecutive_skips: int = 3
 
 
 @dataclass(frozen=True)

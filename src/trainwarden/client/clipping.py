@@ -9,6 +9,19 @@ step's z-score, and only when it exceeds a threshold clips to a bound derived fr
 - ``reciprocal`` (ZClip's default): clip to ``mean + (z_threshold**2 / z) * std``, so the larger
   the spike the harder it is pulled back.
 
+Clipping alone leaves an extreme outlier (a corrupt batch, z in the hundreds) a normal-sized step
+in a wrong direction, and Adam-style optimisers, which normalise per coordinate, keep it. So above
+a second, higher threshold (``skip_z_threshold``) the step is *skipped*, still without a host-side
+branch: the gradients are zeroed, and `AdaptiveClipper.step` hands fused optimizers
+(``torch.optim.AdamW(..., fused=True)`` and the others GradScaler drives the same way) a
+``found_inf`` flag on the device, which makes them leave parameters, moments and step counts
+untouched. A zeroed gradient alone is not a skip for Adam: it still takes one step along the old
+momentum, which ``bench/spikes.py`` measures to leave several times the damage of a true skip. A
+skipped norm does not enter the statistics. At most ``max_consecutive_skips`` steps in a row are
+skipped; the next one is clipped instead, so a lasting change of the norm (or a too-low
+threshold) slows training down rather than stopping it. ``skip_z_threshold = inf`` turns
+skipping off (plain ZClip).
+
 The statistics are updated with the *clipped* norm, so a spike does not poison them. During the
 warm-up (``ClipSettings.warmup_steps``) the clipper clips at ``warmup_max_norm`` and collects
 norms; it then starts from their median and MAD-derived spread, which a spike inside the warm-up
@@ -28,7 +41,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from trainwarden.control import ClipSettings
@@ -63,6 +76,14 @@ def validate_settings(settings: ClipSettings, where: str = "clip settings") -> N
         bad.append(f"warmup_steps={settings.warmup_steps!r} must be in [2, 100000]")
     if not (settings.warmup_max_norm > 0):  # NaN fails too; +inf means "no clip in warm-up"
         bad.append(f"warmup_max_norm={settings.warmup_max_norm!r} must be > 0")
+    # NaN fails too; +inf turns skipping off
+    if not (settings.skip_z_threshold > settings.z_threshold):
+        bad.append(
+            f"skip_z_threshold={settings.skip_z_threshold!r} must be > z_threshold={settings.z_threshold!r}"
+        )
+    skips = settings.max_consecutive_skips
+    if isinstance(skips, bool) or not isinstance(skips, int) or not 1 <= skips <= 1_000:
+        bad.append(f"max_consecutive_skips={skips!r} must be an int in [1, 1000]")
     if bad:
         raise ClipSettingsError(f"{where}: " + "; ".join(bad))
 
@@ -73,6 +94,7 @@ class ClipStats:
 
     steps: int
     clipped_steps: int
+    skipped_steps: int
     warming_up: bool
     mean: float
     std: float
@@ -90,7 +112,7 @@ class AdaptiveClipper:
         clipper = AdaptiveClipper(model.parameters())
         loss.backward()
         norm = clipper.clip()          # tensor, no host sync
-        optimizer.step()
+        clipper.step(optimizer)        # optimizer.step(), skipped on the device for an outlier
 
     Gradients must be replicated (DDP); for sharded gradients (FSDP) the norm would need a
     cross-rank reduction, which this clipper does not do.
@@ -124,6 +146,9 @@ class AdaptiveClipper:
         self._var = torch.zeros((), dtype=f32, device=device)
         self._warm = torch.full((self._settings.warmup_steps,), math.nan, dtype=f32, device=device)
         self._clipped = torch.zeros((), dtype=torch.int64, device=device)
+        self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self._run = torch.zeros((), dtype=torch.int64, device=device)  # consecutive skips so far
+        self._skip_flag = torch.zeros((), dtype=f32, device=device)  # 1.0: the last clip() skipped
         self._tensors_ready = True
 
     @property
@@ -144,6 +169,8 @@ class AdaptiveClipper:
 
         grads = [p.grad for p in self._params if p.grad is not None]
         if not grads:
+            if self._tensors_ready:
+                self._skip_flag = torch.zeros_like(self._skip_flag)
             return torch.zeros(())
         total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         if total.dtype != torch.float32:
@@ -160,8 +187,11 @@ class AdaptiveClipper:
             self._step += 1
             if self.mode != "fixed" and self._step == s.warmup_steps:
                 self._start_statistics()
+            self._skip_flag = torch.zeros_like(self._skip_flag)
         else:
-            target = self._adaptive_target(total, finite)
+            target, skip = self._adaptive_target(total, finite)
+            self._skipped.add_(skip)
+            self._skip_flag = skip.to(torch.float32)
             self._step += 1
         # A non-finite norm keeps coefficient 1: multiplying NaN gradients fixes nothing.
         clipped = finite & (target < total)
@@ -171,6 +201,32 @@ class AdaptiveClipper:
         torch._foreach_mul_(grads, coef)  # the fused op clip_grad_norm_ itself uses
         self._clipped.add_(clipped)
         return total
+
+    @property
+    def skip_flag(self) -> torch.Tensor | None:
+        """0-d float32 tensor on the device: 1.0 when the last `clip()` skipped the step (None before it)."""
+        return self._skip_flag if self._tensors_ready else None
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.step()``, left out on the device when the last `clip()` skipped the step.
+
+        Fused optimizers take GradScaler's protocol (``_step_supports_amp_scaling`` and a
+        ``found_inf`` attribute for the duration of the step); a nonzero flag makes them change
+        nothing. Any other optimizer, or one inside a GradScaler step that already carries a
+        ``found_inf``, just steps: the gradients are already zero, so only momentum moves it.
+        """
+        if (
+            not self._tensors_ready
+            or not getattr(optimizer, "_step_supports_amp_scaling", False)
+            or hasattr(optimizer, "found_inf")
+        ):
+            optimizer.step()
+            return
+        optimizer.found_inf = self._skip_flag  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf  # type: ignore[attr-defined]
 
     def _start_statistics(self) -> None:
         """Seed mean/variance from the warm-up norms with median and MAD (robust to a spike)."""
@@ -186,7 +242,10 @@ class AdaptiveClipper:
         self._mean = torch.where(ok, median, torch.zeros_like(median))
         self._var = torch.where(ok, std * std, torch.zeros_like(std))
 
-    def _adaptive_target(self, total: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    def _adaptive_target(
+        self, total: torch.Tensor, finite: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm to scale the gradients to, whether the step is skipped), both on the device."""
         import torch  # noqa: PLC0415
 
         s = self._settings
@@ -197,14 +256,19 @@ class AdaptiveClipper:
         else:
             bound = self._mean + s.z_threshold * std
         spike = finite & (z > s.z_threshold)
-        target = torch.where(spike, bound, total)
-        # EMA update with the clipped value (ZClip's update order: variance against the new mean).
+        clipped = torch.where(spike, bound, total)
+        skip = finite & (z > s.skip_z_threshold) & (self._run < s.max_consecutive_skips)
+        # A NaN step neither extends nor ends a run of skips.
+        self._run = torch.where(skip, self._run + 1, torch.where(finite, 0, self._run))
+        # EMA update with the clipped value (ZClip's update order: variance against the new mean);
+        # a skipped norm was judged not to belong to the distribution and leaves it alone.
         a = s.ema_alpha
-        new_mean = a * self._mean + (1.0 - a) * target
-        new_var = a * self._var + (1.0 - a) * (target - new_mean) ** 2
-        self._mean = torch.where(finite, new_mean, self._mean)
-        self._var = torch.where(finite, new_var, self._var)
-        return target
+        new_mean = a * self._mean + (1.0 - a) * clipped
+        new_var = a * self._var + (1.0 - a) * (clipped - new_mean) ** 2
+        keep = finite & ~skip
+        self._mean = torch.where(keep, new_mean, self._mean)
+        self._var = torch.where(keep, new_var, self._var)
+        return torch.where(skip, 0.0, clipped), skip
 
     # --- control --------------------------------------------------------------------------------
 
@@ -247,6 +311,7 @@ class AdaptiveClipper:
         return ClipStats(
             steps=self._step,
             clipped_steps=int(self._clipped.item()) if ready else 0,
+            skipped_steps=int(self._skipped.item()) if ready else 0,
             warming_up=self.warming_up,
             mean=float(self._mean.item()) if ready else 0.0,
             std=math.sqrt(max(float(self._var.item()), 0.0)) if ready else 0.0,
@@ -261,16 +326,13 @@ class AdaptiveClipper:
         return {
             "mode": self.mode,
             "step": self._step,
-            "settings": {
-                "z_threshold": self._settings.z_threshold,
-                "ema_alpha": self._settings.ema_alpha,
-                "warmup_steps": self._settings.warmup_steps,
-                "warmup_max_norm": self._settings.warmup_max_norm,
-            },
+            "settings": asdict(self._settings),
             "mean": float(self._mean.item()) if ready else 0.0,
             "var": float(self._var.item()) if ready else 0.0,
             "warm": [float(v) for v in self._warm.tolist()] if ready else [],
             "clipped": int(self._clipped.item()) if ready else 0,
+            "skipped": int(self._skipped.item()) if ready else 0,
+            "skip_run": int(self._run.item()) if ready else 0,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -286,6 +348,8 @@ class AdaptiveClipper:
             step = int(state["step"])
             warm = [float(v) for v in state["warm"]]
             mean, var, clipped = float(state["mean"]), float(state["var"]), int(state["clipped"])
+            # absent from states saved before skipping existed
+            skipped, run = int(state.get("skipped", 0)), int(state.get("skip_run", 0))
         except (KeyError, TypeError, ValueError) as exc:
             raise ClipSettingsError(f"clipper state: malformed: {exc!r}") from exc
         device = self._params[0].device
@@ -299,3 +363,5 @@ class AdaptiveClipper:
         if warm:
             self._warm = torch.tensor(warm, dtype=f32, device=device)
         self._clipped = torch.tensor(clipped, dtype=torch.int64, device=device)
+        self._skipped = torch.tensor(skipped, dtype=torch.int64, device=device)
+        self._run = torch.tensor(run, dtype=torch.int64, device=device)
