@@ -15,7 +15,8 @@ from pathlib import Path
 JOB = "demo"
 STEP_SLEEP_SECONDS = 0.1
 CKPT_EVERY = 10
-MIN_STEPS = 120
+MIN_STEPS = 160
+SPIKE_STEP = 45
 
 
 @dataclass(frozen=True)
@@ -42,25 +43,26 @@ class ScriptedFault:
 def scripted_faults(steps: int) -> list[ScriptedFault]:
     """A loss spike, a hung rank, a crashed rank and a NaN burst, spread over the run.
 
-    The spike comes once the spike rule has its baseline (30 points); the others are far enough
-    apart that each is healed before the next one starts, so the timeline reads one story at a time.
+    The spike comes at step 45, once the clipper's warm-up (10 steps) is over and the spike rule
+    has its baseline (30 points); the others are spread over the rest of the run, mid-way between
+    two checkpoints, so each is healed before the next one starts.
     """
     if steps < MIN_STEPS:
         raise ValueError(f"the demo needs --steps >= {MIN_STEPS} to fit its four faults, got {steps}")
 
     def at(fraction: float) -> int:
-        return int(steps * fraction) // CKPT_EVERY * CKPT_EVERY + CKPT_EVERY // 2
+        return round(steps * fraction) // CKPT_EVERY * CKPT_EVERY + CKPT_EVERY // 2
 
     restart = ("checkpoint_restart",)
     return [
-        ScriptedFault("spike", at(0.2), 0, ("spike",), ("clip",), "loss spike (a batch scaled 1000x)"),
+        ScriptedFault("spike", SPIKE_STEP, 0, ("spike",), ("clip",), "loss spike (a batch scaled 1000x)"),
         ScriptedFault(
-            "hang", at(0.4), 1, ("stall", "collective_stuck"), restart, "hung rank (sleeps forever)"
+            "hang", at(0.45), 1, ("stall", "collective_stuck"), restart, "hung rank (sleeps forever)"
         ),
         ScriptedFault(
-            "crash", at(0.6), 0, ("process_exit", "process_gone"), restart, "crashed rank (exit status 1)"
+            "crash", at(0.65), 0, ("process_exit", "process_gone"), restart, "crashed rank (exit status 1)"
         ),
-        ScriptedFault("nan", at(0.8), 1, ("nonfinite",), restart, "NaN burst (loss times NaN)"),
+        ScriptedFault("nan", at(0.85), 1, ("nonfinite",), restart, "NaN burst (loss times NaN)"),
     ]
 
 

@@ -1,0 +1,76 @@
+"""`trainwarden demo` end to end: real torchrun, real daemon; every scripted fault detected and healed."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+
+import pytest
+
+from toy_launch import free_port
+from trainwarden.daemon.timeline import EventKind, TimelineEvent
+from trainwarden.demo.narrator import Narrator
+from trainwarden.demo.scenario import scripted_faults
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_demo_detects_and_heals_every_fault_and_the_job_completes() -> None:
+    """The demo prints each fault injected, detected by its rule and healed by its healer, a summary
+    row marked ok per fault, the job finishing all its steps, and exits 0."""
+    port = free_port()
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainwarden.daemon.cli", "demo", "--port", str(port), "--steps", "160"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr[-3000:]
+    assert f"http://127.0.0.1:{port}/metrics" in out
+    for kind, step in (("spike", 45), ("hang", 75), ("crash", 105), ("nan", 135)):
+        assert re.search(rf"FAULT +{kind} injected on rank \d at step {step}", out), out
+        assert re.search(rf"^  {kind} +{step} .* ok$", out, re.MULTILINE), out
+    assert re.search(r"DETECTED +spike: ", out), out
+    assert re.search(r"HEALED +clip applied for spike", out), out
+    assert re.search(r"DETECTED +stall: ", out), out
+    assert re.search(r"HEALED +checkpoint_restart applied for stall", out), out
+    assert re.search(r"HEALED +checkpoint_restart applied for (process_exit|process_gone)", out), out
+    assert re.search(r"DETECTED +nonfinite: ", out), out
+    assert re.search(r"HEALED +checkpoint_restart applied for nonfinite", out), out
+    assert re.search(r"SKIP +batch of step 135 skipped", out), out
+    assert "DONE      training finished all 160 steps" in out
+    assert "final step 160/160" in out
+
+
+def test_narrator_verdict_needs_detection_heal_and_resume() -> None:
+    """A fault counts as healed only with its rule's finding, its healer's applied action and (for a
+    restart) the job resuming afterwards; steps lost are those since the last checkpoint."""
+    faults = [f for f in scripted_faults(200) if f.kind == "hang"]
+    narrator = Narrator(io.StringIO(), 1000.0, 200)
+    narrator._job_event({"event": "start", "time": 1000.0, "step": 0})
+    for step in range(95):
+        narrator._job_event({"event": "step", "time": 1001.0 + step * 0.1, "step": step, "loss": 1.0})
+    narrator._job_event({"event": "fault", "time": 1011.0, "step": 95, "kind": "hang", "rank": 1})
+    assert [r.ok for r in narrator.reports(faults)] == [False]
+
+    narrator.on_event(TimelineEvent(EventKind.FINDING_FIRED, "stall fired", time=1014.0, rule="stall"))
+    narrator.on_event(
+        TimelineEvent(
+            EventKind.ACTION_APPLIED, "restarted", time=1013.9, rule="stall", healer="checkpoint_restart"
+        )
+    )
+    assert [r.ok for r in narrator.reports(faults)] == [False]  # restarted, but not resumed yet
+    narrator._job_event({"event": "start", "time": 1020.0, "step": 90})
+    (report,) = narrator.reports(faults)
+    assert report.ok
+    assert (report.detected_by, report.healed_by, report.steps_lost) == ("stall", "checkpoint_restart", 5)
+    assert report.detected_at is not None
+    assert report.fired_at is not None
+    assert report.detected_at - report.fired_at == pytest.approx(3.0)
+    printed = narrator.out.getvalue()  # type: ignore[attr-defined]
+    assert "FAULT     hang injected on rank 1 at step 95" in printed
+    assert "RESUMED   from the checkpoint of step 89" in printed
