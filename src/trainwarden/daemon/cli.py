@@ -411,7 +411,7 @@ def add_demo(subparsers: Subparsers) -> None:
         epilog="example: trainwarden demo --port 9871 --keep",
     )
     parser.add_argument("--port", type=int, default=9871, help="metrics port on 127.0.0.1 (0: any free one)")
-    parser.add_argument("--steps", type=int, default=200, help="training steps (at least 120; default 200)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps (at least 160; default 200)")
     parser.add_argument("--keep", action="store_true", help="keep the demo directory (journal, incidents)")
     parser.set_defaults(func=run_demo_command)
 
