@@ -28,19 +28,15 @@ CKPT_TS = MetricSpec(LAST_CHECKPOINT_TS, "test", labelnames=("job", "rank"))
 class RecordingBackend(RestartBackend):
     name = "recording"
 
-    def __init__(self, pids: set[int] | None = None) -> None:
+    def __init__(self, retired: set[int] | None = None) -> None:
         super().__init__()
         self.calls: list[tuple[str, str]] = []
-        self._pids = pids
+        self.retire(retired or ())
 
     def _restart(self, job: str, reason: str, *, dry_run: bool) -> ActionResult:
         assert not dry_run
         self.calls.append((job, reason))
         return ActionResult(ActionOutcome.APPLIED, f"restarted {job}", {"pid": 4242})
-
-    def pids(self, job: str) -> set[int] | None:
-        del job
-        return self._pids
 
 
 class Jobs:
@@ -144,7 +140,7 @@ def test_hang_captures_stacks_and_restarts(tmp_path: Path) -> None:
 
 def test_dry_run_and_stale_findings_touch_nothing(tmp_path: Path) -> None:
     """Dry run writes and restarts nothing; a process_gone about an earlier run's pid is a no-op."""
-    backend = RecordingBackend(pids={111, 222})
+    backend = RecordingBackend(retired={999, 222})
     healer, jobs = _healer(tmp_path, backend)
     dry = healer.apply(_action("nonfinite", first_step=3.0), dry_run=True)
     assert dry.outcome is ActionOutcome.DRY_RUN
@@ -154,6 +150,8 @@ def test_dry_run_and_stale_findings_touch_nothing(tmp_path: Path) -> None:
     assert backend.calls == []
     assert jobs.forgotten == []
     assert not (tmp_path / "run" / "control").exists()
+    crashed = healer.apply(_action("process_gone", key="k3", pid=555.0), dry_run=False)
+    assert crashed.outcome is ActionOutcome.APPLIED  # a pid of the current run died: a real crash
 
 
 def test_unreadable_control_file_fails_without_overwriting_it(tmp_path: Path) -> None:

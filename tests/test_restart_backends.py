@@ -58,6 +58,8 @@ def test_supervise_restart_kills_the_whole_tree_and_counts_restarts(tmp_path: Pa
         assert result.data["killed"] == 2
         assert not psutil.pid_exists(int(grandchild)) or psutil.Process(int(grandchild)).status() == "zombie"
         assert not psutil.pid_exists(int(parent))
+        assert sup.retired(int(parent))
+        assert sup.retired(int(grandchild))
         assert _lines(out, 2)[1][2] == "1"
         again = sup.restart("toy", "test", key="k1")
         assert again.outcome is ActionOutcome.NOOP

@@ -66,6 +66,18 @@ class Store:
         with self._lock:
             self._latest.pop(source, None)
 
+    def drop_windows(self, **labels: str) -> int:
+        """Forget the history of every windowed series carrying all these labels (e.g. a restarted job's).
+
+        Latest values are untouched (their source replaces them); returns how many windows went.
+        """
+        wanted = set(labels.items())
+        with self._lock:
+            gone = [key for key in self._windows if wanted <= set(key[1])]
+            for key in gone:
+                del self._windows[key]
+        return len(gone)
+
     def _record(self, sample: Sample, now: float, into: dict[SeriesKey, StoredSeries]) -> None:
         timestamp = now if sample.timestamp is None else sample.timestamp
         key = sample.key

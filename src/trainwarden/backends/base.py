@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 from trainwarden.healers.base import ActionOutcome, ActionResult
 from trainwarden.model import Sample
+
+MAX_RETIRED = 4096
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class RestartBackend(abc.ABC):
         self._done: dict[str, ActionResult] = {}
         self._lock = threading.Lock()
         self.restarts = 0
-        self.last_restart: float | None = None
+        self._retired: dict[int, None] = {}  # insertion-ordered set of pids killed for a restart
 
     def restart(self, job: str, reason: str, *, key: str, dry_run: bool = False) -> ActionResult:
         """Restart `job` once per `key`; a repeated key answers NOOP with the first result's detail."""
@@ -67,6 +69,17 @@ class RestartBackend(abc.ABC):
     @abc.abstractmethod
     def _restart(self, job: str, reason: str, *, dry_run: bool) -> ActionResult:
         """Do the restart (never when `dry_run`) and say what happened."""
+
+    def retire(self, pids: Iterable[int]) -> None:
+        """Remember pids this backend killed for a restart (bounded), so findings about them are stale."""
+        for pid in pids:
+            self._retired[pid] = None
+        while len(self._retired) > MAX_RETIRED:
+            del self._retired[next(iter(self._retired))]
+
+    def retired(self, pid: int) -> bool:
+        """True when `pid` belonged to a run this backend already killed and restarted."""
+        return pid in self._retired
 
     def pids(self, job: str) -> set[int] | None:
         """Pids this backend itself runs for `job` now; None when it cannot know."""

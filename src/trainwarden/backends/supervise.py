@@ -183,6 +183,7 @@ class Supervisor(RestartBackend):
             if proc is not None:
                 if alive:
                     killed = kill_tree(proc.pid, self.kill_grace_seconds)
+                    self.retire(killed)
                 try:
                     proc.wait(self.kill_grace_seconds)
                 except subprocess.TimeoutExpired:

@@ -63,6 +63,7 @@ class TorchrunBackend(RestartBackend):
                 proc = psutil.Process(pid)
                 proc.send_signal(signal.SIGKILL)
                 procs.append(proc)
+        self.retire(pids)
         _gone, alive = psutil.wait_procs(procs, timeout=self.grace_seconds)
         if alive:
             return ActionResult(ActionOutcome.FAILED, f"worker(s) {[p.pid for p in alive]} survived SIGKILL")

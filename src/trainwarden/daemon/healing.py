@@ -30,6 +30,7 @@ from trainwarden.incidents import IncidentWriter
 from trainwarden.journal import Decision, Journal, JournalError
 from trainwarden.model import Finding, FindingState, Sample
 from trainwarden.rules.engine import RuleEngine
+from trainwarden.store import Store
 
 if TYPE_CHECKING:
     from trainwarden.daemon.app import Daemon
@@ -43,8 +44,9 @@ TICK_SECONDS = 1.0
 class CollectorJobs:
     """The training collector of the daemon's current runtime, looked up on each call (reload-safe)."""
 
-    def __init__(self, collectors: Callable[[], Sequence[Any]]) -> None:
+    def __init__(self, collectors: Callable[[], Sequence[Any]], store: Store | None = None) -> None:
         self._collectors = collectors
+        self._store = store
 
     def _training(self) -> Any | None:
         return next((c for c in self._collectors() if c.name == "training"), None)
@@ -55,10 +57,16 @@ class CollectorJobs:
         return [] if training is None else list(training.processes(job))
 
     def forget(self, job: str) -> None:
-        """Drop `job`'s ranks (after a restart)."""
+        """Drop `job`'s ranks and its series' history after a restart.
+
+        Evidence from before the restart (a NaN, a spike) says nothing about the resumed run, and
+        would otherwise keep its finding firing into a second, needless restart.
+        """
         training = self._training()
         if training is not None:
             training.forget(job)
+        if self._store is not None:
+            self._store.drop_windows(job=job)
 
 
 class Healing:
@@ -83,7 +91,7 @@ class Healing:
             state_dir=config.daemon.state_dir,
             clock=daemon.clock,
             store=daemon.store,
-            jobs=CollectorJobs(lambda: daemon._runtime.collectors),  # noqa: SLF001 - the daemon's own runtime
+            jobs=CollectorJobs(lambda: daemon._runtime.collectors, daemon.store),  # noqa: SLF001 - its own runtime
             restart_backend=restart_backend,
         )
         options = config.plugins.get("healers", {})

@@ -208,8 +208,7 @@ class CheckpointRestartHealer(Healer):
         pid = action.evidence.get("pid")
         if action.params.get("rule") != "process_gone" or not isinstance(pid, float | int):
             return ""
-        current = backend.pids(job)
-        if current and int(pid) not in current:
+        if backend.retired(int(pid)):
             return f"pid {int(pid)} belonged to an earlier run of job {job}; it was restarted already"
         return ""
 
