@@ -56,6 +56,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._C._distributed_c10d import PrefixStore, TCPStore
 
 from trainwarden.client.checkpoint import CheckpointManager, ModelOptimizerState
 from trainwarden.client.clipping import AdaptiveClipper
@@ -283,6 +284,27 @@ def restart_count() -> int:
     return max(counts)
 
 
+def attempt_store(timeout: dt.timedelta | None) -> Any:
+    """Under torchrun's own restarts (`--max-restarts`), a store prefixed by the attempt; else None.
+
+    torchrun's workers share the agent's TCPStore, and with the static rendezvous the same store
+    serves every attempt, so restarted gloo ranks read the dead attempt's addresses and fail with
+    "connectFullMesh ... Connection refused" (torch 2.13). A prefix per restart count keeps attempts apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timeout or dt.timedelta(minutes=30),
+    )
+    return PrefixStore(
+        f"/trainwarden-toy/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client
+    )
+
+
 def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 - a training loop, read top to bottom
     """Train, checkpoint, resume; return the exit status."""
     args = parse_args(argv)
@@ -293,7 +315,12 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if distributed:
         timeout = None if args.pg_timeout is None else dt.timedelta(seconds=args.pg_timeout)
-        dist.init_process_group("gloo", timeout=timeout)
+        store = attempt_store(timeout)
+        if store is None:
+            dist.init_process_group("gloo", timeout=timeout)
+        else:
+            rank_env, world_env = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group("gloo", timeout=timeout, store=store, rank=rank_env, world_size=world_env)
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
     events = EventLog(args.events)
