@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import socket
 import subprocess
 import sys
 
@@ -74,3 +75,18 @@ def test_narrator_verdict_needs_detection_heal_and_resume() -> None:
     printed = narrator.out.getvalue()  # type: ignore[attr-defined]
     assert "FAULT     hang injected on rank 1 at step 95" in printed
     assert "RESUMED   from the checkpoint of step 89" in printed
+
+
+def test_demo_refuses_too_few_steps_and_a_taken_port(capsys: pytest.CaptureFixture[str]) -> None:
+    """Too few steps for the four faults, or a metrics port already in use, stop the demo before it
+    starts anything, with exit 2 and a message naming the problem."""
+    from trainwarden.demo.runner import EX_USAGE, run_demo  # noqa: PLC0415
+
+    assert run_demo(steps=100, port=0, out=io.StringIO()) == EX_USAGE
+    assert "--steps >= 160" in capsys.readouterr().err
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert run_demo(steps=200, port=port, out=io.StringIO()) == EX_USAGE
+    assert f"127.0.0.1:{port} is in use" in capsys.readouterr().err
