@@ -193,6 +193,8 @@ def test_daemon_settings_arrive_through_the_control_file(tmp_path: Path) -> None
         ClipSettings(skip_z_threshold=float("nan")),
         ClipSettings(max_consecutive_skips=0),
         ClipSettings(max_consecutive_skips=True),
+        ClipSettings(skip_z_threshold="high"),  # type: ignore[arg-type]
+        ClipSettings(z_threshold=None),  # type: ignore[arg-type]
     ],
 )
 def test_invalid_update_is_counted_and_ignored(bad: ClipSettings) -> None:

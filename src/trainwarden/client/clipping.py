@@ -63,9 +63,23 @@ class ClipSettingsError(TrainwardenError):
     """Clip settings that cannot be used; the clipper keeps its previous settings."""
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def validate_settings(settings: ClipSettings, where: str = "clip settings") -> None:
-    """Raise `ClipSettingsError` naming every bad field of `settings`."""
+    """Raise `ClipSettingsError` naming every bad field of `settings`.
+
+    Values come from a JSON control file, so a field may hold any JSON type: a non-number is
+    reported like any other bad value, never raised as a TypeError into the training loop.
+    """
     bad: list[str] = []
+    floats = ("z_threshold", "ema_alpha", "warmup_max_norm", "skip_z_threshold")
+    bad.extend(
+        f"{n}={getattr(settings, n)!r} must be a number" for n in floats if not _number(getattr(settings, n))
+    )
+    if bad:
+        raise ClipSettingsError(f"{where}: " + "; ".join(bad))
     if not (math.isfinite(settings.z_threshold) and settings.z_threshold > 0):
         bad.append(f"z_threshold={settings.z_threshold!r} must be finite and > 0")
     if not (0.0 < settings.ema_alpha < 1.0):
