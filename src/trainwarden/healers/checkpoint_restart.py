@@ -188,9 +188,10 @@ class CheckpointRestartHealer(Healer):
             return ActionResult(ActionOutcome.FAILED, f"control file of job {job!r} unusable: {exc}", data)
         except OSError as exc:
             return ActionResult(ActionOutcome.FAILED, f"cannot prepare restart of job {job}: {exc}", data)
-        if self.context.jobs is not None:
-            self.context.jobs.forget(job)
         result = backend.restart(job, action.reason, key=action.key)
+        if self.context.jobs is not None and result.outcome is ActionOutcome.APPLIED:
+            # after the restart (the torchrun backend reads the ranks' pids), before the next rule tick
+            self.context.jobs.forget(job)
         prefix = ", ".join(f"{k}={v}" for k, v in data.items() if k in {"checkpoint", "skip", "stacks"})
         detail = f"{result.detail} ({prefix})" if prefix else result.detail
         return ActionResult(result.outcome, detail, {**data, **result.data})
