@@ -12,7 +12,7 @@ import pytest
 from trainwarden.config import Config, config_from_dict
 from trainwarden.daemon.app import Daemon
 from trainwarden.daemon.cli import main
-from trainwarden.daemon.run_cli import run_job
+from trainwarden.daemon.run_cli import private_dirs, run_job
 from trainwarden.daemon.timeline import EventKind, TimelineEvent
 from trainwarden.journal import Journal
 from trainwarden.plugins import plugin_groups
@@ -99,6 +99,20 @@ def test_cli_run_needs_a_command_and_actions_prints_the_journal(
     assert [(d["rule"], d["result"]) for d in lines] == [("process_exit", "dry_run")]
     assert main(["actions", "--state-dir", str(tmp_path / "state"), "--limit", "5"]) == 0
     assert "process_exit" in capsys.readouterr().out
+
+
+def test_run_falls_back_to_private_dirs_only_when_needed(tmp_path: Path) -> None:
+    """Writable configured dirs are kept; an unwritable runtime dir is replaced by a fresh private one."""
+    config = _config(tmp_path)
+    assert private_dirs(config) == config
+    blocked = tmp_path / "file"
+    blocked.write_text("", encoding="utf-8")
+    data: dict[str, Any] = {"daemon": {"runtime_dir": str(blocked / "run"), "state_dir": str(tmp_path / "s")}}
+    moved = private_dirs(config_from_dict(data, plugin_groups()))
+    assert moved.daemon.runtime_dir.name.startswith("trainwarden-run-")
+    assert moved.daemon.runtime_dir.is_dir()
+    assert moved.daemon.state_dir == tmp_path / "s"
+    moved.daemon.runtime_dir.rmdir()
 
 
 def test_daemon_status_carries_rules_and_policy(tmp_path: Path) -> None:

@@ -363,7 +363,7 @@ def add_run(subparsers: Subparsers) -> None:
 def run_run(args: argparse.Namespace) -> int:
     """Run the job; exit with its final status (EX_CONFIG on a bad config, 2 without a command)."""
     from trainwarden.daemon.app import Overrides, load  # noqa: PLC0415 - lazy
-    from trainwarden.daemon.run_cli import run_job  # noqa: PLC0415
+    from trainwarden.daemon.run_cli import private_dirs, run_job  # noqa: PLC0415
     from trainwarden.errors import ConfigError, TrainwardenError  # noqa: PLC0415
 
     command = list(args.command)
@@ -389,7 +389,7 @@ def run_run(args: argparse.Namespace) -> int:
         print(f"trainwarden: {event.line()}", file=sys.stderr, flush=True)
 
     try:
-        return run_job(config, command, on_event=show, job=args.job, handle_signals=True)
+        return run_job(private_dirs(config), command, on_event=show, job=args.job, handle_signals=True)
     except TrainwardenError as exc:
         logging.getLogger("trainwarden").error("%s", exc)  # noqa: TRY400 - a clear message, no traceback
         return 1

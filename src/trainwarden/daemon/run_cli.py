@@ -16,9 +16,11 @@ Python callers (the demo) use `run_job(config, command, on_event=...)`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -52,6 +54,34 @@ def job_env(config: Config, job: str) -> dict[str, str]:
     socket_path = Path(training.socket_path) if training.socket_path else default_socket_path(runtime)
     control = Path(training.control_dir) if training.control_dir else default_control_dir(runtime)
     return {SOCKET_ENV: str(socket_path), CONTROL_DIR_ENV: str(control), JOB_ENV: job}
+
+
+def _writable(path: Path) -> bool:
+    """True when `path` exists writable, or could be created under its nearest existing parent."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate.is_dir() and os.access(candidate, os.W_OK | os.X_OK)
+    return False
+
+
+def private_dirs(config: Config) -> Config:
+    """The config, with per-user directories where the configured ones are not writable.
+
+    `trainwarden run` is often started by a researcher, not root: `/run/trainwarden` and
+    `/var/lib/trainwarden` are then out of reach, so the run falls back to a fresh runtime dir
+    under the temp dir and a state dir under `~/.local/state/trainwarden` (the journal persists).
+    """
+    daemon = config.daemon
+    runtime, state = daemon.runtime_dir, daemon.state_dir
+    if not _writable(runtime):
+        runtime = Path(tempfile.mkdtemp(prefix="trainwarden-run-"))
+        log.info("runtime_dir %s not writable; using %s", daemon.runtime_dir, runtime)
+    if not _writable(state):
+        state = Path.home() / ".local" / "state" / "trainwarden"
+        log.info("state_dir %s not writable; using %s", daemon.state_dir, state)
+    return dataclasses.replace(
+        config, daemon=dataclasses.replace(daemon, runtime_dir=runtime, state_dir=state)
+    )
 
 
 def exit_finding(job: str, code: int, now: float) -> Finding:
