@@ -14,6 +14,8 @@ import pytest
 
 from trainwarden.backends.base import RankProcess
 from trainwarden.backends.command import CommandBackend
+from trainwarden.backends.slurm import Scontrol
+from trainwarden.backends.slurm_requeue import SlurmRequeueBackend, slurm_job_id
 from trainwarden.backends.supervise import Supervisor
 from trainwarden.backends.systemd import SystemdBackend
 from trainwarden.backends.torchrun import TorchrunBackend
@@ -175,3 +177,13 @@ def test_exit_status_of_a_signalled_child() -> None:
     while code is None and time.monotonic() < deadline:
         code = sup.wait(0.5)
     assert code == 128 + 15
+
+
+def test_slurm_backend_needs_a_job_id() -> None:
+    """The Slurm job id comes from the config or a job named slurm-<id>; without one nothing is requeued."""
+    assert slurm_job_id("slurm-1234") == "1234"
+    assert slurm_job_id("toy", "77") == "77"
+    assert slurm_job_id("toy") == ""
+    result = SlurmRequeueBackend(Scontrol(program="/nonexistent/scontrol")).restart("toy", "hang", key="k")
+    assert result.outcome is ActionOutcome.FAILED
+    assert "no Slurm job id" in result.detail
