@@ -68,6 +68,12 @@ def test_identity_comes_from_torchrun_and_slurm_variables() -> None:
     assert identity_from_env(env={"TRAINWARDEN_JOB": "llm", "RANK": "x"}).rank == 0
 
 
+def test_restart_count_is_the_largest_any_nested_launcher_reports() -> None:
+    """Under `trainwarden run` around torchrun, the supervisor's count wins over the fresh agent's 0."""
+    env = {"TORCHELASTIC_RESTART_COUNT": "0", "TRAINWARDEN_RESTART_COUNT": "3", "SLURM_RESTART_COUNT": "junk"}
+    assert identity_from_env(env=env).restart_count == 3
+
+
 @pytest.mark.parametrize("background", [True, False])
 def test_daemon_absent_drops_and_counts_without_retrying_each_step(tmp_path: Path, background: bool) -> None:
     """With no daemon every record is dropped and counted, and reconnects are rate-limited by backoff."""

@@ -61,6 +61,19 @@ def _int(env: Mapping[str, str], *names: str, default: int = 0) -> int:
     return default
 
 
+RESTART_COUNT_VARIABLES = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT", "TRAINWARDEN_RESTART_COUNT")
+
+
+def restart_count_from_env(env: Mapping[str, str] | None = None) -> int:
+    """How often the job was restarted: the most any launcher says.
+
+    Launchers nest (`trainwarden run` restarting torchrun, whose agent restarts its workers), and
+    each counts only its own restarts, so the largest count is the one that is never behind.
+    """
+    env = os.environ if env is None else env
+    return max(_int(env, name) for name in RESTART_COUNT_VARIABLES)
+
+
 def identity_from_env(job: str | None = None, env: Mapping[str, str] | None = None) -> Identity:
     """Read the identity; a missing or garbled variable falls back to a single-process default."""
     env = os.environ if env is None else env
@@ -80,9 +93,7 @@ def identity_from_env(job: str | None = None, env: Mapping[str, str] | None = No
         rank=rank,
         local_rank=_int(env, "LOCAL_RANK", "SLURM_LOCALID"),
         world_size=world_size,
-        restart_count=_int(
-            env, "TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT", "TRAINWARDEN_RESTART_COUNT"
-        ),
+        restart_count=restart_count_from_env(env),
         slurm_job_id=slurm_job,
         pid=os.getpid(),
     )
