@@ -32,7 +32,7 @@ def test_demo_detects_and_heals_every_fault_and_the_job_completes() -> None:
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr[-3000:]
     assert f"http://127.0.0.1:{port}/metrics" in out
-    for kind, step in (("spike", 45), ("hang", 75), ("crash", 105), ("nan", 135)):
+    for kind, step in (("spike", 45), ("hang", 65), ("crash", 95), ("nan", 125)):
         assert re.search(rf"FAULT +{kind} injected on rank \d at step {step}", out), out
         assert re.search(rf"^  {kind} +{step} .* ok$", out, re.MULTILINE), out
     assert re.search(r"DETECTED +spike: ", out), out
@@ -42,7 +42,7 @@ def test_demo_detects_and_heals_every_fault_and_the_job_completes() -> None:
     assert re.search(r"HEALED +checkpoint_restart applied for (process_exit|process_gone)", out), out
     assert re.search(r"DETECTED +nonfinite: ", out), out
     assert re.search(r"HEALED +checkpoint_restart applied for nonfinite", out), out
-    assert re.search(r"SKIP +batch of step 135 skipped", out), out
+    assert re.search(r"SKIP +batch of step 125 skipped", out), out
     assert "DONE      training finished all 160 steps" in out
     assert "final step 160/160" in out
 
@@ -51,11 +51,12 @@ def test_narrator_verdict_needs_detection_heal_and_resume() -> None:
     """A fault counts as healed only with its rule's finding, its healer's applied action and (for a
     restart) the job resuming afterwards; steps lost are those since the last checkpoint."""
     faults = [f for f in scripted_faults(200) if f.kind == "hang"]
+    assert [f.step for f in faults] == [85]
     narrator = Narrator(io.StringIO(), 1000.0, 200)
     narrator._job_event({"event": "start", "time": 1000.0, "step": 0})
-    for step in range(95):
+    for step in range(85):
         narrator._job_event({"event": "step", "time": 1001.0 + step * 0.1, "step": step, "loss": 1.0})
-    narrator._job_event({"event": "fault", "time": 1011.0, "step": 95, "kind": "hang", "rank": 1})
+    narrator._job_event({"event": "fault", "time": 1011.0, "step": 85, "kind": "hang", "rank": 1})
     assert [r.ok for r in narrator.reports(faults)] == [False]
 
     narrator.on_event(TimelineEvent(EventKind.FINDING_FIRED, "stall fired", time=1014.0, rule="stall"))
@@ -65,7 +66,7 @@ def test_narrator_verdict_needs_detection_heal_and_resume() -> None:
         )
     )
     assert [r.ok for r in narrator.reports(faults)] == [False]  # restarted, but not resumed yet
-    narrator._job_event({"event": "start", "time": 1020.0, "step": 90})
+    narrator._job_event({"event": "start", "time": 1020.0, "step": 80})
     (report,) = narrator.reports(faults)
     assert report.ok
     assert (report.detected_by, report.healed_by, report.steps_lost) == ("stall", "checkpoint_restart", 5)
@@ -73,8 +74,8 @@ def test_narrator_verdict_needs_detection_heal_and_resume() -> None:
     assert report.fired_at is not None
     assert report.detected_at - report.fired_at == pytest.approx(3.0)
     printed = narrator.out.getvalue()  # type: ignore[attr-defined]
-    assert "FAULT     hang injected on rank 1 at step 95" in printed
-    assert "RESUMED   from the checkpoint of step 89" in printed
+    assert "FAULT     hang injected on rank 1 at step 85" in printed
+    assert "RESUMED   from the checkpoint of step 79" in printed
 
 
 def test_demo_refuses_too_few_steps_and_a_taken_port(capsys: pytest.CaptureFixture[str]) -> None:
@@ -90,3 +91,26 @@ def test_demo_refuses_too_few_steps_and_a_taken_port(capsys: pytest.CaptureFixtu
         port = taken.getsockname()[1]
         assert run_demo(steps=200, port=port, out=io.StringIO()) == EX_USAGE
     assert f"127.0.0.1:{port} is in use" in capsys.readouterr().err
+
+
+def test_narrator_counts_a_crash_detected_by_the_jobs_own_exit() -> None:
+    """A crash whose only signal is the job's non-zero exit (no rule fired before the supervisor saw
+    it) counts as detected by process_exit and healed by the restart that followed."""
+    faults = [f for f in scripted_faults(200) if f.kind == "crash"]
+    narrator = Narrator(io.StringIO(), 1000.0, 200)
+    narrator._job_event({"event": "start", "time": 1000.0, "step": 0})
+    narrator._job_event({"event": "fault", "time": 1010.0, "step": 125, "kind": "crash", "rank": 0})
+    narrator.on_event(TimelineEvent(EventKind.CHILD_EXITED, "exited", time=1010.5, data={"exit_code": 1}))
+    narrator.on_event(
+        TimelineEvent(
+            EventKind.ACTION_APPLIED,
+            "restarted",
+            time=1010.6,
+            rule="process_exit",
+            healer="checkpoint_restart",
+        )
+    )
+    narrator._job_event({"event": "start", "time": 1015.0, "step": 120})
+    (report,) = narrator.reports(faults)
+    assert report.ok
+    assert report.detected_by == "process_exit"

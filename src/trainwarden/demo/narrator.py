@@ -22,6 +22,7 @@ from trainwarden.daemon.timeline import EventKind, TimelineEvent
 from trainwarden.demo.scenario import ScriptedFault
 
 PROGRESS_EVERY = 25
+EXIT_RULE = "process_exit"  # what `trainwarden run` calls a job's own non-zero exit
 _EVIDENCE_KEYS = (
     "elapsed_seconds",
     "timeout_seconds",
@@ -179,17 +180,11 @@ def _match(
 ) -> None:
     fault, fired = report.fault, report.fired_at
     assert fired is not None
-    detection = next(
-        (
-            e
-            for e in events
-            if e.kind is EventKind.FINDING_FIRED and e.rule in fault.rules and e.time >= fired
-        ),
-        None,
-    )
+    detection = next((e for e in events if e.time >= fired and _detects(e, fault)), None)
     if detection is None:
         return
-    report.detected_at, report.detected_by = detection.time, detection.rule
+    report.detected_at = detection.time
+    report.detected_by = detection.rule or EXIT_RULE
     # The heal of this fault's own finding: an outcome is stamped with its tick's start, which can
     # be a moment before the finding's event, so match on the rule rather than on time order.
     heal = next(
@@ -226,6 +221,14 @@ def _match(
     ]
     last_done = max(done) if done else report.resumed_step - 1
     report.steps_lost = max(0, last_done + 1 - report.resumed_step)
+
+
+def _detects(event: TimelineEvent, fault: ScriptedFault) -> bool:
+    """A finding of one of the fault's rules; a crash also by the job's non-zero exit itself."""
+    if event.kind is EventKind.FINDING_FIRED:
+        return event.rule in fault.rules
+    exited = event.kind is EventKind.CHILD_EXITED and event.data.get("exit_code", 0) != 0
+    return exited and EXIT_RULE in fault.rules
 
 
 def _after_colon(summary: str) -> str:

@@ -57,12 +57,12 @@ def scripted_faults(steps: int) -> list[ScriptedFault]:
     return [
         ScriptedFault("spike", SPIKE_STEP, 0, ("spike",), ("clip",), "loss spike (a batch scaled 1000x)"),
         ScriptedFault(
-            "hang", at(0.45), 1, ("stall", "collective_stuck"), restart, "hung rank (sleeps forever)"
+            "hang", at(0.4), 1, ("stall", "collective_stuck"), restart, "hung rank (sleeps forever)"
         ),
         ScriptedFault(
-            "crash", at(0.65), 0, ("process_exit", "process_gone"), restart, "crashed rank (exit status 1)"
+            "crash", at(0.6), 0, ("process_exit", "process_gone"), restart, "crashed rank (exit status 1)"
         ),
-        ScriptedFault("nan", at(0.85), 1, ("nonfinite",), restart, "NaN burst (loss times NaN)"),
+        ScriptedFault("nan", at(0.8), 1, ("nonfinite",), restart, "NaN burst (loss times NaN)"),
     ]
 
 
@@ -140,20 +140,22 @@ enabled = false
 [rules.stall]
 # Learned: 99th percentile of the job's own step times x 4, at least 3 s (default 20 s).
 floor_seconds = 3.0
+resolve_after_seconds = 3.0
 min_samples = 10
 default_timeout_seconds = 30.0
 
+# Findings resolve within seconds once their cause is gone (defaults: 30-60 s), so a finding the
+# policy already acted on has resolved before the cooldown below ends and is not acted on again.
 [rules.spike]
-# A spike stays "recent" for 5 s (default 30 s), so it resolves before the cooldown ends.
-recent_seconds = 5.0
-resolve_after_seconds = 5.0
+recent_seconds = 3.0
+resolve_after_seconds = 3.0
 
 [rules.nonfinite]
-recent_seconds = 5.0
-resolve_after_seconds = 5.0
+recent_seconds = 2.0
+resolve_after_seconds = 2.0
 
 [rules.process_gone]
-resolve_after_seconds = 5.0
+resolve_after_seconds = 3.0
 
 # A restart makes the job slower for a while and shuffles step times; not what the demo is about.
 [rules.straggler]
@@ -164,8 +166,9 @@ enabled = false
 [policy]
 # Observe-only is the default; the demo heals.
 actions_enabled = true
-# Longer than a restart takes here, so the restart's own aftermath is not acted on twice.
-cooldown_seconds = 15.0
+# Between two actions on one job (default 120 s): longer than the findings above take to
+# resolve, shorter than the gap between the demo's faults.
+cooldown_seconds = 8.0
 budget_window_seconds = 600.0
 # The demo's three restarts (hang, crash, NaN) walk one ladder; allow them (default 2 per hour).
 attempts_per_rung = {restarts_per_window}
