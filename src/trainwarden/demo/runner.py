@@ -11,6 +11,7 @@ with every rank's stacks, checkpoints) for a look afterwards.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -27,6 +28,7 @@ from typing import TextIO
 from trainwarden.config import load_config
 from trainwarden.demo.narrator import FaultReport, Narrator
 from trainwarden.demo.scenario import JOB, ScriptedFault, config_text, scripted_faults, toy_command
+from trainwarden.errors import TrainwardenError
 from trainwarden.plugins import plugin_groups
 
 DEFAULT_STEPS = 200
@@ -101,6 +103,9 @@ def run_demo(
     except ValueError as exc:
         print(f"trainwarden demo: {exc}", file=sys.stderr)
         return EX_USAGE
+    if importlib.util.find_spec("torch") is None:
+        print("trainwarden demo: needs torch: pip install 'trainwarden[torch]'", file=sys.stderr)
+        return EX_USAGE
     port = port or free_port()
     if not port_free(port):
         print(f"trainwarden demo: 127.0.0.1:{port} is in use; pick another with --port", file=sys.stderr)
@@ -124,6 +129,8 @@ def run_demo(
         except KeyboardInterrupt:
             interrupted = True
             narrator.say(time.time(), "STOPPED", "interrupted; the job was killed")
+        except TrainwardenError as exc:
+            narrator.say(time.time(), "FAILED", f"the daemon could not run: {exc}")
         finally:
             signal.signal(signal.SIGTERM, previous)
             stop.set()
