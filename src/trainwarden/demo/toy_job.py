@@ -60,6 +60,7 @@ from torch._C._distributed_c10d import PrefixStore, TCPStore
 
 from trainwarden.client.checkpoint import CheckpointManager, ModelOptimizerState
 from trainwarden.client.clipping import AdaptiveClipper
+from trainwarden.client.identity import restart_count_from_env
 from trainwarden.client.interrupt import PlannedInterrupt
 from trainwarden.control import ClipSettings, ControlState
 
@@ -276,12 +277,7 @@ def scripted_faults(args: argparse.Namespace) -> list[Fault]:
 
 def restart_count() -> int:
     """How often this job was restarted: the most any launcher says (torchrun's agent, Slurm, trainwarden)."""
-    counts = [0]
-    for name in ("TORCHELASTIC_RESTART_COUNT", "TRAINWARDEN_RESTART_COUNT", "SLURM_RESTART_COUNT"):
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            counts.append(int(value))
-    return max(counts)
+    return restart_count_from_env()
 
 
 def attempt_store(timeout: dt.timedelta | None) -> Any:
