@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from trainwarden.collectors.base import CollectorContext
-from trainwarden.collectors.host_common import HostCollector, Parsed, read_host_file, sample
+from trainwarden.collectors.host_common import (
+    DeviceFilterOptions,
+    HostCollector,
+    Parsed,
+    read_host_file,
+    sample,
+)
 from trainwarden.config import CollectorOptions
 from trainwarden.errors import CollectorUnavailableError
 from trainwarden.model import MetricKind, MetricSpec, Sample
@@ -93,19 +99,10 @@ def parse_diskstats(text: str, exclude: re.Pattern[str] | None = None) -> Parsed
 
 
 @dataclass(frozen=True)
-class DiskstatsOptions(CollectorOptions):
+class DiskstatsOptions(DeviceFilterOptions):
     """`device_exclude`: regex (Python `re.search`) of device names not to export."""
 
     device_exclude: str = DEFAULT_EXCLUDE
-
-    def problems(self) -> list[tuple[str, str]]:
-        """The exclude pattern must compile."""
-        found = super().problems()
-        try:
-            re.compile(self.device_exclude)
-        except re.error as exc:
-            found.append(("device_exclude", f"not a valid regular expression: {exc}"))
-        return found
 
 
 class DiskstatsCollector(HostCollector):
@@ -116,8 +113,8 @@ class DiskstatsCollector(HostCollector):
 
     def __init__(self, options: CollectorOptions, context: CollectorContext) -> None:
         super().__init__(options, context)
-        pattern = options.device_exclude if isinstance(options, DiskstatsOptions) else DEFAULT_EXCLUDE
-        self._exclude = re.compile(pattern) if pattern else None
+        own = options if isinstance(options, DiskstatsOptions) else DiskstatsOptions()
+        self._exclude = own.exclude_pattern()
         self._path = context.paths.proc("diskstats")
 
     def start(self) -> None:

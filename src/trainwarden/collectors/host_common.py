@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,29 @@ def sample(spec: MetricSpec, value: float, labels: Labels = ()) -> Sample:
     check every exported sample against its spec.
     """
     return Sample(spec, float(value), labels)
+
+
+@dataclass(frozen=True)
+class DeviceFilterOptions(CollectorOptions):
+    """`device_exclude`: regex (Python `re.search`) of device or interface names not to export.
+
+    Collectors override the default with a pattern fitting their source.
+    """
+
+    device_exclude: str = ""
+
+    def problems(self) -> list[tuple[str, str]]:
+        """The exclude pattern must compile."""
+        found = super().problems()
+        try:
+            re.compile(self.device_exclude)
+        except re.error as exc:
+            found.append(("device_exclude", f"not a valid regular expression: {exc}"))
+        return found
+
+    def exclude_pattern(self) -> re.Pattern[str] | None:
+        """The compiled pattern, or None when everything is exported."""
+        return re.compile(self.device_exclude) if self.device_exclude else None
 
 
 class HostCollector(Collector):

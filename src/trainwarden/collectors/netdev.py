@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from trainwarden.collectors.base import CollectorContext
-from trainwarden.collectors.host_common import HostCollector, Parsed, read_host_file, sample
+from trainwarden.collectors.host_common import (
+    DeviceFilterOptions,
+    HostCollector,
+    Parsed,
+    read_host_file,
+    sample,
+)
 from trainwarden.config import CollectorOptions
 from trainwarden.errors import CollectorUnavailableError
 from trainwarden.model import MetricKind, MetricSpec, Sample
@@ -74,19 +80,10 @@ def parse_net_dev(text: str, exclude: re.Pattern[str] | None = None) -> Parsed[d
 
 
 @dataclass(frozen=True)
-class NetdevOptions(CollectorOptions):
+class NetdevOptions(DeviceFilterOptions):
     """`device_exclude`: regex (Python `re.search`) of interface names not to export."""
 
     device_exclude: str = DEFAULT_EXCLUDE
-
-    def problems(self) -> list[tuple[str, str]]:
-        """The exclude pattern must compile."""
-        found = super().problems()
-        try:
-            re.compile(self.device_exclude)
-        except re.error as exc:
-            found.append(("device_exclude", f"not a valid regular expression: {exc}"))
-        return found
 
 
 class NetdevCollector(HostCollector):
@@ -97,8 +94,8 @@ class NetdevCollector(HostCollector):
 
     def __init__(self, options: CollectorOptions, context: CollectorContext) -> None:
         super().__init__(options, context)
-        pattern = options.device_exclude if isinstance(options, NetdevOptions) else DEFAULT_EXCLUDE
-        self._exclude = re.compile(pattern) if pattern else None
+        own = options if isinstance(options, NetdevOptions) else NetdevOptions()
+        self._exclude = own.exclude_pattern()
         self._path = context.paths.proc("net", "dev")
 
     def start(self) -> None:
