@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from toy_launch import Proc, free_port, toy_env
+from toy_launch import Proc, torchrun_command, toy_env
 from trainwarden.journal import JOURNAL_NAME, Entry, Journal
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,24 +51,7 @@ resolve_after_seconds = 2.0
 
 def toy_command(toy_args: list[str], nproc: int = 2) -> list[str]:
     """torchrun (no restarts of its own: `trainwarden run` restarts) with the packaged toy job."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        "--max-restarts",
-        "0",
-        "--monitor-interval",
-        "0.1",
-        "-m",
-        "trainwarden.demo.toy_job",
-        *toy_args,
-    ]
+    return torchrun_command(["-m", "trainwarden.demo.toy_job", *toy_args], nproc)
 
 
 @dataclass

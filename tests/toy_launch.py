@@ -116,9 +116,9 @@ class Proc:
         return "\n".join(self.lines[-200:])
 
 
-def torchrun(args: list[str], env: dict[str, str], nproc: int = 2) -> Proc:
-    """Start the toy under `python -m torch.distributed.run` with `nproc` gloo ranks."""
-    cmd = [
+def torchrun_command(target: list[str], nproc: int = 2) -> list[str]:
+    """`python -m torch.distributed.run` with `nproc` ranks on loopback, no restarts of its own."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -132,10 +132,13 @@ def torchrun(args: list[str], env: dict[str, str], nproc: int = 2) -> Proc:
         "0",
         "--monitor-interval",
         "0.1",
-        str(TOY),
-        *args,
+        *target,
     ]
-    return Proc(cmd, env)
+
+
+def torchrun(args: list[str], env: dict[str, str], nproc: int = 2) -> Proc:
+    """Start the toy under torchrun with `nproc` gloo ranks."""
+    return Proc(torchrun_command([str(TOY), *args], nproc), env)
 
 
 def bare_ranks(args: list[str], env: dict[str, str], nproc: int = 2) -> list[Proc]:

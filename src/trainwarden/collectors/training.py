@@ -14,6 +14,7 @@ points that arrived since the last `collect()` are emitted in order before the l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -590,16 +591,7 @@ class TrainingCollector(Collector):
         """Atomically write `job`'s control file (the job name is validated); return its path."""
         path = control.control_path(self.control_dir, job)
         if state.job != job:
-            state = control.ControlState(
-                job=job,
-                clip=state.clip,
-                checkpoint_request=state.checkpoint_request,
-                stop_request=state.stop_request,
-                skip_batches=state.skip_batches,
-                updated_at=state.updated_at,
-                version=state.version,
-                extra=state.extra,
-            )
+            state = dataclasses.replace(state, job=job)
         control.write_control(path, state)
         return path
 
