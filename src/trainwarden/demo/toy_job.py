@@ -449,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
     if reporter is not None:
         reporter.close()
     if distributed:
+        # Tear down together: a rank destroying its gloo pairs while a peer is still busy (rank 0
+        # writing the final parameters) can abort in gloo's destructor ("terminate called without
+        # an active exception"), turning a finished job into a failed one.
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 
