@@ -32,8 +32,8 @@ the demo's summary and bench/healing.py.
 """
 
 # The data augmentation draws from NumPy's legacy global generator on purpose: exact resume must restore it.
-# The job talks to its supervisor through stdout lines (T201); its augmentation is not crypto (S311).
-# ruff: noqa: NPY002, T201, S311
+# Its augmentation is not crypto (S311).
+# ruff: noqa: NPY002, S311
 
 from __future__ import annotations
 
@@ -275,6 +275,16 @@ def scripted_faults(args: argparse.Namespace) -> list[Fault]:
     return faults
 
 
+def say(line: str) -> None:
+    """Print one protocol line (tests and the demo parse them) in a single write.
+
+    print() may issue the text and its newline as two writes; two ranks sharing torchrun's pipe
+    then interleave as "STOPPED 11 ...STOPPED 11 ...".
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def restart_count() -> int:
     """How often this job was restarted: the most any launcher says (torchrun's agent, Slurm, trainwarden)."""
     return restart_count_from_env()
@@ -339,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
     control: ControlState | None = reporter.poll_control() if reporter is not None else None
 
     def write_pause(tmp: Path) -> None:
-        print(f"CKPT_WRITING {tmp.name}", flush=True)
+        say(f"CKPT_WRITING {tmp.name}")
         time.sleep(args.ckpt_write_delay)
 
     manager = None
@@ -361,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
             if clipper is not None and "clipper" in resume.local:
                 clipper.load_state_dict(resume.local["clipper"])
             guard.load_state_dict(resume.local.get("interrupt", {}))
-            print(f"RESUMED {resume.step}", flush=True)
+            say(f"RESUMED {resume.step}")
     if clipper is not None and control is not None and control.clip is not None:
         clipper.update(control.clip)  # the daemon's settings win over the saved ones
     if rank == 0:
@@ -378,17 +388,17 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
     for step in range(start, args.steps):
         began = time.time()
         if faults.fires("crash", step):
-            print(f"CRASH {step}", flush=True)
+            say(f"CRASH {step}")
             os._exit(1)
         if faults.fires("hang", step):
-            print(f"HANG {step}", flush=True)
+            say(f"HANG {step}")
             while True:
                 time.sleep(3600)
         x, y = data.next()
         if control is not None and control.should_skip(step):
             # Drawn (so the data position moves on) but not trained on, identically on every rank.
             if rank == 0:
-                print(f"SKIP {step}", flush=True)
+                say(f"SKIP {step}")
                 events.write("skip", step=step)
             continue
         if faults.fires("spike", step):
@@ -411,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
             )
         loss_value = float(loss.item())
         if rank == 0:
-            print(f"STEP {step} loss={loss_value:.6f}", flush=True)
+            say(f"STEP {step} loss={loss_value:.6f}")
         boundary = guard.at_boundary(step)
         if clipper is not None and boundary.control is not None and boundary.control.clip is not None:
             clipper.update(boundary.control.clip)
@@ -420,11 +430,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
             if params_finite(model):
                 save(step, loss_value if math.isfinite(loss_value) else float("inf"))
             elif rank == 0:
-                print(f"CKPT_REFUSED {step} non-finite parameters", flush=True)
+                say(f"CKPT_REFUSED {step} non-finite parameters")
         if boundary.stop:
             if manager is not None:
                 manager.wait()
-            print(f"STOPPED {step} {boundary.reason}", flush=True)
+            say(f"STOPPED {step} {boundary.reason}")
             if reporter is not None:
                 reporter.close()
             guard.exit()
@@ -443,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
         (args.out / "final.json").write_text(
             json.dumps({"steps": args.steps, "sha256": digest}), encoding="utf-8"
         )
-        print(f"FINAL {digest}", flush=True)
+        say(f"FINAL {digest}")
     if rank == 0:
         events.write("done", step=args.steps)
     if reporter is not None:
