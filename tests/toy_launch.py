@@ -32,10 +32,9 @@ def toy_env(tmp: Path) -> dict[str, str]:
     env["TRAINWARDEN_SOCKET"] = str(tmp / "no-daemon.sock")
     env["TRAINWARDEN_CONTROL_DIR"] = str(tmp / "control")
     env["OMP_NUM_THREADS"] = "1"
-    # Not PYTHONUNBUFFERED: unbuffered, print() writes the text and its newline in two syscalls, and
-    # two ranks sharing torchrun's pipe interleave them ("STOPPED 11 ...STOPPED 11 ...\n\n"). The toy
-    # flushes every line it prints, so buffered output arrives whole and just as promptly.
-    env.pop("PYTHONUNBUFFERED", None)
+    # Unbuffered is safe: the toy writes each protocol line in one write (toy_job.say), so two ranks
+    # sharing torchrun's pipe never interleave within a line.
+    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
