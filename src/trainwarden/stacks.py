@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 
 STACK_SIGNAL = signal.SIGUSR2
 MAX_STACK_CHARS = 256 * 1024
+# faulthandler writes a dump thread by thread in many small writes from a signal handler, and a
+# rank just resumed with SIGCONT on a busy node can be descheduled mid-dump for well over 100 ms
+# (seen in CI: the main thread's stack was missing). The dump counts as complete once the file has
+# not grown for this long.
+DUMP_SETTLE_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,7 @@ def _read_growth(path: Path, offset: int, timeout: float) -> tuple[str, str]:
         if size > offset and size == last_size:
             if stable_since is None:
                 stable_since = time.monotonic()
-            elif time.monotonic() - stable_since >= 0.1:
+            elif time.monotonic() - stable_since >= DUMP_SETTLE_SECONDS:
                 break
         else:
             stable_since = None
