@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from support import free_port
+
 BINARIES = ("munged", "slurmctld", "slurmd", "scontrol", "sbatch", "scancel", "squeue")
 MARKER = "TRAINWARDEN_TEST_SLURM"
 SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
@@ -48,12 +50,6 @@ def skip_reason() -> str | None:
     if os.geteuid() != 0:
         return "a real slurmd must run as root (slurmd/slurmstepd switch users)"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 SLURM_CONF = """\
@@ -266,8 +262,8 @@ def start_slurm_cluster(timeout: float = 40.0) -> SlurmCluster:
     conf.write_text(
         SLURM_CONF.format(
             host=node,
-            ctld_port=_free_port(),
-            slurmd_port=_free_port(),
+            ctld_port=free_port(),
+            slurmd_port=free_port(),
             munge_socket=munge_socket,
             root=root,
             cpus=os.cpu_count() or 1,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from support import free_port
 from training_support import collect_into, running_collector, wait_until
 from trainwarden.client.collectives import tensor_bytes, time_collectives
 
@@ -49,12 +49,6 @@ RANK_SCRIPT = textwrap.dedent(
     print(json.dumps({"sum": float(t.sum()), "restored": restored, "dropped": reporter.dropped}))
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_gloo_collectives_are_timed_and_a_waiting_barrier_shows_in_flight(tmp_path: Path) -> None:

@@ -9,16 +9,16 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from support import free_port, wait_until
 from trainwarden.daemon.app import Daemon, load
 from trainwarden.daemon.http import Request
 
@@ -26,20 +26,6 @@ HOST = Path(__file__).parent / "fixtures" / "hosts" / "vm_psi"
 BIN = Path(sys.executable).parent / "trainwarden"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @dataclass
@@ -104,7 +90,7 @@ def start_daemon(tmp_path: Path, config_text: str) -> Running:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
     running = Running(proc, f"http://127.0.0.1:{port}", config, log)
     try:
-        wait_for(lambda: running.healthy() or proc.poll() is not None, "/healthz")
+        wait_until(lambda: running.healthy() or proc.poll() is not None, 20.0, "/healthz")
     except BaseException:
         stop(running)
         raise
@@ -216,7 +202,11 @@ def test_sighup_reloads_a_valid_config_keeps_the_old_on_an_invalid_one_and_sigte
 
         running.config.write_text("[collectors.load]\nenabled = false\n")
         running.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: running.status()["collectors"]["load"] == {"state": "disabled"}, "load disabled")  # type: ignore[index]
+        wait_until(
+            lambda: running.status()["collectors"]["load"] == {"state": "disabled"},  # type: ignore[index]
+            20.0,
+            "load disabled",
+        )
         metrics = running.metrics()
         assert ("trainwarden_host_load1", ()) not in metrics
         assert metrics[("trainwarden_config_reloads_total", (("result", "success"),))] == 1
@@ -224,7 +214,7 @@ def test_sighup_reloads_a_valid_config_keeps_the_old_on_an_invalid_one_and_sigte
 
         running.config.write_text("[daemon]\nlisten = 'everywhere'\n[collectors.load]\nenabled = true\n")
         running.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: running.status()["config"]["last_reload"]["ok"] is False, "reload rejected")  # type: ignore[index]
+        wait_until(lambda: running.status()["config"]["last_reload"]["ok"] is False, 20.0, "reload rejected")  # type: ignore[index]
         status = running.status()
         assert "[daemon] listen: expected HOST:PORT" in status["config"]["last_reload"]["error"]  # type: ignore[index]
         assert status["collectors"]["load"] == {"state": "disabled"}  # type: ignore[index]

@@ -6,12 +6,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,25 +17,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpu_support import FIXTURES
+from support import free_port, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 HOST = FIXTURES / "hosts" / "vm_psi"
 Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 @dataclass
@@ -114,7 +99,7 @@ def start_node(tmp_path: Path, fixture: str) -> Node:
         except OSError:
             return False
 
-    wait_for(ready, "the daemon to serve its first collection")
+    wait_until(ready, 30.0, "the daemon to serve its first collection")
     assert proc.poll() is None, log.read_text()
     return node
 
@@ -149,8 +134,10 @@ def test_daemon_exports_gpus_ports_and_kernel_xids(node: Node) -> None:
         handle.write(
             "4,2,2,-;NVRM: Xid (PCI:0000:db:00): 79, pid=41008, name=python, GPU has fallen off the bus.\n"
         )
-    wait_for(
-        lambda: node.value("trainwarden_gpu_xid_errors_total", gpu="7", xid="79") == 1, "XID 79 on GPU 7"
+    wait_until(
+        lambda: node.value("trainwarden_gpu_xid_errors_total", gpu="7", xid="79") == 1,
+        30.0,
+        "XID 79 on GPU 7",
     )
     assert node.value("trainwarden_gpu_xid_actions_total", gpu="7", action="reboot") == 1
     assert node.value("trainwarden_kmsg_records_total") == 1
@@ -164,8 +151,9 @@ def test_daemon_without_a_driver_reports_gpu_unavailable(tmp_path: Path) -> None
     """With the no-driver snapshot the daemon runs on, gpu collector_success is 0, with one log line."""
     running = start_node(tmp_path, "no-driver")
     try:
-        wait_for(
+        wait_until(
             lambda: running.value("trainwarden_collector_success", collector="gpu") == 0,
+            30.0,
             "gpu collector success 0",
         )
         assert running.value("trainwarden_gpu_up", gpu="0", uuid="", model="") is None
@@ -193,7 +181,7 @@ def test_promtool_finds_no_naming_problem_in_these_series(node: Node) -> None:
     """`promtool check metrics` (Prometheus' linter) reports nothing about the GPU/XID/interconnect series."""
     with node.kmsg.open("a") as handle:
         handle.write("4,3,3,-;NVRM: Xid (PCI:0000:18:00): 48, An uncorrectable double bit error (DBE)\n")
-    wait_for(lambda: node.value("trainwarden_gpu_xid_errors_total", gpu="0", xid="48") == 1, "XID 48")
+    wait_until(lambda: node.value("trainwarden_gpu_xid_errors_total", gpu="0", xid="48") == 1, 30.0, "XID 48")
     text = node.text()
     assert "trainwarden_nccl_ras_reachable 0.0" in text
     result = subprocess.run(

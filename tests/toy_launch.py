@@ -6,7 +6,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,15 +14,10 @@ from pathlib import Path
 
 import psutil
 
+from support import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 TOY = REPO / "examples" / "train_toy.py"
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def toy_env(tmp: Path) -> dict[str, str]:

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from support import wait_until
 from trainwarden.collectors.base import CollectorContext
 from trainwarden.collectors.training import TrainingCollector, TrainingOptions
 from trainwarden.protocol import encode
@@ -64,14 +65,6 @@ def connect(collector: TrainingCollector) -> socket.socket:
 
 def send(sock: socket.socket, *records: dict[str, Any]) -> None:
     sock.sendall(b"".join(encode(r) for r in records))
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def received(collector: TrainingCollector) -> int:
