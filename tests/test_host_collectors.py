@@ -233,7 +233,17 @@ def test_missing_volume_is_reported_and_does_not_stop_the_others(tmp_path: Path)
     }
     assert value(samples, "trainwarden_host_filesystem_avail_bytes", volume="data") == 50 * 4096
     assert value(samples, "trainwarden_host_filesystem_readonly", volume="data") == 1
-    assert value(samples, "trainwarden_host_filesystem_info", volume="data", device="vda", fstype="ext4") == 1
+    assert (
+        value(
+            samples,
+            "trainwarden_host_filesystem_info",
+            volume="data",
+            device="vda",
+            fstype="ext4",
+            mountpoint="/",
+        )
+        == 1
+    )
     volumes = collector.status()["volumes"]
     assert volumes["gone"]["error"] == "/gone: No such file or directory"
     assert volumes["secret"]["error"] == "/secret: Permission denied"
@@ -257,7 +267,10 @@ def test_disk_usage_without_mountinfo_still_exports_sizes(tmp_path: Path) -> Non
     collector = DiskUsageCollector(options, context_for(tmp_path / "no-proc"))
     samples = list(collector.collect())
     assert value(samples, "trainwarden_host_filesystem_size_bytes", volume="tmp") > 0
-    assert value(samples, "trainwarden_host_filesystem_info", volume="tmp", device="", fstype="") == 1
+    assert (
+        value(samples, "trainwarden_host_filesystem_info", volume="tmp", device="", fstype="", mountpoint="")
+        == 1
+    )
 
 
 def test_bad_options_are_reported_with_section_and_key() -> None:
@@ -418,6 +431,7 @@ def test_hung_network_filesystem_is_reported_without_blocking(tmp_path: Path) ->
             volume="ckpt",
             device="192.168.1.1:/srv/test",
             fstype="nfs4",
+            mountpoint="/mnt/nfs/test",
         )
         == 1
     )

@@ -329,7 +329,7 @@ def test_restarted_rank_keeps_its_dropped_counter_monotonic(tmp_path: Path) -> N
         wait_until(lambda: received(collector) == 4)
         store = collect_into(collector)
         assert store.value("trainwarden_client_records_dropped_total", job="toy", rank="0") == 7
-        assert store.value("trainwarden_train_restart_count", job="toy", rank="0") == 1
+        assert store.value("trainwarden_train_launcher_restarts", job="toy", rank="0") == 1
 
 
 def test_control_files_round_trip_and_reject_bad_job_names(tmp_path: Path) -> None:

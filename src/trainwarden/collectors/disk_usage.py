@@ -10,14 +10,15 @@ checkpoint that was never written. Add it under a name of your choosing::
     checkpoints = "/scratch/ckpt"
 
 Series are labelled by that name (`volume="checkpoints"`), never by the path, so dashboards and
-alert rules stay the same across nodes whose mount points differ. `/dev/shm` is watched by
-default because PyTorch DataLoader workers pass every batch through it, and the daemon's state
-directory is added as `state` (`include_state_dir`). Device and filesystem type come from
-`<procfs>/self/mountinfo`. A configured path that does not exist or cannot be read is exported as
-`trainwarden_host_filesystem_readable{volume} 0` with the reason in `status()`, and never stops the
-other paths. `statvfs` on a hung NFS server blocks forever, so volumes on network filesystems
-(NFS, Lustre, CephFS, GPFS, BeeGFS, FUSE...) are probed in a daemon thread and reported
-unreadable after `remote_probe_timeout_seconds`; local ones are probed inline (cheaper).
+alert rules stay the same across nodes whose mount points differ; the mount point itself is a label
+of `trainwarden_host_filesystem_info` only (one series per volume), for joining in a query.
+`/dev/shm` is watched by default because PyTorch DataLoader workers pass every batch through it, and
+the daemon's state directory is added as `state` (`include_state_dir`). Device, filesystem type and
+mount point come from `<procfs>/self/mountinfo`. A configured path that does not exist or cannot be
+read is exported as `trainwarden_host_filesystem_readable{volume} 0` with the reason in `status()`,
+and never stops the other paths. `statvfs` on a hung NFS server blocks forever, so volumes on
+network filesystems (NFS, Lustre, CephFS, GPFS, BeeGFS, FUSE...) are probed in a daemon thread and
+reported unreadable after `remote_probe_timeout_seconds`; local ones are probed inline (cheaper).
 """
 
 from __future__ import annotations
@@ -72,9 +73,9 @@ READABLE = MetricSpec(
 )
 INFO = MetricSpec(
     "trainwarden_host_filesystem_info",
-    "Device and filesystem type of the mount holding each volume.",
+    "Device, filesystem type and mount point of the mount holding each volume.",
     MetricKind.INFO,
-    ("volume", "device", "fstype"),
+    ("volume", "device", "fstype", "mountpoint"),
 )
 
 MOUNT_REFRESH_COLLECTIONS = 12
@@ -353,7 +354,9 @@ class DiskUsageCollector(HostCollector):
                 sample(FILES, stat.files, labels),
                 sample(FILES_FREE, stat.ffree, labels),
                 sample(READONLY, 1 if stat.readonly else 0, labels),
-                INFO.sample(1, volume=name, device=state.device, fstype=state.fstype),
+                INFO.sample(
+                    1, volume=name, device=state.device, fstype=state.fstype, mountpoint=state.mountpoint
+                ),
             ]
         return [*samples, self.parse_error_sample()]
 

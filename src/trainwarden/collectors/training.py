@@ -101,7 +101,7 @@ PHASE_SECONDS = MetricSpec(
     window=True,
 )
 RESTART_COUNT = MetricSpec(
-    "trainwarden_train_restart_count", "Restarts of the job as the launcher counts them.", _G, _RANK
+    "trainwarden_train_launcher_restarts", "Restarts of the job as the launcher counts them.", _G, _RANK
 )
 EXITED_CLEANLY = MetricSpec(
     "trainwarden_train_exited_cleanly",
