@@ -89,6 +89,24 @@ def test_daemon_absent_drops_and_counts_without_retrying_each_step(tmp_path: Pat
     reporter.close()
 
 
+def test_unreachable_daemon_is_one_warning_naming_the_socket_and_the_variable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job whose daemon is elsewhere is warned once, with the path tried and how to point it right."""
+    caplog.set_level("INFO", logger="trainwarden.client.reporter")
+    reporter = make_reporter(tmp_path, background=False, backoff_initial=0.001, backoff_max=0.001)
+    for i in range(200):
+        reporter.step(i, loss=1.0)
+        time.sleep(0.001)  # past the backoff, so every step retries the connection
+    assert reporter.stats().connect_failures > 10
+    reporter.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "trainwarden.client.reporter"]
+    assert len(messages) == 1, messages
+    assert caplog.records[0].levelname == "WARNING"
+    assert str(tmp_path / "client.sock") in messages[0]
+    assert "TRAINWARDEN_SOCKET=<runtime-dir>/client.sock" in messages[0]
+
+
 @pytest.mark.parametrize("background", [True, False])
 def test_reporting_resumes_when_the_daemon_starts_later(tmp_path: Path, background: bool) -> None:
     """Steps before the daemon exists are dropped; once it listens, steps and the drop count arrive."""

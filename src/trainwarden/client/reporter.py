@@ -47,9 +47,13 @@ from trainwarden.client.identity import Identity, identity_from_env
 from trainwarden.client.stackdump import install_stack_dump
 from trainwarden.control import ControlFileError, ControlState, control_path, read_control
 from trainwarden.protocol import (
+    CONTROL_DIR_ENV,
+    CONTROL_SUBDIR,
     HEADER,
     PHASES,
     PROTOCOL_VERSION,
+    SOCKET_ENV,
+    SOCKET_NAME,
     control_dir_from_env,
     encode,
     socket_path_from_env,
@@ -597,11 +601,20 @@ class Reporter:
             sock.close()
             self._connect_failures += 1
             self._schedule_retry(now)
-            if self._connect_failures == 1:  # once: an absent daemon is normal, not an error
-                log.info(
-                    "trainwarden daemon not reachable at %s (%s); reports are dropped until it is",
+            if self._connect_failures == 1 and self._connects == 0:
+                # Once, and only before the first connection: a daemon restarting later is normal.
+                # A warning, not info, because a wrong socket path otherwise goes unnoticed for
+                # the whole run (e.g. the daemon started with another --runtime-dir).
+                log.warning(
+                    "trainwarden daemon not reachable at %s (%s); reports are dropped until it is. "
+                    "If the daemon runs with another --runtime-dir, set %s=<runtime-dir>/%s "
+                    "(and %s=<runtime-dir>/%s) in the job's environment",
                     self.socket_path,
                     exc.strerror or exc,
+                    SOCKET_ENV,
+                    SOCKET_NAME,
+                    CONTROL_DIR_ENV,
+                    CONTROL_SUBDIR,
                 )
             return False
         self._sock = sock
