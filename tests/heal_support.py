@@ -80,8 +80,8 @@ class Run:
         finally:
             journal.close()
 
-    def rank_pid(self, rank: int, timeout: float = 30.0) -> int:
-        """Pid of a worker of the current run (a descendant with RANK=rank)."""
+    def rank_pid(self, rank: int, timeout: float = 30.0, script: str = "toy_job") -> int:
+        """Pid of a worker of the current run (a descendant running `script` with RANK=rank)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -91,7 +91,7 @@ class Run:
             for child in children:
                 try:
                     cmdline = " ".join(child.cmdline())
-                    worker = "toy_job" in cmdline and "torch.distributed.run" not in cmdline
+                    worker = script in cmdline and "torch.distributed.run" not in cmdline
                     if worker and child.environ().get("RANK") == str(rank):
                         return child.pid
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
