@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -63,6 +65,64 @@ def test_status_summary_shows_state_errors_and_details() -> None:
     assert detail.endswith("...")
     assert len(detail) < 200
     assert 'findings: {"firing": 1}' in text
+
+
+def test_status_on_fake_gpus_says_so_before_anything_else() -> None:
+    """A daemon on the NVML fixture is flagged in the summary, so nobody mistakes it for a real node."""
+    document = json.loads(json.dumps(STARTING))
+    document["collectors"]["gpu"] = {"state": "ok", "detail": {"fake_nvml": "/x/h100-sxm-8gpu.json"}}
+    out = io.StringIO()
+    cli.print_status(document, out)
+    lines = out.getvalue().splitlines()
+    warning = next(i for i, line in enumerate(lines) if line.startswith("WARNING: FAKE GPUs"))
+    assert "/x/h100-sxm-8gpu.json" in lines[warning]
+    assert warning < next(i for i, line in enumerate(lines) if line.startswith("COLLECTOR"))
+    out = io.StringIO()
+    cli.print_status(STARTING, out)
+    assert "FAKE" not in out.getvalue()
+
+
+def _serve(document: dict[str, Any]) -> tuple[ThreadingHTTPServer, str]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(document).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_status_into_a_pipe_closed_early_ends_without_a_traceback() -> None:
+    """`trainwarden status | head -1` ends quietly: a reader that leaves is not an error to print."""
+    document = json.loads(json.dumps(STARTING))
+    # Far more than a pipe buffer (64 KiB), so the command is still writing when the reader leaves.
+    for i in range(3000):
+        document["collectors"][f"extra{i:04d}"] = {"state": "ok", "last_error": "e" * 40}
+    server, url = _serve(document)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trainwarden", "status", "--url", url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(b"trainwarden ")
+        proc.stdout.close()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert b"Traceback" not in err, err.decode()
+    assert err == b""
+    assert proc.returncode == cli.EX_BROKEN_PIPE
 
 
 @pytest.fixture

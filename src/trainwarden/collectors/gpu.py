@@ -49,6 +49,10 @@ def _spec(
     return MetricSpec(f"trainwarden_gpu_{name}", help_text, kind, GPU_LABELS + extra, window)
 
 
+NVML_FAKE = MetricSpec(
+    "trainwarden_nvml_fake",
+    "1 when the GPU series come from an NVML fixture (TRAINWARDEN_NVML_FIXTURE), not from real GPUs.",
+)
 UP = _spec(
     "up", "1 while NVML answers for this GPU; 0 once it is lost (fell off the bus, needs reset).", window=True
 )
@@ -245,6 +249,7 @@ class GpuCollector(Collector):
         self._new_unsupported: dict[str, list[int]] = {}
         self._query_errors: Counter[tuple[str, str]] = Counter()
         self._watcher: NvmlEventWatcher | None = None
+        self._fake_source = ""
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -256,6 +261,14 @@ class GpuCollector(Collector):
         except TrainwardenError as exc:  # NvmlError, or an unusable TRAINWARDEN_NVML_FIXTURE
             raise CollectorUnavailableError(f"NVML unavailable ({exc}); GPU metrics disabled") from exc
         self._api = api
+        # Only the fixture fake has a `source`; a node on fake GPUs must never pass for a real one.
+        self._fake_source = str(getattr(api, "source", ""))
+        if self._fake_source:
+            log.warning(
+                "FAKE GPUs: NVML answers come from the fixture %s (%s is set), not from this node's GPUs",
+                self._fake_source,
+                nvml.FIXTURE_ENV,
+            )
         try:
             self._driver = api.system_get_driver_version()
             count = api.device_get_count()
@@ -317,6 +330,7 @@ class GpuCollector(Collector):
         samples.append(
             EVENT_WATCHER_UP.sample(1.0 if self._watcher is not None and self._watcher.running else 0.0)
         )
+        samples.append(NVML_FAKE.sample(1.0 if self._fake_source else 0.0))
         self._log_new_unsupported()
         return samples
 
@@ -521,6 +535,7 @@ class GpuCollector(Collector):
     def status(self) -> Mapping[str, Any]:
         """GPUs, which are lost, what each does not support, and whether the event thread runs."""
         return {
+            "fake_nvml": self._fake_source or None,
             "driver_version": self._driver,
             "gpus": [
                 {

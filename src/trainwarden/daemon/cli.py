@@ -32,6 +32,8 @@ Subparsers = Any  # argparse's _SubParsersAction is private
 DEFAULT_URL = "http://127.0.0.1:9871"
 EX_CONFIG = 78
 """sysexits' "configuration error": the unit's RestartPreventExitStatus stops a restart loop on it."""
+EX_BROKEN_PIPE = 141
+"""What a shell reports for a command killed by SIGPIPE (128 + 13)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,7 +44,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     handler: Callable[[argparse.Namespace], int] = args.func
-    return handler(args)
+    try:
+        return handler(args)
+    except BrokenPipeError:
+        # `trainwarden status | head`: the reader left. Python's own flush at exit would raise
+        # again on the closed pipe, so point stdout at /dev/null first (as the docs recommend).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EX_BROKEN_PIPE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +257,11 @@ def print_status(data: dict[str, Any], out: TextIO) -> None:
     print(f"config:  {config.get('source')} (last load {reload_text})", file=out)
     print(f"listen:  {data.get('listen')}   series: {data.get('series')}", file=out)
     collectors: dict[str, dict[str, Any]] = data.get("collectors", {})
+    fake = (collectors.get("gpu", {}).get("detail") or {}).get("fake_nvml")
+    if fake:
+        print(
+            f"WARNING: FAKE GPUs: the GPU series come from the NVML fixture {fake}, not this node", file=out
+        )
     if collectors:
         print(file=out)
         header = ("COLLECTOR", "STATE", "LAST RUN", "SERIES", "ERRORS", "TIMEOUTS", "SKIPPED", "LAST ERROR")
