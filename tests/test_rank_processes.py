@@ -1,17 +1,23 @@
 """What the healers learn from the training socket: each rank's pid and stack file (hello), a clean exit
-(bye), and forgetting a restarted job; plus the Reporter announcing its faulthandler file."""
+(bye), and forgetting a restarted job; the Reporter announcing its faulthandler file; and the supervised
+job's ranks recognised by their process ancestry, whatever job name they report."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from training_support import collect_into, connect, hello, received, running_collector, send, wait_until
 from trainwarden.backends.base import RankProcess
+from trainwarden.backends.lineage import descends_from, parent_of
+from trainwarden.backends.supervise import Supervisor
 from trainwarden.client.reporter import Reporter
+from trainwarden.healers.base import ActionOutcome
 from trainwarden.model import MetricSpec
+from trainwarden.paths import HostPaths
 from trainwarden.protocol import Hello, Reason, RecordError, encode, parse
 from trainwarden.store import Store
 
@@ -79,3 +85,78 @@ def test_reporter_registers_a_stack_file_and_can_opt_out(tmp_path: Path) -> None
         assert reporter.stack_file.exists()
     with Reporter(job="toy", env=env, background=False, stack_dump=False) as quiet:
         assert quiet.stack_file is None
+
+
+# A launcher-like parent whose worker (in a session of its own, as torchrun starts it) reports under a
+# job name of its own choosing, then idles; the worker's pid goes to argv[1].
+NAMED_TREE = """
+import subprocess, sys
+worker = '''
+import sys, time
+from trainwarden.client.reporter import Reporter
+reporter = Reporter.from_env(job="mine")
+with open(sys.argv[1], "a") as f:
+    f.write(f"{__import__('os').getpid()}\\\\n")
+time.sleep(600)
+'''
+child = subprocess.Popen([sys.executable, "-c", worker, sys.argv[1]], start_new_session=True)
+child.wait()
+"""
+
+
+def test_supervisor_recognises_its_ranks_by_ancestry_whatever_job_they_name(tmp_path: Path) -> None:
+    """A rank descending from the supervised child is restartable under the name it chose; a rank of
+    another process tree is refused with the reason, and the restarted tree's ranks are forgotten."""
+    with running_collector(tmp_path / "run") as collector:
+        env = {**os.environ, "TRAINWARDEN_SOCKET": str(collector.socket_path)}
+        pids = tmp_path / "pids"
+        sup = Supervisor(
+            [sys.executable, "-c", NAMED_TREE, str(pids)],
+            job="python",
+            env=env,
+            ranks=collector.processes,
+            forget=collector.forget,
+        )
+        outsider = connect(collector)
+        send(outsider, hello(0, job="other", world_size=1))
+        sup.start()
+        try:
+            wait_until(lambda: len(collector.processes("mine")) == 1, timeout=30, what="the worker's hello")
+            wait_until(lambda: len(collector.processes("other")) == 1, what="the outsider's hello")
+            worker = collector.processes("mine")[0].pid
+            assert worker != sup.pid
+            assert sup.supervised_jobs() == {"python", "mine"}
+            refused = sup.restart("other", "test", key="k-other")
+            assert refused.outcome is ActionOutcome.FAILED
+            assert "is not the supervised job 'python'" in refused.detail
+            assert f"pid(s) [{os.getpid()}]" in refused.detail
+            assert sup.generation == 1
+            result = sup.restart("mine", "stall", key="k-mine")
+            assert result.outcome is ActionOutcome.APPLIED, result.detail
+            assert result.data["killed"] == 2
+            assert sup.retired(worker)
+            assert [p.job for p in collector.processes("other")] == ["other"]
+            wait_until(
+                lambda: [p.pid for p in collector.processes("mine")] not in ([], [worker]),
+                timeout=30,
+                what="the restarted worker's hello",
+            )
+            assert sup.supervised_jobs() == {"python", "mine"}
+        finally:
+            sup.stop()
+            outsider.close()
+
+
+def test_descends_from_walks_parent_links_of_a_fixture_proc_tree(tmp_path: Path) -> None:
+    """Ancestry is read from /proc/PID/stat through HostPaths: a grandchild descends, a sibling does not."""
+    tree = {10: 1, 11: 10, 12: 11, 20: 1}
+    for pid, ppid in tree.items():
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} (py thon) S {ppid} {pid} {pid} 0 -1\n")
+    paths = HostPaths(procfs=tmp_path)
+    assert parent_of(12, paths) == 11
+    assert descends_from(12, 10, paths)
+    assert descends_from(10, 10, paths)
+    assert not descends_from(20, 10, paths)
+    assert not descends_from(99, 10, paths)  # gone
+    assert not descends_from(12, 0, paths)

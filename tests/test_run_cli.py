@@ -126,3 +126,45 @@ def test_daemon_status_carries_rules_and_policy(tmp_path: Path) -> None:
     assert "stall" in status["rules"]["rules"]
     assert status["policy"]["actions_enabled"] is False
     assert "checkpoint_restart" in status["policy"]["healers"]
+
+
+# A job that names itself (not the name `trainwarden run` gave it), steps, hangs in its first run and
+# finishes in its second.
+SELF_NAMED = """
+import os, sys, time
+from trainwarden.client.reporter import Reporter
+restarts = int(os.environ["TRAINWARDEN_RESTART_COUNT"])
+reporter = Reporter.from_env(job="mine")
+for step in range(30):
+    time.sleep(0.05)
+    reporter.step(step, loss=1.0)
+    if restarts == 0 and step == 20:
+        time.sleep(600)
+reporter.close()
+"""
+
+
+def test_a_hang_in_a_job_that_names_itself_is_restarted(tmp_path: Path) -> None:
+    """`Reporter.from_env(job="mine")` under `trainwarden run` without `--job`: its hang is restarted (its
+    ranks descend from the supervised child), and the run ends with the job's own exit 0."""
+    data: dict[str, Any] = {
+        "daemon": {
+            "listen": "127.0.0.1:0",
+            "runtime_dir": str(tmp_path / "run"),
+            "state_dir": str(tmp_path / "s"),
+        },
+        # a cooldown above the stall rule's resolve_after_seconds, as docs/HEALING.md asks
+        "policy": {"cooldown_seconds": 30.0, "actions_enabled": True},
+        "collectors": {"training": {"interval_seconds": 0.5}},
+        "rules": {"stall": {"floor_seconds": 2.0, "min_samples": 5}},
+    }
+    events: list[TimelineEvent] = []
+    code = run_job(
+        config_from_dict(data, plugin_groups()), [sys.executable, "-c", SELF_NAMED], on_event=events.append
+    )
+    assert code == 0, [e.line() for e in events]
+    entries = Journal(tmp_path / "s" / "journal.sqlite3").recent(20)
+    taken = [(e.rule, e.subject, e.result) for e in entries if e.decision == "taken"]
+    assert taken == [("stall", "job=mine,rank=0", "applied")]
+    started = [e for e in events if e.kind is EventKind.CHILD_STARTED]
+    assert len(started) == 2

@@ -5,6 +5,10 @@ process tree and starts CMD again with `TRAINWARDEN_RESTART_COUNT` raised by one
 knows it was restarted (and resumes from its newest valid checkpoint). The tree, not only the
 process group, is killed: torchrun starts each worker in a session of its own.
 
+The supervised job is every job whose ranks descend from the child, whatever name each rank gives
+itself (`Reporter.from_env(job="mine")` under `trainwarden run` without `--job`): the daemon
+knows each rank's pid from SO_PEERCRED, and `trainwarden.backends.lineage` walks its parents.
+
 SIGKILL, not SIGTERM: by the time a restart is asked for, the healer has already taken the
 checkpoint it wanted (or the job is hung and cannot answer), and a SIGTERM would make the job's
 planned-interrupt handler race the restart with a checkpoint of its own.
@@ -24,10 +28,12 @@ from pathlib import Path
 
 import psutil
 
-from trainwarden.backends.base import RestartBackend
+from trainwarden.backends.base import RankProcess, RestartBackend
+from trainwarden.backends.lineage import descends_from
 from trainwarden.daemon.timeline import EventKind, EventSink, TimelineEvent, emit
 from trainwarden.errors import TrainwardenError
 from trainwarden.healers.base import ActionOutcome, ActionResult
+from trainwarden.paths import HostPaths
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +79,11 @@ class Supervisor(RestartBackend):
         kill_grace_seconds: float = 10.0,
         on_event: EventSink | None = None,
         clock: Callable[[], float] = time.time,
+        ranks: Callable[[], Sequence[RankProcess]] | None = None,
+        forget: Callable[[str], None] | None = None,
+        paths: HostPaths | None = None,
     ) -> None:
+        """`ranks`: every rank the daemon knows (any job); `forget`: drop a job's ranks after a restart."""
         super().__init__()
         if not command:
             raise TrainwardenError("supervise: no command given")
@@ -89,6 +99,10 @@ class Supervisor(RestartBackend):
         self._proc: subprocess.Popen[bytes] | None = None
         self._state = threading.Lock()  # guards _proc/generation against a concurrent restart
         self._stopped = False
+        self._ranks = ranks
+        self._forget = forget
+        self._paths = paths or HostPaths()
+        self._aliases: set[str] = set()  # names the current child's ranks gave themselves
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -166,11 +180,37 @@ class Supervisor(RestartBackend):
         except psutil.NoSuchProcess:
             return set()
 
+    # --- which jobs are ours ------------------------------------------------------------------
+
+    def descendant_ranks(self) -> list[RankProcess]:
+        """The known ranks (of any job name) whose process descends from the current child."""
+        proc = self._proc
+        if proc is None or self._ranks is None:
+            return []
+        return [r for r in self._ranks() if descends_from(r.pid, proc.pid, self._paths)]
+
+    def supervised_jobs(self) -> set[str]:
+        """The configured job name and every name the child's ranks gave themselves (seen so far)."""
+        self._aliases.update(r.job for r in self.descendant_ranks())
+        return {self.job, *self._aliases}
+
+    def _not_ours(self, job: str) -> str:
+        """Why `job` is not this child's job, or "" when it is."""
+        if job in self.supervised_jobs():
+            return ""
+        pids = sorted(r.pid for r in self._ranks() if r.job == job) if self._ranks is not None else []
+        where = f"pid(s) {pids}" if pids else "no known rank"
+        return (
+            f"job {job!r} is not the supervised job {self.job!r}: {where} of it, none descending "
+            f"from the supervised pid {self.pid}"
+        )
+
     # --- RestartBackend ---------------------------------------------------------------------
 
     def _restart(self, job: str, reason: str, *, dry_run: bool) -> ActionResult:
-        if job != self.job:
-            return ActionResult(ActionOutcome.FAILED, f"job {job!r} is not the supervised job {self.job!r}")
+        why = self._not_ours(job)
+        if why:
+            return ActionResult(ActionOutcome.FAILED, why)
         with self._state:
             if self._stopped:
                 return ActionResult(ActionOutcome.FAILED, "supervise: the run is stopping; not restarting")
@@ -188,6 +228,11 @@ class Supervisor(RestartBackend):
                     proc.wait(self.kill_grace_seconds)
                 except subprocess.TimeoutExpired:
                     return ActionResult(ActionOutcome.FAILED, f"pid {proc.pid} survived SIGKILL")
+            aliases, self._aliases = self._aliases, set()
+            if self._forget is not None:
+                # the ranks of the killed tree vanished on purpose, under whatever name they used
+                for name in sorted(aliases | {self.job}):
+                    self._forget(name)
             try:
                 self._spawn()
             except TrainwardenError as exc:

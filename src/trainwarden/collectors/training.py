@@ -604,13 +604,13 @@ class TrainingCollector(Collector):
 
     # --- the healers' view of the ranks (trainwarden.backends.base.JobView) --------------------
 
-    def processes(self, job: str) -> list[RankProcess]:
-        """Every known local rank of `job` with its current pid and faulthandler stack file."""
+    def processes(self, job: str | None = None) -> list[RankProcess]:
+        """Every known local rank of `job` (None: of every job) with its pid and faulthandler stack file."""
         with self._lock:
             return [
                 RankProcess(s.job, s.rank, s.local_rank, s.pid, s.stack_file)
                 for s in sorted(self._ranks.values(), key=lambda s: s.rank)
-                if s.job == job
+                if job is None or s.job == job
             ]
 
     def forget(self, job: str) -> None:

@@ -27,10 +27,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from trainwarden.backends.base import RankProcess
 from trainwarden.backends.supervise import Supervisor
 from trainwarden.client.identity import JOB_ENV, safe_job_name
 from trainwarden.client.interrupt import EXIT_CHECKPOINTED
-from trainwarden.collectors.training import TrainingOptions
+from trainwarden.collectors.training import TrainingCollector, TrainingOptions
 from trainwarden.config import Config
 from trainwarden.daemon.app import Daemon
 from trainwarden.daemon.healing import Healing
@@ -108,10 +109,32 @@ class _Run:
         self.config = config
         self.daemon = Daemon(config)
         env = {**os.environ, **job_env(config, job)}
-        self.supervisor = Supervisor(command, job=job, env=env, on_event=on_event, clock=self.daemon.clock)
+        self.supervisor = Supervisor(
+            command,
+            job=job,
+            env=env,
+            on_event=on_event,
+            clock=self.daemon.clock,
+            ranks=self._ranks,
+            forget=self._forget,
+            paths=config.paths.host_paths(),
+        )
         self.healing = Healing(self.daemon, restart_backend=self.supervisor, on_event=on_event)
         self.daemon.healing = self.healing
         self.stopping = threading.Event()
+
+    def _training(self) -> TrainingCollector | None:
+        collectors = self.daemon._runtime.collectors  # noqa: SLF001 - its own daemon, looked up per call (reload)
+        return next((c for c in collectors if isinstance(c, TrainingCollector)), None)
+
+    def _ranks(self) -> list[RankProcess]:
+        training = self._training()
+        return [] if training is None else training.processes(None)
+
+    def _forget(self, job: str) -> None:
+        training = self._training()
+        if training is not None:
+            training.forget(job)
 
     def run(self) -> int:
         self.daemon.start()
@@ -120,6 +143,8 @@ class _Run:
             while True:
                 code = self.supervisor.wait(POLL_SECONDS)
                 if code is None:
+                    # learn the names the child's ranks gave themselves while their pids exist
+                    self.supervisor.supervised_jobs()
                     continue
                 self._event(
                     EventKind.CHILD_EXITED, f"job {self.job} exited with status {code}", exit_code=code
