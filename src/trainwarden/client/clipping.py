@@ -44,7 +44,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from trainwarden.control import ClipSettings
+from trainwarden.control import ClipSettings, clip_settings_problems
 from trainwarden.errors import TrainwardenError
 
 if TYPE_CHECKING:
@@ -63,41 +63,14 @@ class ClipSettingsError(TrainwardenError):
     """Clip settings that cannot be used; the clipper keeps its previous settings."""
 
 
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def validate_settings(settings: ClipSettings, where: str = "clip settings") -> None:
     """Raise `ClipSettingsError` naming every bad field of `settings`.
 
-    Values come from a JSON control file, so a field may hold any JSON type: a non-number is
-    reported like any other bad value, never raised as a TypeError into the training loop.
+    Values come from a JSON control file, so a field may hold any JSON type or a 401-digit
+    integer: each is reported like any other bad value, never raised as a TypeError or
+    OverflowError into the training loop (`trainwarden.control.clip_settings_problems`).
     """
-    bad: list[str] = []
-    floats = ("z_threshold", "ema_alpha", "warmup_max_norm", "skip_z_threshold")
-    bad.extend(
-        f"{n}={getattr(settings, n)!r} must be a number" for n in floats if not _number(getattr(settings, n))
-    )
-    if bad:
-        raise ClipSettingsError(f"{where}: " + "; ".join(bad))
-    if not (math.isfinite(settings.z_threshold) and settings.z_threshold > 0):
-        bad.append(f"z_threshold={settings.z_threshold!r} must be finite and > 0")
-    if not (0.0 < settings.ema_alpha < 1.0):
-        bad.append(f"ema_alpha={settings.ema_alpha!r} must be in (0, 1)")
-    if isinstance(settings.warmup_steps, bool) or not isinstance(settings.warmup_steps, int):
-        bad.append(f"warmup_steps={settings.warmup_steps!r} must be an int")
-    elif not 2 <= settings.warmup_steps <= 100_000:
-        bad.append(f"warmup_steps={settings.warmup_steps!r} must be in [2, 100000]")
-    if not (settings.warmup_max_norm > 0):  # NaN fails too; +inf means "no clip in warm-up"
-        bad.append(f"warmup_max_norm={settings.warmup_max_norm!r} must be > 0")
-    # NaN fails too; +inf turns skipping off
-    if not (settings.skip_z_threshold > settings.z_threshold):
-        bad.append(
-            f"skip_z_threshold={settings.skip_z_threshold!r} must be > z_threshold={settings.z_threshold!r}"
-        )
-    skips = settings.max_consecutive_skips
-    if isinstance(skips, bool) or not isinstance(skips, int) or not 1 <= skips <= 1_000:
-        bad.append(f"max_consecutive_skips={skips!r} must be an int in [1, 1000]")
+    bad = clip_settings_problems(settings)
     if bad:
         raise ClipSettingsError(f"{where}: " + "; ".join(bad))
 
@@ -287,12 +260,15 @@ class AdaptiveClipper:
     # --- control --------------------------------------------------------------------------------
 
     def update(self, settings: ClipSettings, where: str = "control file") -> bool:
-        """Apply settings from the daemon; invalid ones are logged, counted and ignored (→ False)."""
-        if settings == self._settings:
-            return True
+        """Apply settings from the daemon; invalid ones are logged, counted and ignored (→ False).
+
+        Never raises: it runs in the training loop with whatever the control file held.
+        """
         try:
+            if settings == self._settings:
+                return True
             validate_settings(settings, where)
-        except ClipSettingsError as exc:
+        except Exception as exc:  # nothing from the control file may reach the training loop
             self.rejected_updates += 1
             log.warning("ignoring clip settings: %s", exc)
             return False
