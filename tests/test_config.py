@@ -138,7 +138,10 @@ def test_no_file_means_safe_defaults() -> None:
 def test_command_line_overrides_win_over_the_file(tmp_path: Path) -> None:
     """Per-node flags (--listen, --runtime-dir, --path.procfs, ...) replace the file's values."""
     path = tmp_path / "c.toml"
-    path.write_text("[daemon]\nlisten = '0.0.0.0:9000'\nlog_level = 'debug'\n[paths]\nsysfs = '/host/sys'\n")
+    path.write_text(
+        "[daemon]\nlisten = '0.0.0.0:9000'\nlog_level = 'debug'\n[paths]\nsysfs = '/host/sys'\n"
+        "[webhook]\nenabled = false\n"  # a non-loopback listener needs a webhook token otherwise
+    )
     overrides = Overrides(listen="127.0.0.1:1", runtime_dir=tmp_path / "run", procfs=tmp_path / "proc")
     config = load(path, overrides)
     assert config.daemon.listen == "127.0.0.1:1"

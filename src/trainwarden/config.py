@@ -7,7 +7,10 @@ plugin brings its config with it and nothing here changes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import re
+import socket
 import tomllib
 import types
 import typing
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from trainwarden.daemon.webhook_config import WebhookConfig, listen_problems
 from trainwarden.errors import ConfigError, ConfigProblem
 from trainwarden.healers.policy_config import PolicyConfig
 from trainwarden.paths import HostPaths
@@ -62,10 +66,15 @@ class DaemonConfig:
     state_dir: Path = Path("/var/lib/trainwarden")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     window_seconds: float = 600.0
+    # This node's name in alerts, Slurm and the scrape config (an alert about another node's
+    # workers is not this daemon's to act on); default the short hostname.
+    node_name: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
 
     def problems(self) -> list[tuple[str, str]]:
         """`listen` must be HOST:PORT with a valid port."""
         found: list[tuple[str, str]] = []
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}", self.node_name):
+            found.append(("node_name", "must be a host name (letters, digits, '.', '_', '-')"))
         try:
             parse_listen(self.listen)
         except ValueError as exc:
@@ -101,6 +110,7 @@ class Config:
     plugins: Mapping[str, Mapping[str, PluginOptions]] = field(default_factory=dict)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     source: str = "<defaults>"
+    webhook: WebhookConfig = field(default_factory=WebhookConfig)
 
     def plugin(self, group: str, name: str) -> PluginOptions:
         """Options of one plugin."""
@@ -251,7 +261,7 @@ def load_config(path: Path, groups: PluginGroups) -> Config:
 def config_from_dict(data: Mapping[str, Any], groups: PluginGroups, source: str = "<config>") -> Config:
     """Validate already-parsed config data (TOML tables as dicts)."""
     problems: list[ConfigProblem] = []
-    top_level = {"daemon", "paths", "policy", *groups}
+    top_level = {"daemon", "paths", "policy", "webhook", *groups}
     valid_sections = ", ".join(sorted(top_level))
     problems.extend(
         ConfigProblem("", key, f"unknown section (valid: {valid_sections})")
@@ -269,6 +279,9 @@ def config_from_dict(data: Mapping[str, Any], groups: PluginGroups, source: str 
     daemon = build_dataclass(DaemonConfig, table("daemon"), "daemon", problems)
     paths = build_dataclass(PathsConfig, table("paths"), "paths", problems)
     policy = build_dataclass(PolicyConfig, table("policy"), "policy", problems)
+    webhook = build_dataclass(WebhookConfig, table("webhook"), "webhook", problems)
+    with contextlib.suppress(ValueError):  # a bad listen is reported by DaemonConfig already
+        problems.extend(listen_problems(webhook, parse_listen(daemon.listen)[0]))
     plugins: dict[str, Mapping[str, PluginOptions]] = {}
     for group, registry in groups.items():
         given = table(group)
@@ -289,7 +302,9 @@ def config_from_dict(data: Mapping[str, Any], groups: PluginGroups, source: str 
     if problems:
         raise ConfigError(problems, source)
     plugins_view = types.MappingProxyType(plugins)
-    return Config(daemon=daemon, paths=paths, plugins=plugins_view, policy=policy, source=source)
+    return Config(
+        daemon=daemon, paths=paths, plugins=plugins_view, policy=policy, source=source, webhook=webhook
+    )
 
 
 def default_config(groups: PluginGroups) -> Config:

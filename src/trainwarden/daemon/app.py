@@ -177,6 +177,9 @@ class Daemon:
             if self.healing is None:
                 self.healing = Healing(self)
             self.healing.install(self)
+            from trainwarden.daemon.webhook import install_webhook  # noqa: PLC0415 - needs the healing
+
+            install_webhook(self, self.healing)  # POST /api/v1/alerts feeds the same policy
         except ConfigError:
             raise
         except (OSError, TrainwardenError) as exc:
