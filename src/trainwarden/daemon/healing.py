@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,17 +29,23 @@ from trainwarden.healers.base import Healer, HealerContext
 from trainwarden.healers.policy import Outcome, Policy, finding_key
 from trainwarden.incidents import IncidentWriter
 from trainwarden.journal import Decision, Journal, JournalError
-from trainwarden.model import Finding, FindingState, Sample
+from trainwarden.model import Finding, FindingState, MetricSpec, Sample
 from trainwarden.rules.engine import RuleEngine
 from trainwarden.store import Store
 
 if TYPE_CHECKING:
+    from trainwarden.config import Config
     from trainwarden.daemon.app import Daemon
 
 log = logging.getLogger(__name__)
 
 SOURCE = "healers"
 TICK_SECONDS = 1.0
+FINDINGS_ACTIVE = MetricSpec(
+    "trainwarden_findings_active",
+    "Findings firing now, by rule and severity (a pair once seen stays, at 0, when they resolve).",
+    labelnames=("rule", "severity"),
+)
 
 
 class CollectorJobs:
@@ -69,6 +76,16 @@ class CollectorJobs:
             self._store.drop_windows(job=job)
 
 
+@dataclass(frozen=True)
+class HealingParts:
+    """The healers, engine and policy one configuration asks for, built before a reload swaps them in."""
+
+    config: Config
+    healers: Mapping[str, Healer]
+    engine: RuleEngine
+    policy: Policy
+
+
 class Healing:
     """Owns the engine, the policy and the healers of one daemon."""
 
@@ -94,30 +111,74 @@ class Healing:
             jobs=CollectorJobs(lambda: daemon._runtime.collectors, daemon.store),  # noqa: SLF001 - its own runtime
             restart_backend=restart_backend,
         )
-        options = config.plugins.get("healers", {})
-        self.healers: dict[str, Healer] = {}
-        for name, healer_cls in healer_classes().items():
-            healer_options = options.get(name) or healer_cls.Options()
-            if healer_options.enabled:
-                self.healers[name] = healer_cls(healer_options, self.context)
-        self.engine = RuleEngine.from_config(config, daemon.store)
         self.journal = Journal.in_state_dir(config.daemon.state_dir)
-        self.policy = Policy(
-            config.policy,
-            self.healers,
-            self.journal,
-            registered=healer_classes(),
-            store=daemon.store,
-            incidents=IncidentWriter(config.daemon.state_dir),
-        )
+        self._config = config
+        self.healers: dict[str, Healer] = self._build_healers(config)
+        self.engine = RuleEngine.from_config(config, daemon.store)
+        self.policy = self._build_policy(config, self.healers)
         self._firing: set[str] = set()
         self._lock = threading.Lock()
+        self._severities_seen: set[tuple[str, str]] = set()
 
     def install(self, daemon: Daemon) -> None:
         """Add the tick to the daemon's scheduler jobs and the engine/policy state to /status."""
         daemon.extra_jobs.append(ExtraJob("detect-and-heal", self.tick, self.interval_seconds))
-        daemon.status_sections["rules"] = self.engine.status
-        daemon.status_sections["policy"] = self.policy.status
+        # Looked up per call, not bound once: a reload swaps the engine and the policy.
+        daemon.status_sections["rules"] = lambda: self.engine.status()  # noqa: PLW0108
+        daemon.status_sections["policy"] = lambda: self.policy.status()  # noqa: PLW0108
+
+    # --- reload -----------------------------------------------------------------------------
+
+    def prepare(self, config: Config) -> HealingParts:
+        """Build what `config` asks for without touching the running parts; raises if it cannot.
+
+        Parts whose sections did not change are reused, so a reload that only retunes a collector
+        keeps the engine's pending findings and the healers' state.
+        """
+        current = self._config
+        healers_same = config.plugins.get("healers") == current.plugins.get("healers")
+        healers = self.healers if healers_same else self._build_healers(config)
+        policy_same = healers_same and config.policy == current.policy
+        policy = self.policy if policy_same else self._build_policy(config, healers)
+        rules_same = config.plugins.get("rules") == current.plugins.get("rules")
+        engine = self.engine if rules_same else RuleEngine.from_config(config, self.store)
+        return HealingParts(config, healers, engine, policy)
+
+    def apply(self, parts: HealingParts) -> None:
+        """Swap in prepared parts; the next tick (and `decide`) uses them, a running tick finishes on the old.
+
+        The policy goes first: an operator turning actions off is obeyed from the next decision on.
+        """
+        with self._lock:
+            self.policy = parts.policy
+            self.healers = dict(parts.healers)
+            if parts.engine is not self.engine:
+                self._firing.clear()  # a new engine starts without findings; their events start over
+            self.engine = parts.engine
+            self._config = parts.config
+
+    def ladder_for(self, finding: Finding) -> tuple[str, ...]:
+        """The current policy's ladder for `finding` (reload-safe, unlike a bound method of one policy)."""
+        return self.policy.ladder_for(finding)
+
+    def _build_healers(self, config: Config) -> dict[str, Healer]:
+        options = config.plugins.get("healers", {})
+        healers: dict[str, Healer] = {}
+        for name, healer_cls in healer_classes().items():
+            healer_options = options.get(name) or healer_cls.Options()
+            if healer_options.enabled:
+                healers[name] = healer_cls(healer_options, self.context)
+        return healers
+
+    def _build_policy(self, config: Config, healers: Mapping[str, Healer]) -> Policy:
+        return Policy(
+            config.policy,
+            healers,
+            self.journal,
+            registered=healer_classes(),
+            store=self.store,
+            incidents=IncidentWriter(config.daemon.state_dir),
+        )
 
     def tick(self) -> list[Outcome]:
         """One round: rules, then the policy on what fires; returns the policy's outcomes."""
@@ -175,7 +236,19 @@ class Healing:
                     log.exception("healer %s: samples() failed", healer.name)
         if self.restart_backend is not None:
             samples.extend(self.restart_backend.samples())
+        samples.extend(findings_active_samples(self.engine.active(), self._severities_seen))
         self.store.replace(SOURCE, samples, now)
+
+
+def findings_active_samples(active: Sequence[Finding], seen: set[tuple[str, str]]) -> list[Sample]:
+    """`trainwarden_findings_active{rule,severity}`: firing findings counted; `seen` keeps zeros."""
+    counts: dict[tuple[str, str], int] = {}
+    for finding in active:
+        if finding.state is FindingState.FIRING:
+            key = (finding.rule, finding.severity.value)
+            counts[key] = counts.get(key, 0) + 1
+    seen.update(counts)
+    return [FINDINGS_ACTIVE.sample(counts.get(key, 0), rule=key[0], severity=key[1]) for key in sorted(seen)]
 
 
 def finding_event(kind: EventKind, finding: Finding) -> TimelineEvent:
