@@ -6,9 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from support import wait_until
+from training_support import collect_into, running_collector
+from trainwarden.client import Reporter
 from trainwarden.control import ClipSettings, ControlState, control_path, read_control, write_control
 from trainwarden.healers.base import Action, ActionOutcome, HealerContext
 from trainwarden.healers.clip import ClipHealer, ClipOptions
+from trainwarden.store import Store
 
 
 def _healer(tmp_path: Path, **options: float) -> ClipHealer:
@@ -85,3 +89,48 @@ def test_bad_job_name_and_direction_fail_cleanly(tmp_path: Path) -> None:
     assert healer.apply(_action(job="../etc"), dry_run=False).outcome is ActionOutcome.FAILED
     assert healer.apply(_action(direction="sideways"), dry_run=False).outcome is ActionOutcome.FAILED
     assert not (tmp_path / "run").exists()
+
+
+def test_clip_is_applied_only_once_the_job_reports_running_with_it(tmp_path: Path) -> None:
+    """Until the job reports running with the new threshold, a clip is "written, not acknowledged"."""
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    store = Store()
+    context = HealerContext(runtime_dir=runtime, state_dir=tmp_path / "state", store=store)
+    healer = ClipHealer(ClipOptions(), context)
+    with running_collector(runtime) as collector:
+        reporter = Reporter(
+            job="toy",
+            socket_path=collector.socket_path,
+            control_dir=runtime / "control",
+            env={"RANK": "0", "WORLD_SIZE": "1"},
+            stack_dump=False,
+            control_interval=0.0,
+        )
+        try:
+            reporter.clip_in_use(ClipSettings())  # a job that does report, before any action
+            reporter.step(0, loss=1.0)
+            reporter.flush()
+            result = healer.apply(_action(), dry_run=False)
+            assert result.outcome is ActionOutcome.APPLIED
+            assert result.detail.endswith("(written, not acknowledged by the job yet)")
+            assert result.data["acknowledged"] is False
+            collect_into(collector, store)
+            assert [s.value for s in healer.samples()] == [0.0]  # still on 2.5: the plain-loop case
+            assert not healer.acknowledged("toy", 2.0)
+
+            clip = reporter.poll_control().clip  # the documented loop: read, update, report
+            assert clip is not None
+            reporter.clip_in_use(clip)
+            reporter.flush()
+
+            def acknowledged() -> bool:
+                collect_into(collector, store)
+                return healer.acknowledged("toy", 2.0)
+
+            wait_until(acknowledged, what="the job's acknowledgement of z_threshold 2.0")
+            assert [(s.labels, s.value) for s in healer.samples()] == [((("job", "toy"),), 1.0)]
+            again = healer.apply(_action(), dry_run=False)
+            assert (again.outcome, again.detail.endswith("(acknowledged)")) == (ActionOutcome.NOOP, True)
+        finally:
+            reporter.close()

@@ -11,6 +11,7 @@ Records (keys not listed are ignored, so a newer client can talk to an older dae
 - `phase`: phase (init | data | eval | checkpoint), event (begin | end), seconds?
 - `checkpoint`: step, path, seconds?
 - `collective`: op, event (begin | end), seq, bytes?, seconds?
+- `clip`: z_threshold (the clipping threshold the job runs with now: its acknowledgement of a clip action)
 - `bye`: dropped?
 
 The wire stays strict JSON: a non-finite loss or grad-norm travels as the string "NaN",
@@ -189,13 +190,20 @@ class CollectiveRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ClipRecord:
+    """The clipping settings the job runs with, so the daemon knows a clip action took effect."""
+
+    z_threshold: float
+
+
+@dataclass(frozen=True, slots=True)
 class ByeRecord:
     """The client closes cleanly."""
 
     dropped: int | None = None
 
 
-Record = Hello | StepRecord | PhaseRecord | CheckpointRecord | CollectiveRecord | ByeRecord
+Record = Hello | StepRecord | PhaseRecord | CheckpointRecord | CollectiveRecord | ClipRecord | ByeRecord
 
 
 # --- encoding (client side) -------------------------------------------------------------------
@@ -421,6 +429,13 @@ def _collective(data: dict[str, Any]) -> CollectiveRecord:
     )
 
 
+def _clip(data: dict[str, Any]) -> ClipRecord:
+    z_threshold = _opt_float(data, "clip", "z_threshold", 0.0, 1e6)
+    if z_threshold is None or z_threshold <= 0:
+        raise _bad("clip", "z_threshold", "expected a number in (0, 1e6]")
+    return ClipRecord(z_threshold=z_threshold)
+
+
 def _bye(data: dict[str, Any]) -> ByeRecord:
     return ByeRecord(dropped=_opt_int(data, "bye", "dropped", 0, MAX_STEP))
 
@@ -431,5 +446,6 @@ _PARSERS: dict[str, Callable[[dict[str, Any]], Record]] = {
     "phase": _phase,
     "checkpoint": _checkpoint,
     "collective": _collective,
+    "clip": _clip,
     "bye": _bye,
 }

@@ -218,6 +218,7 @@ class Reporter:
         self._control_next = 0.0
         self._control_reads = 0
         self._control_errors = 0
+        self._clip_z_threshold: float | None = None
 
         self._connect(time.monotonic())
         self._thread: threading.Thread | None = None
@@ -326,6 +327,23 @@ class Reporter:
             self._enqueue(("checkpoint", int(step), os.fspath(path), seconds))
         except Exception as exc:
             self._internal_error("checkpoint_saved", exc)
+
+    def clip_in_use(self, settings: Any) -> None:
+        """Tell the daemon which clipping settings this job runs with now (call after `clipper.update`).
+
+        This is the job's acknowledgement of a clip action: until it arrives, the daemon reports
+        the action as written to the control file but not acknowledged. Sent only when the
+        threshold changes, and again on every new connection (a restarted daemon learns it too).
+        """
+        try:
+            z_threshold = float(settings.z_threshold)
+        except Exception as exc:
+            self._internal_error("clip_in_use", exc)
+            return
+        if z_threshold == self._clip_z_threshold:
+            return
+        self._clip_z_threshold = z_threshold
+        self._enqueue(("clip", z_threshold))
 
     def collective(self, op: str, event: str, seq: int, nbytes: int | None, seconds: float | None) -> None:
         """Begin or end of a collective (used by `trainwarden.client.collectives`)."""
@@ -564,6 +582,8 @@ class Reporter:
             if record[5] is not None:
                 out["seconds"] = record[5]
             return out
+        if kind == "clip":
+            return {"type": "clip", "z_threshold": record[1]}
         return {"type": "bye", "dropped": self.dropped}
 
     def _send_some(self) -> bool:
@@ -627,6 +647,8 @@ class Reporter:
         if self.stack_file is not None:
             hello["stack_file"] = str(self.stack_file)
         self._append_frame(hello)
+        if self._clip_z_threshold is not None:
+            self._append_frame({"type": "clip", "z_threshold": self._clip_z_threshold})
         return True
 
     def _schedule_retry(self, now: float) -> None:

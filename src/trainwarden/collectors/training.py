@@ -39,6 +39,7 @@ from trainwarden.protocol import (
     PHASES,
     ByeRecord,
     CheckpointRecord,
+    ClipRecord,
     CollectiveRecord,
     FrameDecoder,
     Hello,
@@ -102,6 +103,12 @@ PHASE_SECONDS = MetricSpec(
 )
 RESTART_COUNT = MetricSpec(
     "trainwarden_train_launcher_restarts", "Restarts of the job as the launcher counts them.", _G, _RANK
+)
+CLIP_Z_THRESHOLD = MetricSpec(
+    "trainwarden_train_clip_z_threshold",
+    "Clipping z-threshold the rank reports running with (its acknowledgement of a clip action).",
+    _G,
+    _RANK,
 )
 EXITED_CLEANLY = MetricSpec(
     "trainwarden_train_exited_cleanly",
@@ -273,6 +280,7 @@ class _RankState:
     last_checkpoint_step: int | None = None
     last_checkpoint_ts: float | None = None
     last_checkpoint_path: str = ""
+    clip_z_threshold: float | None = None
     dropped_base: int = 0  # drops reported by earlier processes of this rank
     dropped_reported: int = 0
     connected: bool = False
@@ -519,10 +527,8 @@ class TrainingCollector(Collector):
                 _on_step(state, record, now)
             elif isinstance(record, PhaseRecord):
                 _on_phase(state, record, now)
-            elif isinstance(record, CheckpointRecord):
-                state.last_checkpoint_step = record.step
-                state.last_checkpoint_ts = now
-                state.last_checkpoint_path = record.path
+            elif isinstance(record, CheckpointRecord | ClipRecord):
+                _on_report(state, record, now)
             elif isinstance(record, CollectiveRecord):
                 self._on_collective(state, record, now)
             elif isinstance(record, ByeRecord):
@@ -669,6 +675,7 @@ class TrainingCollector(Collector):
             (TOKENS_PER_SECOND, state.tokens_per_second),
             (LAST_CHECKPOINT_STEP, state.last_checkpoint_step),
             (LAST_CHECKPOINT_TS, state.last_checkpoint_ts),
+            (CLIP_Z_THRESHOLD, state.clip_z_threshold),
         ):
             if value is not None:
                 yield spec.sample(value, job=job, rank=rank)
@@ -732,6 +739,16 @@ def _on_step(state: _RankState, record: StepRecord, now: float) -> None:
             state.tokens_per_second = record.tokens / seconds
     if record.dropped is not None:
         state.dropped_reported = record.dropped
+
+
+def _on_report(state: _RankState, record: CheckpointRecord | ClipRecord, now: float) -> None:
+    """A checkpoint saved, or the clip settings the rank runs with."""
+    if isinstance(record, ClipRecord):
+        state.clip_z_threshold = record.z_threshold
+        return
+    state.last_checkpoint_step = record.step
+    state.last_checkpoint_ts = now
+    state.last_checkpoint_path = record.path
 
 
 def _on_phase(state: _RankState, record: PhaseRecord, now: float) -> None:

@@ -5,6 +5,12 @@ Tightening lowers the clipper's z-score threshold by `tighten_factor` (never bel
 defaults. The change persists across job restarts because the restarted job reads the same file.
 Idempotent: the control file remembers the last action key applied, so applying the same action
 twice changes nothing; a dry run reads and reports but never writes.
+
+Writing the file is not the same as the job clipping harder: a loop with a plain
+`clip_grad_norm_` never reads it. A job acknowledges by reporting the settings it runs with
+(`Reporter.clip_in_use`, exported as `trainwarden_train_clip_z_threshold`); until every reporting
+rank of the job runs with the written threshold the action is "written, not acknowledged" — in
+its detail, in `trainwarden_clip_acknowledged{job} 0`, and from `acknowledged(job, z)`.
 """
 
 from __future__ import annotations
@@ -23,12 +29,20 @@ from trainwarden.control import (
     read_control,
     write_control,
 )
-from trainwarden.healers.base import Action, ActionOutcome, ActionResult, Healer
+from trainwarden.healers.base import Action, ActionOutcome, ActionResult, Healer, HealerContext
+from trainwarden.model import MetricSpec, Sample
 from trainwarden.protocol import default_control_dir
 
 log = logging.getLogger(__name__)
 
 LAST_ACTION_KEY = "trainwarden_clip_action"
+CLIP_IN_USE = "trainwarden_train_clip_z_threshold"
+ACKNOWLEDGED = MetricSpec(
+    "trainwarden_clip_acknowledged",
+    "1 once every reporting rank of the job runs with the z-threshold the clip healer last wrote; "
+    "0 while it is written, not acknowledged.",
+    labelnames=("job",),
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,25 @@ class ClipHealer(Healer):
     name = "clip"
     Options = ClipOptions
 
+    def __init__(self, options: PluginOptions, context: HealerContext) -> None:
+        super().__init__(options, context)
+        self._written: dict[str, float] = {}  # job -> z_threshold last written
+
+    def acknowledged(self, job: str, z_threshold: float) -> bool:
+        """Whether the job's ranks report running with `z_threshold` (all that report; at least one)."""
+        store = self.context.store
+        if store is None:
+            return False
+        reported = [s.value for s in store.find(CLIP_IN_USE) if dict(s.labels).get("job") == job]
+        return bool(reported) and all(abs(value - z_threshold) < 1e-9 for value in reported)
+
+    def samples(self) -> list[Sample]:
+        """`trainwarden_clip_acknowledged{job}` for each job this healer wrote clipping settings for."""
+        return [
+            ACKNOWLEDGED.sample(1.0 if self.acknowledged(job, z) else 0.0, job=job)
+            for job, z in sorted(self._written.items())
+        ]
+
     def control_file(self, job: str) -> Path:
         """The control file of `job`."""
         options = self.options
@@ -84,7 +117,11 @@ class ClipHealer(Healer):
             # never overwrite a file we cannot read: it may hold a checkpoint or stop request
             return ActionResult(ActionOutcome.FAILED, f"control file of job {job!r} unusable: {exc}")
         if state.extra.get(LAST_ACTION_KEY) == action.key:
-            return ActionResult(ActionOutcome.NOOP, f"action {action.key} already applied to {path.name}")
+            written = (state.clip or ClipSettings()).z_threshold
+            ack = "acknowledged" if self.acknowledged(job, written) else "written, not acknowledged"
+            return ActionResult(
+                ActionOutcome.NOOP, f"action {action.key} already applied to {path.name} ({ack})"
+            )
         current = state.clip or ClipSettings()
         default = ClipSettings()
         if direction == "tighten":
@@ -115,8 +152,12 @@ class ClipHealer(Healer):
             write_control(path, new_state)
         except OSError as exc:
             return ActionResult(ActionOutcome.FAILED, f"cannot write {path}: {exc.strerror or exc}", data)
-        log.info("clip: %s", change)
-        return ActionResult(ActionOutcome.APPLIED, change, data)
+        self._written[job] = wanted
+        acknowledged = self.acknowledged(job, wanted)
+        data["acknowledged"] = acknowledged
+        status = "acknowledged" if acknowledged else "written, not acknowledged by the job yet"
+        log.info("clip: %s (%s)", change, status)
+        return ActionResult(ActionOutcome.APPLIED, f"{change} ({status})", data)
 
 
 HEALER = ClipHealer
