@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from trainwarden import __version__
 from trainwarden.daemon import cli
+from trainwarden.daemon.actions_cli import format_actions
+from trainwarden.journal import Decision, Journal
 
 STARTING: dict[str, Any] = {
     "version": "9.9.9",
@@ -187,3 +191,31 @@ def test_every_registered_command_has_help_with_an_example() -> None:
     assert set(choices) >= {"daemon", "check-config", "status"}
     for name, sub in choices.items():
         assert "trainwarden " in (sub.epilog or ""), f"{name} --help lacks an example"
+
+
+def test_actions_table_shows_reason_exit_status_and_incident(tmp_path: Path) -> None:
+    """`trainwarden actions` without --json names why, the job's exit status and the incident folder."""
+    journal = Journal.in_state_dir(tmp_path)
+    entry = journal.record(
+        time=1_700_000_000.0,
+        rule="process_exit",
+        subject="job=toy",
+        finding_key="process_exit|job=toy|0.000",
+        healer="checkpoint_restart",
+        decision=Decision.TAKEN,
+        result="started",
+        dry_run=False,
+        reason="job toy exited with status 1",
+        action_key="k1",
+        evidence={"exit_code": 1},
+    )
+    incident = str(tmp_path / "incidents" / "20231114T221320-process_exit")
+    journal.finish(
+        entry, result="applied", detail="restarted job toy", time=1_700_000_001.5, incident=incident
+    )
+    header, row = format_actions(journal).splitlines()
+    journal.close()
+    for column in ("exit", "incident", "why"):
+        assert column in header.split()
+    assert row.endswith("job toy exited with status 1: restarted job toy")
+    assert re.search(rf" live +1 +{re.escape(incident)} +job toy exited", row), row
