@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
+import math
+import os
 import re
+import reprlib
 import socket
+import stat
 import tomllib
 import types
 import typing
@@ -27,6 +32,7 @@ from trainwarden.paths import HostPaths
 T = TypeVar("T")
 
 DEFAULT_LISTEN = "127.0.0.1:9871"
+MIN_INTERVAL_SECONDS = 0.01
 
 
 @dataclass(frozen=True)
@@ -48,10 +54,12 @@ class CollectorOptions(PluginOptions):
     timeout_seconds: float = 10.0
 
     def problems(self) -> list[tuple[str, str]]:
-        """Intervals and timeouts must be positive."""
+        """Intervals and timeouts must be positive; an interval under 10 ms would only burn CPU."""
         found = super().problems()
         if self.interval_seconds <= 0:
             found.append(("interval_seconds", "must be > 0"))
+        elif self.interval_seconds < MIN_INTERVAL_SECONDS:
+            found.append(("interval_seconds", f"must be >= {MIN_INTERVAL_SECONDS}"))
         if self.timeout_seconds <= 0:
             found.append(("timeout_seconds", "must be > 0"))
         return found
@@ -117,18 +125,41 @@ class Config:
         return self.plugins[group][name]
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})")
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
-    """Split `HOST:PORT` (IPv6 as `[::1]:PORT`) into its parts."""
+    """Split `HOST:PORT` (IPv6 as `[::1]:PORT`) into its parts; anything else is a ValueError.
+
+    Checked strictly here so that check-config refuses what the socket would refuse at start
+    (`127.0.0.1:9871:1`, an unbracketed IPv6 address, a non-ASCII digit in the port).
+    """
     host, sep, port_text = listen.rpartition(":")
     if not sep or not host:
         raise ValueError(f"expected HOST:PORT, got {listen!r}")
-    host = host.removeprefix("[").removesuffix("]")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address") from None
+    elif ":" in host:
+        raise ValueError(f"expected HOST:PORT (an IPv6 host in brackets: [::1]:9871), got {listen!r}")
+    elif not _HOST_NAME.fullmatch(host):
+        raise ValueError(f"host {host!r} is not an IP address or host name")
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5) or int(port_text) > 65535:
         raise ValueError(f"port must be 0-65535, got {port_text!r}")
     return host, int(port_text)
 
 
 # --- generic dataclass building -------------------------------------------------------------
+
+MAX_DURATION_SECONDS = 10 * 365 * 86400.0
+"""Ten years: the longest duration any key may hold. Beyond it timers and datetimes overflow."""
+
+_INT64 = 2**63 - 1
+_REPR_LIMIT = 80
+_DURATION_SUFFIXES = {"_seconds": 1.0, "_ms": 1e-3}
 
 
 def _type_name(tp: Any) -> str:
@@ -145,70 +176,141 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _short_repr(value: Any) -> str:
+    """`repr` cut to a readable length: a megabyte string or a deep array must not flood the error."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = short.maxlong = _REPR_LIMIT
+    short.maxlevel = 3
+    text = short.repr(value)
+    return text if len(text) <= _REPR_LIMIT else text[: _REPR_LIMIT - 3] + "..."
+
+
 class _MismatchError(Exception):
-    """A value that does not fit its declared type."""
+    """A value that does not fit its declared type or range, with its key path and why."""
+
+    def __init__(self, path: str, why: str, *, out_of_range: bool = False) -> None:
+        super().__init__(f"{path}: {why}")
+        self.path = path
+        self.why = why
+        self.out_of_range = out_of_range
 
 
-def _convert(value: Any, tp: Any, section: str, problems: list[ConfigProblem]) -> Any:  # noqa: C901, PLR0911, PLR0912
+def _wrong_type(value: Any, tp: Any, path: str) -> _MismatchError:
+    why = f"expected {_type_name(tp)}, got {type(value).__name__} {_short_repr(value)}"
+    return _MismatchError(path, why)
+
+
+def _duration_scale(path: str) -> float | None:
+    """Seconds per unit when the innermost named key of `path` is a duration (`*_seconds`, `*_ms`)."""
+    for name in reversed(re.split(r"[.\[\]]+", path)):
+        if not name or name.isdigit():
+            continue
+        for suffix, scale in _DURATION_SUFFIXES.items():
+            if name.endswith(suffix):
+                return scale
+    return None
+
+
+def _number(value: Any, tp: type, path: str) -> float:
+    """Every number is finite and fits; integers are counts, sizes or ids (>= 0); durations are bounded."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (tp is int and isinstance(value, float))
+    ):
+        raise _wrong_type(value, tp, path)
+    if tp is int:
+        if value < 0:
+            raise _MismatchError(path, f"must be >= 0, got {value}", out_of_range=True)
+        if value > _INT64:
+            raise _MismatchError(path, f"must be <= {_INT64}, got {_short_repr(value)}", out_of_range=True)
+        number: float = value
+    else:
+        try:
+            number = float(value)
+        except OverflowError:
+            raise _MismatchError(
+                path, f"must be finite, got {_short_repr(value)}", out_of_range=True
+            ) from None
+        if not math.isfinite(number):
+            raise _MismatchError(path, f"must be finite, got {number!r}", out_of_range=True)
+    scale = _duration_scale(path)
+    if scale is not None and abs(number) * scale > MAX_DURATION_SECONDS:
+        why = f"must be at most {MAX_DURATION_SECONDS / scale:.0f} (ten years), got {_short_repr(value)}"
+        raise _MismatchError(path, why, out_of_range=True)
+    return value if tp is int else number
+
+
+def _item_path(path: str, key: object) -> str:
+    return f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"
+
+
+def _convert(value: Any, tp: Any, where: _Where, path: str) -> Any:  # noqa: C901, PLR0911, PLR0912
+    """`value` as type `tp`; `path` is its key path inside the section (`checks[0].for_seconds`)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (types.UnionType, typing.Union):
+        specific: list[_MismatchError] = []
         for arg in args:
             try:
-                return _convert(value, arg, section, problems)
-            except _MismatchError:
-                continue
-        raise _MismatchError
+                return _convert(value, arg, where, path)
+            except _MismatchError as exc:  # a range or a deeper key says more than "expected X | Y"
+                specific.extend([exc] if exc.out_of_range or exc.path != path else [])
+        raise specific[0] if specific else _wrong_type(value, tp, path)
     if origin is Literal:
         if value in args:
             return value
-        raise _MismatchError
+        raise _wrong_type(value, tp, path)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise _MismatchError
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _MismatchError
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise _MismatchError
+        raise _wrong_type(value, tp, path)
+    if tp in (int, float):
+        return _number(value, tp, path)
     if tp is str:
         if isinstance(value, str):
             return value
-        raise _MismatchError
+        raise _wrong_type(value, tp, path)
     if tp is Path:
-        if isinstance(value, str) and value:
+        if isinstance(value, str) and value and "\0" not in value:
             return Path(value)
-        raise _MismatchError
+        raise _wrong_type(value, tp, path)
     if origin is tuple:
         if not isinstance(value, list):
-            raise _MismatchError
-        item_type = args[0]
-        return tuple(_convert(item, item_type, section, problems) for item in value)
+            raise _wrong_type(value, tp, path)
+        return tuple(_convert(item, args[0], where, _item_path(path, i)) for i, item in enumerate(value))
     if origin in (dict, Mapping):
         if not isinstance(value, dict):
-            raise _MismatchError
+            raise _wrong_type(value, tp, path)
         key_type, value_type = args
         return types.MappingProxyType(
             {
-                _convert(k, key_type, section, problems): _convert(v, value_type, section, problems)
+                _convert(k, key_type, where, path): _convert(v, value_type, where, _item_path(path, k))
                 for k, v in value.items()
             }
         )
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if not isinstance(value, dict):
-            raise _MismatchError
-        return build_dataclass(tp, value, section, problems)
-    raise _MismatchError
+            raise _wrong_type(value, tp, path)
+        return build_dataclass(tp, value, where.section, where.problems, prefix=f"{path}.")
+    raise _wrong_type(value, tp, path)
 
 
-def build_dataclass(cls: type[T], table: Mapping[str, Any], section: str, problems: list[ConfigProblem]) -> T:
+@dataclass(frozen=True)
+class _Where:
+    """The section being built and the list its problems go to."""
+
+    section: str
+    problems: list[ConfigProblem]
+
+
+def build_dataclass(
+    cls: type[T], table: Mapping[str, Any], section: str, problems: list[ConfigProblem], prefix: str = ""
+) -> T:
     """Build `cls` from a TOML table, appending every problem found to `problems`.
 
-    Unknown keys, wrong types and failed semantic checks are all reported; a key with a problem
+    Unknown keys, wrong types, numbers out of range and failed semantic checks are all reported,
+    each under its key path (`prefix` + key, e.g. `checks[0].for_seconds`); a key with a problem
     keeps its default so the remaining checks still run.
     """
     assert dataclasses.is_dataclass(cls)
@@ -216,26 +318,35 @@ def build_dataclass(cls: type[T], table: Mapping[str, Any], section: str, proble
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, Any] = {}
     for key, value in table.items():
+        path = f"{prefix}{key}"
         if key not in known:
             valid = ", ".join(sorted(known)) or "none"
-            problems.append(ConfigProblem(section, key, f"unknown key (valid keys: {valid})"))
+            problems.append(ConfigProblem(section, path, f"unknown key (valid keys: {valid})"))
             continue
         tp = hints[key]
-        nested = dataclasses.is_dataclass(tp) and isinstance(tp, type)
         try:
-            kwargs[key] = _convert(value, tp, f"{section}.{key}" if nested else section, problems)
-        except _MismatchError:
-            why = f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
-            problems.append(ConfigProblem(section, key, why))
+            if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+                # A sub-table is a section of its own: `[daemon.webhook] token`.
+                if not isinstance(value, dict):
+                    raise _wrong_type(value, tp, path)
+                kwargs[key] = build_dataclass(tp, value, f"{section}.{path}", problems)
+            else:
+                kwargs[key] = _convert(value, tp, _Where(section, problems), path)
+        except _MismatchError as exc:
+            problems.append(ConfigProblem(section, exc.path, exc.why))
     try:
         obj = cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        problems.append(ConfigProblem(section, "", str(exc)))
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        problems.append(ConfigProblem(section, prefix.removesuffix("."), str(exc)))
         obj = cls()
     check = getattr(obj, "problems", None)
     if callable(check):
-        problems.extend(ConfigProblem(section, key, why) for key, why in check())
+        problems.extend(ConfigProblem(section, f"{prefix}{key}", why) for key, why in check())
     return obj
+
+
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file larger than this (1 MiB) is refused rather than read: no real one comes close."""
 
 
 def load_config_text(text: str, groups: PluginGroups, source: str = "<config>") -> Config:
@@ -244,18 +355,39 @@ def load_config_text(text: str, groups: PluginGroups, source: str = "<config>") 
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([ConfigProblem("", "", f"not valid TOML: {exc}")], source) from exc
+    except RecursionError:
+        # tomllib recurses per nested array or inline table; a few hundred `[` exhaust the stack.
+        why = "not valid TOML: arrays or inline tables nested too deeply"
+        raise ConfigError([ConfigProblem("", "", why)], source) from None
     return config_from_dict(data, groups, source)
 
 
 def load_config(path: Path, groups: PluginGroups) -> Config:
-    """Read and validate a TOML config file."""
+    """Read and validate a TOML config file (a regular file of at most `MAX_CONFIG_BYTES`)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_config_file(path)
     except OSError as exc:
         raise ConfigError([ConfigProblem("", "", f"cannot read: {exc.strerror or exc}")], str(path)) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError([ConfigProblem("", "", f"not UTF-8 text: {exc}")], str(path)) from exc
+    except ValueError as exc:
+        raise ConfigError([ConfigProblem("", "", str(exc))], str(path)) from exc
     return load_config_text(text, groups, str(path))
+
+
+def _read_config_file(path: Path) -> str:
+    """The file's text, from a regular file only, opened without blocking.
+
+    A FIFO would hang check-config and a reload for ever; `/dev/zero` would be read until memory ran out.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise ValueError("not a regular file")
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
+    return data.decode("utf-8")
 
 
 def config_from_dict(data: Mapping[str, Any], groups: PluginGroups, source: str = "<config>") -> Config:
@@ -299,6 +431,8 @@ def config_from_dict(data: Mapping[str, Any], groups: PluginGroups, source: str 
                 plugin_table = {}
             options[name] = build_dataclass(options_cls, plugin_table, section, problems)
         plugins[group] = types.MappingProxyType(options)
+    if "healers" in groups:  # the policy may name only registered healers, as it checks at start
+        problems.extend(policy.healer_problems(groups["healers"]))
     if problems:
         raise ConfigError(problems, source)
     plugins_view = types.MappingProxyType(plugins)

@@ -19,7 +19,7 @@ class ConfigProblem:
 
     def __str__(self) -> str:
         where = f"[{self.section}] {self.key}" if self.section else self.key
-        return f"{where}: {self.why}"
+        return f"{where}: {self.why}" if where else self.why
 
 
 class ConfigError(TrainwardenError):

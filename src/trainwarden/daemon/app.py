@@ -324,38 +324,65 @@ class Daemon:
     # --- reload -----------------------------------------------------------------------------
 
     def reload(self) -> bool:
-        """Re-read the config file; keep the old config if the new one is invalid. True if applied."""
+        """Re-read the config file and apply every section of it, or none. True if applied.
+
+        The new file goes through the same validation as start-up (`load`); then the rules, the
+        policy and the healers it asks for are built before anything running is touched. Any
+        failure keeps the running config whole, counts a failed reload and says why in the log.
+        """
         with self._reload_lock:
             self.notifier.reloading()
             try:
-                new = load(self.config_path, self.overrides)
+                self._apply(load(self.config_path, self.overrides))
             except ConfigError as exc:
-                log.error("config reload rejected, keeping the running config: %s", exc)  # noqa: TRY400
-                self._record_reload(ok=False, error=str(exc))
-                self.notifier.ready(status="config reload rejected; running the previous config")
-                return False
-            for key in RESTART_ONLY:
-                if getattr(new.daemon, key) != getattr(self.config.daemon, key):
-                    log.warning("daemon.%s changed; it takes effect only after a restart", key)
-            logging.getLogger("trainwarden").setLevel(new.daemon.log_level.upper())
-            old_names = {c.name for c in self._runtime.collectors}
-            self._stop_collectors()
-            self.config = dataclasses.replace(
-                new,
-                daemon=dataclasses.replace(
-                    new.daemon, **{key: getattr(self.config.daemon, key) for key in RESTART_ONLY}
-                ),
-            )
-            wanted = {name for name in collector_classes() if new.plugin("collectors", name).enabled}
-            for name in old_names - wanted:  # before restarting, so no scrape sees them afterwards
-                self.store.drop_source(name)
-            self._start_collectors()
+                return self._reject(str(exc))
+            except Exception as exc:  # a part that cannot be built must not take monitoring down
+                log.exception("config reload could not be applied")
+                return self._reject(f"cannot apply: {type(exc).__name__}: {exc}")
             self._record_reload(ok=True, error=None)
             log.info(
-                "config reloaded from %s: %d collector(s) running", new.source, len(self._runtime.collectors)
+                "config reloaded from %s: %d collector(s) running, actions %s",
+                self.config.source,
+                len(self._runtime.collectors),
+                "enabled" if self.config.policy.actions_enabled else "disabled (dry run)",
             )
             self.notifier.ready(status="config reloaded")
             return True
+
+    def _apply(self, new: Config) -> None:
+        """Swap in `new`: collectors restarted, then rules, policy and healers; the old stays on failure."""
+        for key in RESTART_ONLY:
+            if getattr(new.daemon, key) != getattr(self.config.daemon, key):
+                log.warning("daemon.%s changed; it takes effect only after a restart", key)
+        new = dataclasses.replace(
+            new,
+            daemon=dataclasses.replace(
+                new.daemon, **{key: getattr(self.config.daemon, key) for key in RESTART_ONLY}
+            ),
+        )
+        parts = self.healing.prepare(new) if self.healing is not None else None
+        old, old_names = self.config, {c.name for c in self._runtime.collectors}
+        self._stop_collectors()
+        wanted = {name for name in collector_classes() if new.plugin("collectors", name).enabled}
+        for name in old_names - wanted:  # before restarting, so no scrape sees them afterwards
+            self.store.drop_source(name)
+        self.config = new
+        try:
+            self._start_collectors()
+        except Exception:
+            self._stop_collectors()
+            self.config = old
+            self._start_collectors()
+            raise
+        if self.healing is not None and parts is not None:
+            self.healing.apply(parts)
+        logging.getLogger("trainwarden").setLevel(new.daemon.log_level.upper())
+
+    def _reject(self, why: str) -> bool:
+        log.error("config reload rejected, keeping the running config: %s", why)
+        self._record_reload(ok=False, error=why)
+        self.notifier.ready(status="config reload rejected; running the previous config")
+        return False
 
     def _record_reload(self, *, ok: bool, error: str | None) -> None:
         self._reloads["success" if ok else "failure"] += 1

@@ -107,7 +107,8 @@ class K8sDrainOptions(PluginOptions):
         if self.timeout_seconds <= 0:
             found.append(("timeout_seconds", "must be > 0"))
         if bool(self.client_cert_file) != bool(self.client_key_file):
-            found.append(("client_cert_file", "client_cert_file and client_key_file go together"))
+            missing = "client_key_file" if self.client_cert_file else "client_cert_file"
+            found.append((missing, "client_cert_file and client_key_file go together"))
         return found
 
 

@@ -104,24 +104,8 @@ def classify(finding: Finding, classes: Mapping[str, str]) -> str:
 
 
 def validate_healer_names(config: PolicyConfig, registered: Iterable[str]) -> list[ConfigProblem]:
-    """Every healer named in the config must be registered (defaults may name absent ones)."""
-    known = set(registered)
-    valid = ", ".join(sorted(known)) or "none"
-    problems: list[ConfigProblem] = []
-    for table, ladders in (("routes", config.routes), ("ladders", config.ladders)):
-        for name, ladder in ladders.items():
-            problems.extend(
-                ConfigProblem(f"policy.{table}", name, f"unknown healer {healer!r} (registered: {valid})")
-                for healer in ladder
-                if healer not in known
-            )
-    if config.alert_healers != PolicyConfig().alert_healers:  # the default may name an absent healer
-        problems.extend(
-            ConfigProblem("policy", "alert_healers", f"unknown healer {healer!r} (registered: {valid})")
-            for healer in config.alert_healers
-            if healer not in known
-        )
-    return problems
+    """Every healer named in the config must be registered (the loader runs the same check)."""
+    return config.healer_problems(registered)
 
 
 class Policy:

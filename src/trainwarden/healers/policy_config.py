@@ -1,6 +1,6 @@
 """The `[policy]` section: when findings may become actions, and how far a fault may escalate.
 
-Kept free of other trainwarden imports so `trainwarden.config` can embed it without a cycle.
+Kept free of other trainwarden imports (bar errors) so `trainwarden.config` can embed it without a cycle.
 Routes and ladders given in the file are merged over the defaults key by key, so configuring the
 ladder of one rule does not drop the defaults of the others::
 
@@ -20,10 +20,12 @@ ladder of one rule does not drop the defaults of the others::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
+
+from trainwarden.errors import ConfigProblem
 
 Interruption = Literal["transient", "persistent", "planned"]
 INTERRUPTIONS: tuple[Interruption, ...] = ("transient", "persistent", "planned")
@@ -94,6 +96,29 @@ class PolicyConfig:
             for name in self.ladders
             if name not in INTERRUPTIONS
         )
+        return found
+
+    def healer_problems(self, registered: Iterable[str]) -> list[ConfigProblem]:
+        """Every healer named in routes, ladders and alert_healers must be registered.
+
+        The loader runs this with the registered healer names, so check-config refuses what the
+        policy would refuse at start; the default `alert_healers` may name an absent healer.
+        """
+        known = set(registered)
+        valid = ", ".join(sorted(known)) or "none"
+        found = [
+            ConfigProblem(f"policy.{table}", name, f"unknown healer {healer!r} (registered: {valid})")
+            for table, ladders in (("routes", self.routes), ("ladders", self.ladders))
+            for name, ladder in ladders.items()
+            for healer in ladder
+            if healer not in known
+        ]
+        if self.alert_healers != PolicyConfig().alert_healers:
+            found.extend(
+                ConfigProblem("policy", "alert_healers", f"unknown healer {healer!r} (registered: {valid})")
+                for healer in self.alert_healers
+                if healer not in known
+            )
         return found
 
     def horizon_seconds(self) -> float:

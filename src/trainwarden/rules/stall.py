@@ -58,8 +58,9 @@ class StallOptions(RuleOptions):
         for key in ("safety_factor", "floor_seconds", "default_timeout_seconds", "phase_floor_seconds"):
             if getattr(self, key) <= 0:
                 found.append((key, "must be > 0"))
-        if self.min_samples < 1 or self.min_phase_samples < 1:
-            found.append(("min_samples", "min_samples and min_phase_samples must be >= 1"))
+        found.extend(
+            (key, "must be >= 1") for key in ("min_samples", "min_phase_samples") if getattr(self, key) < 1
+        )
         found.extend(
             (f"phase_default_seconds.{phase}", "must be > 0")
             for phase, seconds in self.phase_default_seconds.items()

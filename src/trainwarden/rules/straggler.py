@@ -30,8 +30,10 @@ class StragglerOptions(RuleOptions):
         found = super().problems()
         if self.ratio <= 1:
             found.append(("ratio", "must be > 1"))
-        if self.min_points < 1 or self.recent_points < self.min_points:
-            found.append(("min_points", "need 1 <= min_points <= recent_points"))
+        if self.min_points < 1:
+            found.append(("min_points", "must be >= 1"))
+        elif self.recent_points < self.min_points:
+            found.append(("recent_points", "must be >= min_points"))
         return found
 
 
