@@ -248,9 +248,9 @@ class NcclRasOptions(CollectorOptions):
         if self.query_timeout_seconds < 1:
             found.append(("query_timeout_seconds", "must be >= 1"))
         elif self.timeout_seconds <= self.query_timeout_seconds + _EXTRA_SECONDS:
-            found.append(
-                ("timeout_seconds", f"must exceed query_timeout_seconds + {_EXTRA_SECONDS:g} (NCCL's margin)")
-            )
+            margin = f"{_EXTRA_SECONDS:g}"  # filed under both: either may be the typo
+            found.append(("timeout_seconds", f"must exceed query_timeout_seconds + {margin} (NCCL's margin)"))
+            found.append(("query_timeout_seconds", f"must be below timeout_seconds - {margin}"))
         return found
 
 

@@ -8,11 +8,12 @@ ladder of one rule does not drop the defaults of the others::
     actions_enabled = true          # observe-only (dry run) unless this is true
     cooldown_seconds = 120
     relax_clip_after_seconds = 1800  # relax tightened clipping step by step once spikes stop
-    attempts_per_rung = 2           # tries of one rung on one subject per budget window
+    attempts_per_rung = 1           # tries of one rung per fault before climbing the ladder
+    recurrence_seconds = 300        # the same fault this soon after an action: the action failed
     budget_window_seconds = 3600
 
     [policy.routes]                 # rule -> escalation ladder (overrides the class ladder)
-    spike = ["clip", "checkpoint_restart"]
+    spike = ["clip", "checkpoint_restart"]   # opt in: by default a spike is only observed
 
     [policy.ladders]                # interruption class -> ladder, for rules without a route
     persistent = ["checkpoint_restart", "slurm_drain"]
@@ -32,14 +33,18 @@ INTERRUPTIONS: tuple[Interruption, ...] = ("transient", "persistent", "planned")
 
 DEFAULT_ROUTES: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
-        "spike": ("clip", "checkpoint_restart"),
+        "spike": (),  # changes the training: opt in with e.g. spike = ["clip", "checkpoint_restart"]
         "nonfinite": ("checkpoint_restart",),
         "straggler": (),
         "throughput_drop": (),
         "threshold": (),
     }
 )
-"""Rules with their own ladder; an empty ladder means observe and alert only."""
+"""Rules with their own ladder; an empty ladder means observe and alert only.
+
+A spike is observed only by default: tightening the clipping changes a training run, which the
+user must choose (a false spike acted on would harm a healthy run).
+"""
 
 DEFAULT_LADDERS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
@@ -62,7 +67,8 @@ class PolicyConfig:
     actions_enabled: bool = False
     cooldown_seconds: float = 120.0
     budget_window_seconds: float = 3600.0
-    attempts_per_rung: int = 2
+    attempts_per_rung: int = 1
+    recurrence_seconds: float = 300.0
     max_actions_per_window: int = 20
     breaker_failures: int = 3
     breaker_open_seconds: float = 900.0
@@ -77,6 +83,7 @@ class PolicyConfig:
         """Positive durations and budgets, known interruption classes."""
         positive = (
             "cooldown_seconds",
+            "recurrence_seconds",
             "budget_window_seconds",
             "breaker_open_seconds",
             "journal_retention_seconds",
@@ -86,11 +93,18 @@ class PolicyConfig:
         found.extend((key, "must be >= 1") for key in counts if getattr(self, key) < 1)
         if self.relax_clip_after_seconds < 0:
             found.append(("relax_clip_after_seconds", "must be >= 0 (0 never relaxes)"))
-        horizon = self.horizon_seconds()
-        if self.journal_retention_seconds < horizon:
-            found.append(
-                ("journal_retention_seconds", f"must be >= the longest policy window ({horizon:.0f}s)")
-            )
+        windows = (
+            "budget_window_seconds",
+            "breaker_open_seconds",
+            "cooldown_seconds",
+            "relax_clip_after_seconds",
+        )
+        longest = max(windows, key=lambda key: float(getattr(self, key)))
+        if self.journal_retention_seconds < self.horizon_seconds():
+            why = f"must be >= the longest policy window ({longest} = {getattr(self, longest):g})"
+            found.append(("journal_retention_seconds", why))  # and under the window: either may be the typo
+            retention = self.journal_retention_seconds
+            found.append((longest, f"must be <= journal_retention_seconds ({retention:g})"))
         found.extend(
             (f"ladders.{name}", f"unknown interruption class (valid: {', '.join(INTERRUPTIONS)})")
             for name in self.ladders

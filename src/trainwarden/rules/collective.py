@@ -36,6 +36,8 @@ class CollectiveOptions(RuleOptions):
         for key in ("safety_factor", "floor_seconds", "default_bound_seconds"):
             if getattr(self, key) <= 0:
                 found.append((key, "must be > 0"))
+        if self.min_samples < 1:  # a bound learned from no collectives at all
+            found.append(("min_samples", "must be >= 1"))
         return found
 
 

@@ -32,8 +32,9 @@ class StragglerOptions(RuleOptions):
             found.append(("ratio", "must be > 1"))
         if self.min_points < 1:
             found.append(("min_points", "must be >= 1"))
-        elif self.recent_points < self.min_points:
+        elif self.recent_points < self.min_points:  # filed under both: either may be the typo
             found.append(("recent_points", "must be >= min_points"))
+            found.append(("min_points", "must be <= recent_points"))
         return found
 
 
