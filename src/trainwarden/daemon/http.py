@@ -1,112 +1,90 @@
-"""The daemon's HTTP face: a stdlib threading server dispatching through a small route table.
+"""The daemon's HTTP face: a route table of `Request -> Response` handlers behind a hardened server.
 
-Handlers are plain functions `Request -> Response`, so a later feature adds an endpoint with one
-line (`routes.add("POST", "/alertmanager", handler)`) and tests call handlers without sockets.
-Every request is counted by route and status code (unknown paths share one label value, so a
-scanner cannot blow up the series count).
+How to add an endpoint (the Alertmanager webhook does exactly this)::
+
+    def receive(request: Request) -> Response:
+        alerts = parse(request.body)              # the complete body, de-chunked
+        work_queue.put_nowait(alerts)             # hand the work to your own thread...
+        return Response.json({"accepted": len(alerts)})  # ...and answer at once
+
+    routes.add("POST", "/api/v1/alerts", receive, max_body_bytes=256 * 1024)
+
+- `Routes.add(method, path, handler, max_body_bytes=MAX_BODY_BYTES)`: exact method and path.
+  The same path with another method gets 405 with `Allow`, an unknown path 404; HEAD is served
+  by the GET route without the body.
+- `Request`: `method`, `path`, `query` (`parse_qs`), `headers` (lower-case names, repeated fields
+  joined with ", "; `request.header(name)` is case-insensitive), `body` (bytes, complete, whether
+  sent with Content-Length or chunked), `client` (peer address).
+- A body over the route's `max_body_bytes` is answered 413 before the handler runs: at once when
+  its Content-Length says so (an `Expect: 100-continue` client never sends it), as soon as a
+  chunked body passes the limit otherwise. A handler only ever sees complete, well-framed bodies.
+- Handlers run on a pool of `HttpLimits.workers` threads and may block briefly; one that raises
+  gives a 500 and one log line with its traceback. To answer 2xx fast, return the response and
+  let your own thread do the work, or set `Response(..., after=fn)`: `fn` runs on the pool once
+  the answer has been written (keep it short; it holds a worker).
+- Every answer is counted in `trainwarden_http_requests_total{handler,code}`: handler is the
+  route's path, "other" for unknown paths, "invalid" for what the server refuses itself
+  (malformed or ambiguous framing 400, slow 408, 411/413/414/431, unsupported coding 501),
+  "overload" for connections over the limit (503). Tests call handlers without sockets.
+
+Why this server. The stdlib `ThreadingHTTPServer` it replaces held one thread per connection
+with no deadline, a listen backlog of 5, and framing left to the caller (docs/BENCHMARKS.md has
+the measurements). Here an asyncio server holds every connection without a thread, each under a
+head, a request and an idle deadline; h11, python-hyper's HTTP/1.1 state machine, parses and
+frames strictly; a fixed pool of worker threads runs handlers, so threads stay bounded whatever
+clients do. waitress and aiohttp were the alternatives: both generate their own error answers
+outside the application (so they could not be counted without patching their internals), neither
+bounds the time to send a request head (waitress only cuts idle connections), and aiohttp would
+add ~10 MiB and a web framework to a daemon that needs four routes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import gzip
-import json
 import logging
+import resource
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar
-from urllib.parse import parse_qs, urlsplit
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from prometheus_client.exposition import gzip_accepted
 from prometheus_client.registry import CollectorRegistry
 
 from trainwarden.daemon.encoding import fast_encoder
+from trainwarden.daemon.http_connection import Connection, HttpLimits
+from trainwarden.daemon.http_routes import MAX_BODY_BYTES, Handler, Request, Response, Route, Routes
 from trainwarden.model import MetricKind, MetricSpec
 from trainwarden.store import Store
+
+__all__ = [
+    "MAX_BODY_BYTES",
+    "Handler",
+    "HttpLimits",
+    "HttpServer",
+    "Request",
+    "Response",
+    "Route",
+    "Routes",
+    "metrics_handler",
+]
 
 log = logging.getLogger(__name__)
 
 SOURCE = "http"
-MAX_BODY_BYTES = 1 << 20
-"""Largest request body accepted (an Alertmanager batch is far smaller)."""
 
 REQUESTS = MetricSpec(
     "trainwarden_http_requests_total",
-    "HTTP requests answered, by route (other = no such route) and status code.",
+    "HTTP requests answered, by route (other = no such route, invalid = refused by the server"
+    " before any route: malformed, too large, too slow; overload = over the connection limit)"
+    " and status code.",
     MetricKind.COUNTER,
     ("handler", "code"),
 )
-
-
-@dataclass(frozen=True)
-class Request:
-    """What a handler sees of one HTTP request."""
-
-    method: str
-    path: str
-    query: Mapping[str, list[str]] = field(default_factory=dict)
-    headers: Mapping[str, str] = field(default_factory=dict)
-    body: bytes = b""
-    client: str = ""
-
-    def header(self, name: str, default: str = "") -> str:
-        """A header value, case-insensitively."""
-        lowered = name.lower()
-        for key, value in self.headers.items():
-            if key.lower() == lowered:
-                return value
-        return default
-
-
-@dataclass(frozen=True)
-class Response:
-    """What a handler returns."""
-
-    status: int
-    body: bytes = b""
-    content_type: str = "text/plain; charset=utf-8"
-    headers: tuple[tuple[str, str], ...] = ()
-
-    @classmethod
-    def text(cls, text: str, status: int = 200) -> Response:
-        """A plain-text response."""
-        return cls(status, text.encode())
-
-    @classmethod
-    def json(cls, data: Any, status: int = 200) -> Response:
-        """A JSON response."""
-        return cls(status, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n", "application/json")
-
-
-Handler = Callable[[Request], Response]
-
-
-class Routes:
-    """Method + exact path → handler."""
-
-    def __init__(self) -> None:
-        self._routes: dict[tuple[str, str], Handler] = {}
-
-    def add(self, method: str, path: str, handler: Handler) -> None:
-        """Register one endpoint; registering the same one twice is a programming error."""
-        key = (method.upper(), path)
-        if key in self._routes:
-            raise ValueError(f"route {method} {path} registered twice")
-        self._routes[key] = handler
-
-    def paths(self) -> list[str]:
-        """Every registered path, sorted (for the landing page)."""
-        return sorted({path for _, path in self._routes})
-
-    def resolve(self, method: str, path: str) -> tuple[Handler | None, list[str]]:
-        """The handler, or None plus the methods this path does allow (empty: unknown path)."""
-        handler = self._routes.get((method.upper(), path))
-        if handler is not None:
-            return handler, []
-        return None, sorted(m for m, p in self._routes if p == path)
 
 
 def metrics_handler(registry: CollectorRegistry) -> Handler:
@@ -128,7 +106,7 @@ def metrics_handler(registry: CollectorRegistry) -> Handler:
 
 
 class HttpServer:
-    """A `ThreadingHTTPServer` on its own thread, serving `routes`."""
+    """An asyncio server on its own thread; handlers run on a small pool of worker threads."""
 
     def __init__(
         self,
@@ -136,24 +114,33 @@ class HttpServer:
         port: int,
         routes: Routes,
         store: Store | None = None,
-        max_body_bytes: int = MAX_BODY_BYTES,
+        limits: HttpLimits | None = None,
     ) -> None:
         self.routes = routes
+        self.limits = _within_open_files(limits or HttpLimits())
         self._store = store
         self._counts: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
-        handler_cls = type("_BoundHandler", (_RequestHandler,), {"server_app": self})
-        server_cls = _Server6 if ":" in host else _Server
-        self._server = server_cls((host, port), handler_cls)
-        self.max_body_bytes = max_body_bytes
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="trainwarden-http", daemon=True
+        # Bound here, so a taken port fails the caller at once.
+        self._socket = socket.create_server(
+            (host, port),
+            family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+            backlog=self.limits.backlog,
         )
+        self._pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="trainwarden-http-worker")
+        self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(_log_loop_error)
+        self._connections: set[asyncio.Task[None]] = set()
+        self.connections_finished = 0
+        """Connections accepted and finished with, whatever their end (tests wait on it)."""
+        self._stopping: asyncio.Event | None = None
+        self._serving = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="trainwarden-http", daemon=True)
 
     @property
     def address(self) -> tuple[str, int]:
         """The bound (host, port); the port is the real one when 0 was asked for."""
-        host, port = self._server.server_address[:2]
+        host, port = self._socket.getsockname()[:2]
         return str(host), int(port)
 
     @property
@@ -162,35 +149,23 @@ class HttpServer:
         return self._thread.is_alive()
 
     def start(self) -> None:
-        """Serve in the background."""
+        """Serve in the background; returns once connections are being accepted."""
         self._thread.start()
+        self._serving.wait(10.0)
 
     def stop(self) -> None:
-        """Stop accepting, finish the current request loop and close the socket."""
-        self._server.shutdown()
-        self._server.server_close()
+        """Stop accepting, drop open connections and wait for the serving thread."""
+        if self._thread.is_alive() and self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+            self._thread.join(10.0)
+        elif not self._thread.is_alive():
+            self._socket.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def dispatch(self, request: Request) -> Response:
         """Route one request, turning handler crashes into 500s; counts every answer."""
-        handler, allowed = self.routes.resolve(request.method, request.path)
-        label = request.path if handler is not None or allowed else "other"
-        if handler is None:
-            if allowed:
-                response = Response(
-                    405,
-                    f"{request.method} not allowed on {request.path}\n".encode(),
-                    headers=(("Allow", ", ".join(allowed)),),
-                )
-            else:
-                response = Response.text(f"no such endpoint: {request.path}\n", 404)
-        else:
-            try:
-                response = handler(request)
-            except Exception:
-                log.exception("handler for %s %s failed", request.method, request.path)
-                response = Response.text("internal error; see the daemon's log\n", 500)
-        self.count(label, response.status)
-        return response
+        route, allowed = self.routes.route(request.method, request.path)
+        return self._call(route, allowed, request)
 
     def count(self, handler: str, status: int) -> None:
         """Count one answer and publish the counters to the store."""
@@ -201,71 +176,119 @@ class HttpServer:
         if self._store is not None:
             self._store.replace(SOURCE, samples, time.time())
 
+    def _call(self, route: Route | None, allowed: list[str], request: Request) -> Response:
+        label = request.path if route is not None or allowed else "other"
+        if route is None:
+            if allowed:
+                response = Response(
+                    405,
+                    f"{request.method} not allowed on {request.path}\n".encode(),
+                    headers=(("Allow", ", ".join(allowed)),),
+                )
+            else:
+                response = Response.text(f"no such endpoint: {request.path}\n", 404)
+        else:
+            try:
+                response = route.handler(request)
+            except Exception:
+                log.exception("handler for %s %s failed", request.method, request.path)
+                response = Response.text("internal error; see the daemon's log\n", 500)
+        self.count(label, response.status)
+        return response
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._serve())
+        finally:
+            self._loop.close()
 
+    async def _serve(self) -> None:
+        self._stopping = asyncio.Event()
+        server = await asyncio.start_server(self._accept, sock=self._socket, backlog=self.limits.backlog)
+        self._serving.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            server.close()
+            for task in list(self._connections):
+                task.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
+            self._socket.close()
 
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class _RequestHandler(BaseHTTPRequestHandler):
-    """Turns stdlib handler calls into `Request`s for `HttpServer.dispatch`."""
-
-    server_app: ClassVar[HttpServer]
-    protocol_version = "HTTP/1.1"
-    # Headers and body are two writes; with Nagle on, a keep-alive scraper waits ~40 ms for
-    # the delayed ACK in between.
-    disable_nagle_algorithm = True
-    timeout = 30  # a slow client cannot hold a thread forever
-    server_version = "trainwarden"
-
-    def do_GET(self) -> None:
-        """Handle GET."""
-        self._handle("GET")
-
-    def do_POST(self) -> None:
-        """Handle POST."""
-        self._handle("POST")
-
-    def _handle(self, method: str) -> None:
-        app = self.server_app
-        url = urlsplit(self.path)
-        body = b""
-        length_text = self.headers.get("Content-Length", "0") or "0"
-        if not length_text.isdigit():
-            self._send(Response.text("bad Content-Length\n", 400))
-            app.count("other", 400)
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._connections) >= self.limits.max_connections:
+            self.count("overload", 503)
+            writer.write(_OVERLOADED)
+            writer.close()
+            self.connections_finished += 1
             return
-        length = int(length_text)
-        if length > app.max_body_bytes:
-            self._send(Response.text(f"body over {app.max_body_bytes} bytes\n", 413))
-            app.count("other", 413)
-            self.close_connection = True
-            return
-        if length:
-            body = self.rfile.read(length)
-        request = Request(
-            method=method,
-            path=url.path or "/",
-            query=parse_qs(url.query),
-            headers=dict(self.headers.items()),
-            body=body,
-            client=str(self.client_address[0]),
-        )
-        self._send(app.dispatch(request))
+        self._connections.add(task)
+        try:
+            connection = Connection(
+                reader,
+                writer,
+                limits=self.limits,
+                resolve=self.routes.route,
+                dispatch=self._dispatch,
+                count=self.count,
+            )
+            connection.after = self._after
+            await connection.serve()
+        except asyncio.CancelledError:
+            return  # the server is stopping; asyncio's streams would log a re-raised cancel
+        except Exception:  # a bug here must cost one connection, never the server
+            log.exception("http connection from %s failed", writer.get_extra_info("peername"))
+            writer.transport.abort()
+        finally:
+            self._connections.discard(task)
+            self.connections_finished += 1
 
-    def _send(self, response: Response) -> None:
-        self.send_response(response.status)
-        self.send_header("Content-Type", response.content_type)
-        self.send_header("Content-Length", str(len(response.body)))
-        for name, value in response.headers:
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(response.body)
+    async def _dispatch(self, route: Route | None, allowed: list[str], request: Request) -> Response:
+        if route is None:  # 404 / 405 need no thread
+            return self._call(route, allowed, request)
+        return await self._loop.run_in_executor(self._pool, self._call, route, allowed, request)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        """Access log at debug level only: Prometheus scrapes would flood the journal."""
-        log.debug("%s %s", self.client_address[0], format % args)
+    def _after(self, work: Callable[[], None]) -> None:
+        def run() -> None:
+            try:
+                work()
+            except Exception:
+                log.exception("work after an HTTP answer failed")
+
+        self._pool.submit(run)
+
+
+_OVERLOADED = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 21\r\nConnection: close\r\nRetry-After: 1\r\n\r\ntoo many connections\n"
+)
+
+
+def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """One line instead of asyncio's traceback: the loop reports what a client made fail."""
+    del loop
+    exc = context.get("exception")
+    log.warning("http server: %s%s", context.get("message", "error"), f": {exc!r}" if exc else "")
+
+
+def _within_open_files(limits: HttpLimits) -> HttpLimits:
+    """Raise the soft open-file limit to fit the connections; else lower the connection limit.
+
+    systemd's default soft limit is 1024, below 600 held clients plus a 1,000-connect burst.
+    """
+    reserve = 256  # journal, collectors, the training socket's clients
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = limits.max_connections + reserve
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+            soft = new_soft
+        except (ValueError, OSError) as exc:
+            log.debug("cannot raise the open-file limit: %s", exc)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        return dataclasses.replace(limits, max_connections=max(1, soft - reserve))
+    return limits

@@ -1,0 +1,373 @@
+"""The daemon's HTTP server under slow, idle and bursting clients, scraped all the while.
+
+Starts the real `trainwarden daemon` (this working tree, and with `--ref` also the code of a git
+ref, one after the other, so both are measured in the same run) on loopback and then:
+
+1. baseline: sequential scrapes of /metrics, a fresh connection each (p50/p99);
+2. holds `--idle` connections that send nothing, `--slow-header` that send a request head one
+   byte per second and never finish it, and `--slow-body` that send a POST head and then its
+   body one byte per second, all at once;
+3. while they are held, a separate scraper process scrapes /metrics every `--scrape-interval`
+   seconds for `--hold` seconds, and after 2 s `--burst` clients connect at once and each asks
+   for /healthz;
+4. samples the daemon's thread count and RSS from /proc every 0.25 s, counts how many of the
+   held connections the server cut off, reads "Traceback" lines from the daemon's log, and
+   checks that `trainwarden_http_requests_total` adds up to the answers the clients received.
+
+    .venv/bin/python bench/http_hostile.py --ref cc3ed91        # before (cc3ed91) and after
+    .venv/bin/python bench/http_hostile.py --hold 30 --burst 500  # a shorter run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+PROMETHEUS_ACCEPT = "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def scrape(host: str, port: int, timeout: float) -> tuple[float, int]:
+    """One scrape on a fresh connection: (seconds, status); status 0 when it failed."""
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", "/metrics", headers={"Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"})
+        response = conn.getresponse()
+        response.read()
+        status = response.status
+    except OSError:
+        status = 0
+    finally:
+        conn.close()
+    return time.perf_counter() - start, status
+
+
+def scraper_main(port: int, seconds: float, interval: float) -> None:
+    """The scraper process: scrape every `interval` s for `seconds` s, print JSON results."""
+    results = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        started = time.monotonic()
+        results.append(scrape("127.0.0.1", port, 10.0))
+        time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    json.dump(results, sys.stdout)
+
+
+@dataclass
+class Daemon:
+    name: str
+    pythonpath: Path
+    work: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    answers: int = 0  # answers the bench received (every one should be counted by the daemon)
+
+    @property
+    def log(self) -> Path:
+        return self.work / "daemon.log"
+
+    def start(self) -> None:
+        config = self.work / "config.toml"
+        config.write_text("")
+        cmd = [
+            sys.executable, "-m", "trainwarden.daemon.cli", "daemon", "--config", str(config),
+            "--listen", f"127.0.0.1:{self.port}", "--runtime-dir", str(self.work / "run"),
+            "--state-dir", str(self.work / "state"),
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(self.pythonpath)}
+        env.pop("NOTIFY_SOCKET", None)
+        with self.log.open("wb") as sink:
+            self.proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            _, status = scrape("127.0.0.1", self.port, 2.0)
+            if status:
+                self.answers += 1
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} never answered: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def cpu_seconds(self) -> float:
+        assert self.proc is not None
+        text = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        fields = text[text.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def status_field(self, key: str) -> int:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        return 0
+
+    def counted(self) -> dict[str, float]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.request("GET", "/metrics")
+        body = conn.getresponse().read().decode()
+        conn.close()
+        self.answers += 1
+        counts: dict[str, float] = {}
+        for line in body.splitlines():
+            if line.startswith("trainwarden_http_requests_total{"):
+                labels, value = line.rsplit(" ", 1)
+                counts[labels[len("trainwarden_http_requests_total") :]] = float(value)
+        return counts
+
+
+@dataclass
+class Held:
+    kind: str
+    closed_after: float | None = None
+    answered: bool = False
+
+
+async def hold_one(port: int, kind: str, held: Held, stop: asyncio.Event, opened: list[float]) -> None:
+    """One hostile client: connect, then idle or dribble bytes until the server closes or `stop`."""
+    start = time.monotonic()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 60)
+    except (OSError, TimeoutError):
+        held.closed_after = 0.0
+        return
+    opened.append(time.monotonic() - start)
+    if kind == "slow-header":
+        pending = b"GET /metrics HTTP/1.1\r\nHost: bench\r\n" + b"X-Slow: " + b"a" * 100_000
+    elif kind == "slow-body":
+        pending = b"GET /metrics HTTP/1.1\r\nHost: bench\r\nContent-Length: 100000\r\n\r\n" + b"a" * 100_000
+    else:
+        pending = b""
+    if kind == "slow-body":  # the head at once, then the body byte by byte
+        head_end = pending.index(b"\r\n\r\n") + 4
+        writer.write(pending[:head_end])
+        pending = pending[head_end:]
+    connected = time.monotonic()
+    read = asyncio.ensure_future(reader.read(65536))
+    try:
+        while not stop.is_set():
+            if pending:
+                writer.write(pending[:1])
+                pending = pending[1:]
+            done, _ = await asyncio.wait({read}, timeout=1.0)
+            if done:
+                data = read.result() if not read.exception() else b""
+                if data.startswith(b"HTTP/1."):
+                    held.answered = True
+                if not data:
+                    held.closed_after = time.monotonic() - connected
+                    return
+                read = asyncio.ensure_future(reader.read(65536))
+    except OSError:
+        held.closed_after = time.monotonic() - connected
+    finally:
+        read.cancel()
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def burst_one(port: int) -> tuple[float, int]:
+    start = time.monotonic()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 60)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        data = await asyncio.wait_for(reader.read(), 60)
+        writer.close()
+    except (OSError, TimeoutError):
+        return time.monotonic() - start, 0
+    status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.") else 0
+    return time.monotonic() - start, status
+
+
+async def hostile(daemon: Daemon, args: argparse.Namespace) -> dict[str, Any]:
+    stop = asyncio.Event()
+    kinds = ["idle"] * args.idle + ["slow-header"] * args.slow_header + ["slow-body"] * args.slow_body
+    held = [Held(kind) for kind in kinds]
+    opened: list[float] = []
+    t0 = time.monotonic()
+    tasks = [asyncio.ensure_future(hold_one(daemon.port, h.kind, h, stop, opened)) for h in held]
+    while len(opened) + sum(h.closed_after == 0.0 for h in held) < len(held):
+        await asyncio.sleep(0.05)
+        if time.monotonic() - t0 > 120:
+            break
+    establish = time.monotonic() - t0
+
+    threads: list[int] = []
+    rss: list[int] = []
+    sampling = True
+
+    def sample() -> None:
+        while sampling:
+            threads.append(daemon.status_field("Threads"))
+            rss.append(daemon.status_field("VmRSS"))
+            time.sleep(0.25)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    cpu_start = daemon.cpu_seconds()
+    scraper = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--scraper", str(daemon.port), str(args.hold), str(args.scrape_interval),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await asyncio.sleep(2.0)
+    burst_start = time.monotonic()
+    burst = await asyncio.gather(*(burst_one(daemon.port) for _ in range(args.burst)))
+    burst_seconds = time.monotonic() - burst_start
+    out, _ = await scraper.communicate()
+    scrapes = [tuple(x) for x in json.loads(out)]
+    stop.set()
+    await asyncio.gather(*tasks)
+    cpu_hostile = daemon.cpu_seconds() - cpu_start
+    sampling = False
+    sampler.join()
+    daemon.answers += sum(1 for _, s in scrapes if s) + sum(1 for _, s in burst if s)
+    daemon.answers += sum(h.answered for h in held)
+    cut = [h.closed_after for h in held if h.closed_after]
+    return {
+        "establish_s": establish,
+        "cpu_hostile_s": cpu_hostile,
+        "open_p99_s": percentile(opened, 0.99),
+        "scrape_ok": sum(1 for _, s in scrapes if s == 200),
+        "scrape_n": len(scrapes),
+        "scrape_p50_s": percentile([t for t, s in scrapes if s], 0.5),
+        "scrape_p99_s": percentile([t for t, s in scrapes if s], 0.99),
+        "scrape_max_s": max((t for t, s in scrapes if s), default=float("nan")),
+        "burst_ok": sum(1 for _, s in burst if s == 200),
+        "burst_p50_s": percentile([t for t, s in burst if s], 0.5),
+        "burst_p99_s": percentile([t for t, s in burst if s], 0.99),
+        "burst_max_s": max((t for t, s in burst if s), default=float("nan")),
+        "burst_all_s": burst_seconds,
+        "threads_max": max(threads),
+        "rss_max_mib": max(rss) / 1024,
+        "held_cut": len(cut),
+        "held_cut_median_s": statistics.median(cut) if cut else float("nan"),
+        "held_answered": sum(h.answered for h in held),
+        "held_cut_by_kind": {k: sum(1 for h in held if h.kind == k and h.closed_after) for k in set(kinds)},
+    }
+
+
+def measure(name: str, pythonpath: Path, args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix=f"tw-http-{name}-") as tmp:
+        daemon = Daemon(name, pythonpath, Path(tmp))
+        daemon.start()
+        try:
+            time.sleep(2.0)
+            baseline = [scrape("127.0.0.1", daemon.port, 10.0) for _ in range(args.baseline)]
+            daemon.answers += sum(1 for _, s in baseline if s)
+            threads_idle = daemon.status_field("Threads")
+            rss_idle = daemon.status_field("VmRSS") / 1024
+            result = asyncio.run(hostile(daemon, args))
+            time.sleep(1.0)
+            answers_before = daemon.answers
+            counts = daemon.counted()
+            result |= {
+                "scrape_p99_ratio": result["scrape_p99_s"] / percentile([t for t, _ in baseline], 0.99),
+                "baseline_p50_s": percentile([t for t, _ in baseline], 0.5),
+                "baseline_p99_s": percentile([t for t, _ in baseline], 0.99),
+                "threads_idle": threads_idle,
+                "rss_idle_mib": rss_idle,
+                "answers": answers_before,
+                "counted": int(sum(counts.values())),
+                "tracebacks": daemon.log.read_text(errors="replace").count("Traceback"),
+                "alive": daemon.proc is not None and daemon.proc.poll() is None,
+            }
+        finally:
+            daemon.stop()
+        return result
+
+
+def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    ms = 1000.0
+    rows: list[tuple[str, tuple[str, ...], str, float]] = [
+        ("held connections established in", ("establish_s",), "{:.1f} s", 1.0),
+        ("scrape p50 / p99, no load", ("baseline_p50_s", "baseline_p99_s"), "{:.1f} / {:.1f} ms", ms),
+        ("scrape p50 / p99 / max, held + burst", ("scrape_p50_s", "scrape_p99_s", "scrape_max_s"),
+         "{:.1f} / {:.1f} / {:.1f} ms", ms),
+        ("scrape p99 held + burst / no load", ("scrape_p99_ratio",), "{:.1f}x", 1.0),
+        ("scrapes answered 200", ("scrape_ok", "scrape_n"), "{} of {}", 1.0),
+        ("burst connect + answer p50 / p99 / max", ("burst_p50_s", "burst_p99_s", "burst_max_s"),
+         "{:.0f} / {:.0f} / {:.0f} ms", ms),
+        ("burst answered 200", ("burst_ok",), "{} of " + str(args.burst), 1.0),
+        ("daemon CPU during the held + burst phase", ("cpu_hostile_s",), "{:.1f} s", 1.0),
+        ("threads idle / max", ("threads_idle", "threads_max"), "{} / {}", 1.0),
+        ("RSS idle / max", ("rss_idle_mib", "rss_max_mib"), "{:.1f} / {:.1f} MiB", 1.0),
+        ("held connections cut off (median after)", ("held_cut", "held_cut_median_s"), "{} ({:.0f} s)", 1.0),
+        ("answers received / counted", ("answers", "counted"), "{} / {}", 1.0),
+        ("tracebacks in the log", ("tracebacks",), "{}", 1.0),
+    ]  # fmt: skip
+    lines = ["| measure | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
+    for label, keys, fmt, scale in rows:
+        cells = []
+        for result in results.values():
+            values = [result[k] * scale if k.endswith("_s") else result[k] for k in keys]
+            cells.append(fmt.format(*values))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    if len(sys.argv) == 5 and sys.argv[1] == "--scraper":
+        scraper_main(int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ref", help="also measure the server of this git ref (before/after)")
+    parser.add_argument("--idle", type=int, default=300)
+    parser.add_argument("--slow-header", type=int, default=250)
+    parser.add_argument("--slow-body", type=int, default=50)
+    parser.add_argument("--burst", type=int, default=1000)
+    parser.add_argument("--hold", type=float, default=60.0)
+    parser.add_argument("--baseline", type=int, default=200)
+    parser.add_argument("--scrape-interval", type=float, default=0.05)
+    args = parser.parse_args()
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="tw-http-ref-") as tmp:
+        if args.ref:
+            git = ["git", "-C", str(REPO), "archive", args.ref, "src"]
+            archive = subprocess.run(git, capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+            results[args.ref] = measure("ref", Path(tmp) / "src", args)
+            print(json.dumps(results[args.ref], indent=1), file=sys.stderr)
+        results["working tree"] = measure("tree", REPO / "src", args)
+        print(json.dumps(results["working tree"], indent=1), file=sys.stderr)
+    print(report(results, args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
