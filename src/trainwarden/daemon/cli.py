@@ -438,6 +438,41 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return run_demo(steps=args.steps, port=args.port, keep=args.keep)
 
 
+# --- install --------------------------------------------------------------------------------
+
+
+def add_install(subparsers: Subparsers) -> None:
+    """`trainwarden install systemd`: write the unit, config and shipped extras where they go."""
+    parser = subparsers.add_parser(
+        "install",
+        help="install the systemd unit (for this environment's trainwarden) and the example config",
+        description=(
+            "Write PREFIX/etc/systemd/system/trainwarden.service with ExecStart pointing at this "
+            "environment's trainwarden, PREFIX/etc/trainwarden/config.toml when absent, and the shipped "
+            "dashboards and Prometheus rules under PREFIX/usr/local/share/trainwarden. Prints every path."
+        ),
+        epilog="example: sudo /opt/trainwarden/bin/trainwarden install systemd --prefix /",
+    )
+    parser.add_argument("what", choices=["systemd"], help="what to install")
+    parser.add_argument("--prefix", type=Path, default=Path("/"), help="root to install under (default /)")
+    parser.set_defaults(func=run_install)
+
+
+def run_install(args: argparse.Namespace) -> int:
+    """Install and print what was written; exit 1 when something cannot be written."""
+    from trainwarden.daemon.install_cli import InstallError, install_systemd  # noqa: PLC0415 - lazy
+
+    try:
+        written = install_systemd(args.prefix)
+    except InstallError as exc:
+        print(f"trainwarden: {exc}", file=sys.stderr)
+        return 1
+    for item in written:
+        print(f"{item.what}: {item.path}")
+    print("next: systemctl daemon-reload && systemctl enable --now trainwarden")
+    return 0
+
+
 COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_daemon,
     add_check_config,
@@ -445,6 +480,7 @@ COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_actions,
     add_run,
     add_demo,
+    add_install,
 )
 """Every subcommand; adding one is a function above and one line here."""
 
