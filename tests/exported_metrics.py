@@ -2,9 +2,9 @@
 
 The shipped alert rules and dashboards are checked against a real scrape, so a renamed series
 fails their tests instead of leaving a rule or a panel silently pointing at nothing. The daemon
-runs on FakeNvml (`h100-sxm-8gpu`), the 4-port InfiniBand fixture, a kernel log holding an XID, a
+runs on FakeNvml (`h100-sxm-8gpu`), the 4-port InfiniBand fixture, a kernel log holding two XIDs, a
 `checkpoints` disk-usage volume, and one training rank (this process) reporting steps, every
-phase, a checkpoint and a collective.
+phase, a checkpoint and a collective; the XIDs raise findings and one policy refusal.
 """
 
 from __future__ import annotations
@@ -114,9 +114,15 @@ def fixture_daemon(tmp_path: Path) -> Iterator[str]:
         wait_until(lambda: serving("trainwarden_gpu_up"), 60.0, "the daemon's first GPU collection")
         rank.connect(str(default_socket_path(runtime)))
         rank.sendall(_rank_records())
-        kmsg.write_text("4,1,1,-;NVRM: Xid (PCI:0000:18:00): 13, pid=1, name=python, Graphics Exception\n")
+        # Two XIDs on two GPUs: two findings of one incident, so the policy refuses the second
+        # (cooldown), and the refusal counter appears.
+        kmsg.write_text(
+            "4,1,1,-;NVRM: Xid (PCI:0000:18:00): 13, pid=1, name=python, Graphics Exception\n"
+            "4,2,2,-;NVRM: Xid (PCI:0000:db:00): 79, pid=1, name=python, GPU has fallen off the bus.\n"
+        )
         wait_until(lambda: serving("trainwarden_train_step"), 60.0, "the rank's steps")
-        wait_until(lambda: serving("trainwarden_gpu_xid_errors"), 60.0, "the XID")
+        wait_until(lambda: serving("trainwarden_gpu_xid_errors"), 60.0, "the XIDs")
+        wait_until(lambda: serving("trainwarden_policy_refusals"), 60.0, "the policy's refusal")
         yield url
     finally:
         rank.close()
