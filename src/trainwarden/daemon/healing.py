@@ -139,7 +139,11 @@ class Healing:
         healers_same = config.plugins.get("healers") == current.plugins.get("healers")
         healers = self.healers if healers_same else self._build_healers(config)
         policy_same = healers_same and config.policy == current.policy
-        policy = self.policy if policy_same else self._build_policy(config, healers)
+        if policy_same:
+            policy = self.policy
+        else:
+            policy = self._build_policy(config, healers)
+            policy.carry_counters(self.policy)
         rules_same = config.plugins.get("rules") == current.plugins.get("rules")
         engine = self.engine if rules_same else RuleEngine.from_config(config, self.store)
         return HealingParts(config, healers, engine, policy)

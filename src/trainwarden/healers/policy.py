@@ -508,6 +508,13 @@ class Policy:
 
     # --- breaker, evidence, metrics --------------------------------------------------------
 
+    def carry_counters(self, previous: Policy) -> None:
+        """Continue `previous`'s counters: a reload builds a new policy, and counters must not reset."""
+        with previous._lock:
+            self._actions = dict(previous._actions)
+            self._refusals = dict(previous._refusals)
+            self._journal_errors = previous._journal_errors
+
     def status(self) -> dict[str, object]:
         """JSON-able state for `/status` and `trainwarden status`."""
         with self._lock:
