@@ -209,7 +209,7 @@ class Connection:
             except h11.RemoteProtocolError as exc:
                 raise _RefusedError(exc.error_status_hint, f"bad request: {exc}") from None
             if isinstance(event, h11.Request):
-                end = _HEAD_END.search(raw)
+                end = _HEAD_END.search(raw)  # h11 refuses blank lines before the request line
                 head = bytes(raw[: end.end()] if end else raw)
                 _check_head_size(head, self._limits)
                 return head, event
