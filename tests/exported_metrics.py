@@ -135,7 +135,14 @@ def fixture_daemon(tmp_path: Path) -> Iterator[str]:
 
 
 def exported_series_names(tmp_path: Path) -> set[str]:
-    """Every sample name the fixture daemon exposes, plus the series Prometheus adds per target."""
+    """Every sample name the fixture daemon exposes over its first scrapes, plus Prometheus' own."""
+    seen: set[str] = set()
+
+    def finding_seen() -> bool:
+        for names in _families(url).values():
+            seen.update(names)
+        return "trainwarden_rule_active" in seen  # only while a finding fires: collect until one did
+
     with fixture_daemon(tmp_path) as url:
-        families = _families(url)
-    return set().union(*families.values()) | PROMETHEUS_SERIES
+        wait_until(finding_seen, 60.0, "a finding to fire")
+    return seen | PROMETHEUS_SERIES

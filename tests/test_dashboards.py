@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from exported_metrics import exported_series_names, metric_names_in
+from exported_metrics import exported_series_names, fixture_daemon, metric_names_in
+from support import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # dashboards/ lives at the repo root, beside tests/
@@ -25,6 +30,11 @@ DASHBOARD_DIR = ROOT / "dashboards"
 RECORDING_RULES = ROOT / "prometheus" / "recording.rules.yml"
 RUNBOOK = ROOT / "docs" / "RUNBOOK.md"
 PROMTOOL = shutil.which("promtool")
+PROMETHEUS = shutil.which("prometheus")
+# What the fixture daemon of exported_metrics provides (not two checkpoints: it saves once).
+FIXTURE_PROVIDES = frozenset(
+    {"gpu", "infiniband", "checkpoints_volume", "training", "recording_rules", "refusal"}
+)
 
 
 def committed() -> dict[str, dict[str, Any]]:
@@ -149,3 +159,70 @@ def test_panels_only_read_series_the_daemon_exports(tmp_path: Path) -> None:
         assert not unknown, f"{query.dashboard} / {query.panel} reads series nobody exports: {unknown}"
     for uid, name, selector in variable_selectors():
         assert not metric_names_in(selector) - exported, f"{uid}: variable {name}"
+
+
+def range_query(url: str, expr: str, start: float) -> list[dict[str, Any]]:
+    params = urllib.parse.urlencode({"query": expr, "start": start, "end": time.time(), "step": "1s"})
+    with urllib.request.urlopen(f"{url}/api/v1/query_range?{params}", timeout=10) as response:
+        body = json.load(response)
+    assert body["status"] == "success", body
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (Debian: prometheus)")
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_panels_return_data_on_a_real_prometheus(tmp_path: Path) -> None:
+    """A real Prometheus scraping a fixture daemon with the shipped rules answers every panel with data."""
+    (tmp_path / "daemon").mkdir()
+    with fixture_daemon(tmp_path / "daemon") as daemon_url:
+        config = tmp_path / "prometheus.yml"
+        scrape = {
+            "job_name": "trainwarden",
+            "honor_labels": True,
+            "static_configs": [
+                {"targets": [daemon_url.removeprefix("http://")], "labels": {"node": "node-a"}}
+            ],
+        }
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "rule_files": [str(RECORDING_RULES)],
+                    "scrape_configs": [scrape],
+                }
+            )
+        )
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [
+            PROMETHEUS or "prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ]  # fmt: skip
+        log = tmp_path / "prometheus.log"
+        with log.open("wb") as sink:
+            proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            start = time.time()
+
+            def recorded() -> bool:
+                assert proc.poll() is None, log.read_text()
+                try:
+                    return bool(
+                        range_query(url, "job_node:trainwarden_train_step_seconds:ratio_to_job_p50", start)
+                    )
+                except OSError:
+                    return False
+
+            wait_until(recorded, 90.0, "Prometheus to scrape the daemon and record the rules")
+            empty = [
+                f"{q.dashboard} / {q.panel} ({q.ref_id})"
+                for q in all_panel_queries()
+                if q.requires <= FIXTURE_PROVIDES
+                and not range_query(url, q.rendered(rate_interval="5s"), start)
+            ]
+            assert not empty, f"panels without data: {empty}"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
