@@ -3,13 +3,27 @@ daemon configs, and (further down) real Prometheus / Alertmanager servers on loo
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
+import yaml
 
+import slurm_cluster
+from support import free_port
 from trainwarden.config import Config, config_from_dict
 from trainwarden.plugins import plugin_groups
 
@@ -122,3 +136,400 @@ def webhook_config(
     if drain_argv is not None:
         data["healers"] = {"command_drain": {"enabled": True, "drain_argv": drain_argv}}
     return config_from_dict(data, plugin_groups())
+
+
+# --- a two-node Slurm: one slurmctld, a slurmd for each node name --------------------------------
+
+
+def start_two_node_slurm(nodes: dict[str, str], timeout: float = 60.0) -> Any:
+    """munged, slurmctld and one slurmd per {node name: loopback address}; returns a SlurmCluster.
+
+    The cluster's `node` is the first name; `scontrol` reaches either through `cluster.env`.
+    """
+
+    reason = slurm_cluster.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    root = Path(tempfile.mkdtemp(prefix="tw-slurm2-"))
+    root.chmod(0o755)
+    for sub in ("state", "spool", "log", "run", "munge"):
+        (root / sub).mkdir(mode=0o755)
+    (root / "key").mkdir(mode=0o700)
+    slurm_cluster._write_private(root / "key" / "munge.key", os.urandom(1024), 0o400)
+    munge_socket = root / "munge" / "munge.sock"
+    first = next(iter(nodes))
+    text = slurm_cluster.SLURM_CONF.format(
+        host=socket.gethostname().split(".")[0],  # slurmctld runs only where SlurmctldHost names
+        ctld_port=free_port(),
+        slurmd_port=free_port(),
+        munge_socket=munge_socket,
+        root=root,
+        cpus=1,
+    )
+    lines = [line for line in text.splitlines() if not line.startswith(("NodeName=", "PartitionName="))]
+    lines = [
+        line.replace(
+            "SlurmdPidFile=" + str(root / "run" / "slurmd.pid"), f"SlurmdPidFile={root}/run/slurmd-%n.pid"
+        )
+        .replace(
+            "SlurmdLogFile=" + str(root / "log" / "slurmd.log"), f"SlurmdLogFile={root}/log/slurmd-%n.log"
+        )
+        .replace("SlurmdSpoolDir=" + str(root / "spool"), f"SlurmdSpoolDir={root}/spool/%n")
+        for line in lines
+    ]
+    lines.extend(
+        f"NodeName={name} NodeAddr={address} NodeHostname={name} Port={free_port()} CPUs=1 RealMemory=256"
+        " State=UNKNOWN"
+        for name, address in nodes.items()
+    )
+    lines.append(f"PartitionName=debug Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP")
+    conf = root / "slurm.conf"
+    conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for name in nodes:
+        (root / "spool" / name).mkdir(mode=0o755)
+    env = {**os.environ, "SLURM_CONF": str(conf), slurm_cluster.MARKER: str(root)}
+    env["PATH"] = ":".join([env.get("PATH", ""), *slurm_cluster.SBIN])
+    cluster = slurm_cluster.SlurmCluster(root, first, conf, env)
+
+    def spawn(name: str, argv: list[str]) -> None:
+        with (root / "log" / f"{name}.stderr").open("wb") as log:
+            cluster.processes[name] = subprocess.Popen(
+                argv,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    which = slurm_cluster._which
+    try:
+        spawn(
+            "munged",
+            [
+                str(which("munged")),
+                "--foreground",
+                f"--socket={munge_socket}",
+                f"--key-file={root / 'key' / 'munge.key'}",
+                f"--pid-file={root / 'run' / 'munged.pid'}",
+                f"--log-file={root / 'log' / 'munged.log'}",
+                f"--seed-file={root / 'run' / 'munged.seed'}",
+            ],
+        )
+        cluster.wait_for("munge socket", munge_socket.exists, 10.0)
+        spawn("slurmctld", [str(which("slurmctld")), "-D", "-i", "-f", str(conf)])
+        cluster.wait_for(
+            "slurmctld answering", lambda: cluster.run("scontrol", "ping").returncode == 0, timeout
+        )
+        for name in nodes:
+            spawn(f"slurmd-{name}", [str(which("slurmd")), "-D", "-N", name, "-f", str(conf)])
+        for name in nodes:
+            cluster.wait_for(f"node {name} IDLE", lambda n=name: node_state(cluster, n) == "IDLE", timeout)
+    except BaseException:
+        print(cluster.logs())
+        stop_slurm(cluster)
+        raise
+    return cluster
+
+
+def node_state(cluster: Any, node: str) -> str:
+    """`State=` of one node."""
+    return node_field(cluster, node, "State")
+
+
+def node_field(cluster: Any, node: str, key: str) -> str:
+    """One field of `scontrol show node -o NODE` (Reason runs to the end of the line)."""
+    line = cluster.scontrol("show", "node", "-o", node).strip()
+    marker = f" {key}="
+    start = line.find(marker)
+    if start < 0:
+        return ""
+    rest = line[start + len(marker) :]
+    return rest.strip() if key == "Reason" else rest.split(" ", 1)[0]
+
+
+def stop_slurm(cluster: Any) -> None:
+    """Stop every daemon of the cluster (slurmd ones included) and sweep what it started."""
+
+    for name, proc in sorted(cluster.processes.items(), key=lambda kv: kv[0] != "slurmctld", reverse=True):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        del name
+    for pid in slurm_cluster.marked_pids(str(cluster.root)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+# --- Prometheus and Alertmanager on loopback ----------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+PROMETHEUS_DIR = REPO / "prometheus"
+AM_EXAMPLE = PROMETHEUS_DIR / "alertmanager.example.yml"
+PROMETHEUS_BIN = "prometheus"
+ALERTMANAGER_BIN = "prometheus-alertmanager"
+
+
+def servers_skip_reason() -> str | None:
+    """Why real Prometheus/Alertmanager cannot run here, or None."""
+    missing = [name for name in (PROMETHEUS_BIN, ALERTMANAGER_BIN) if shutil.which(name) is None]
+    if missing:
+        return f"missing {', '.join(missing)} (apt-get install prometheus prometheus-alertmanager)"
+    return None
+
+
+class Server:
+    """One server process with its log file, stopped (and waited for) by `stop`."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, url: str) -> None:
+        self.name = name
+        self.log = log
+        self.url = url
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait for GET /-/ready to answer 200."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited {self.proc.returncode}:\n{self.tail()}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(self.url + "/-/ready", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise AssertionError(f"{self.name} not ready after {timeout}s:\n{self.tail()}")
+
+    def tail(self, lines: int = 40) -> str:
+        """The end of the server's log."""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it lingers."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+def shortened_rules(root: Path) -> list[Path]:
+    """The shipped rule files with the test's short intervals: `for:` 3 s, 2 m rate windows 15 s,
+    the stall floor 5 s instead of 60 s. The expressions are otherwise the shipped ones."""
+    out = []
+    for source in sorted(PROMETHEUS_DIR.glob("*.rules.yml")):
+        text = source.read_text(encoding="utf-8")
+        text = re.sub(r"for: \d+[mh]", "for: 3s", text)
+        text = text.replace("[2m]", "[15s]").replace("), 60)", "), 5)")
+        target = root / source.name
+        target.write_text(text, encoding="utf-8")
+        out.append(target)
+    return out
+
+
+def start_prometheus(root: Path, targets: dict[str, str], alertmanagers: list[str]) -> Server:
+    """Prometheus scraping each daemon every second (`node` label from the target list) with the rules."""
+    root.mkdir(parents=True, exist_ok=True)
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(path) for path in shortened_rules(root)],
+        "alerting": {"alertmanagers": [{"static_configs": [{"targets": alertmanagers}]}]},
+        "scrape_configs": [
+            {
+                "job_name": "trainwarden",
+                "honor_labels": True,  # the daemon's `job` label is the training job's
+                "static_configs": [
+                    {"targets": [address], "labels": {"node": node}} for node, address in targets.items()
+                ],
+            }
+        ],
+    }
+    path = root / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    port = free_port()
+    argv = [
+        PROMETHEUS_BIN,
+        f"--config.file={path}",
+        f"--storage.tsdb.path={root / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--rules.alert.resend-delay=1s",
+        "--rules.alert.for-grace-period=1s",
+    ]
+    server = Server("prometheus", argv, root / "prometheus.log", f"http://127.0.0.1:{port}")
+    server.wait_ready()
+    return server
+
+
+def alertmanager_config(root: Path, urls: dict[str, str], token_file: Path) -> Path:
+    """The shipped example with this machine's daemon URLs, the test's token and short group timers."""
+    config = yaml.safe_load(AM_EXAMPLE.read_text(encoding="utf-8"))
+    config["route"].update(group_wait="1s", group_interval="2s", repeat_interval="1h")
+    for receiver in config["receivers"]:
+        for hook in receiver.get("webhook_configs", []):
+            for node, url in urls.items():
+                hook["url"] = hook["url"].replace(f"http://{node}:9871", url)
+            hook["http_config"]["authorization"]["credentials_file"] = str(token_file)
+    path = root / "alertmanager.yml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def start_alertmanagers(root: Path, config: Path, ports: list[int], *, clustered: bool) -> list[Server]:
+    """Two Alertmanagers on loopback, gossiping with each other when `clustered`."""
+    gossip = [free_port() for _ in ports]
+    servers = []
+    for index, port in enumerate(ports):
+        home = root / f"am{index}"
+        home.mkdir(parents=True, exist_ok=True)
+        argv = [
+            ALERTMANAGER_BIN,
+            f"--config.file={config}",
+            f"--storage.path={home}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ]
+        if clustered:
+            argv += [
+                f"--cluster.listen-address=127.0.0.1:{gossip[index]}",
+                f"--cluster.advertise-address=127.0.0.1:{gossip[index]}",
+                *(f"--cluster.peer=127.0.0.1:{g}" for i, g in enumerate(gossip) if i != index),
+                "--cluster.settle-timeout=5s",
+                "--cluster.peer-timeout=3s",
+                "--cluster.gossip-interval=100ms",
+                "--cluster.pushpull-interval=2s",
+            ]
+        else:
+            argv.append("--cluster.listen-address=")
+        servers.append(Server(f"alertmanager{index}", argv, home / "log", f"http://127.0.0.1:{port}"))
+    for server in servers:
+        server.wait_ready()
+    return servers
+
+
+def firing(prometheus: Server, alertname: str) -> list[dict[str, Any]]:
+    """Alerts of that name Prometheus holds as firing now."""
+    data = requests.get(prometheus.url + "/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+    return [a for a in data if a["labels"]["alertname"] == alertname and a["state"] == "firing"]
+
+
+def query(prometheus: Server, expr: str) -> list[dict[str, Any]]:
+    """Instant query result vector."""
+    answer = requests.get(prometheus.url + "/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert answer["status"] == "success", answer
+    return list(answer["data"]["result"])
+
+
+@contextlib.contextmanager
+def stopping(*servers: Server) -> Iterator[None]:
+    """Stop the servers however the block ends."""
+    try:
+        yield
+    finally:
+        for server in servers:
+            server.stop()
+
+
+# --- a torchrun job over two "nodes" ------------------------------------------------------------
+
+WORKER = '''\
+"""One rank of the two-node test job: local SGD steps, a gloo all-reduce every 10 steps.
+
+Steps are local (each rank trains on its own data), so a slow node shows in its own step times
+the way a straggler's compute does; the all-reduce (reported as the eval phase, where the fast
+node waits) also carries rank 0's view of the control files, so every rank stalls and stops at
+the same step.
+"""
+import os, time
+from pathlib import Path
+import torch
+import torch.distributed as dist
+from trainwarden.client.reporter import Reporter
+
+ctl = Path(os.environ["CLUSTER_CTL"])
+node = os.environ["CLUSTER_NODE"]
+dist.init_process_group("gloo")
+reporter = Reporter.from_env(job="cluster")
+torch.manual_seed(dist.get_rank())
+model = torch.nn.Linear(8, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+step = 0
+while True:
+    x = torch.randn(16, 8)
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    time.sleep(0.05 + (0.4 if (ctl / f"slow-{node}").exists() else 0.0))
+    reporter.step(step, loss=float(loss))
+    step += 1
+    if step % 10 == 0:
+        with reporter.phase("eval"):
+            stall, stop = (ctl / "stall").exists(), (ctl / "stop").exists()
+            flags = torch.tensor([float(stall), float(stop), loss.item()])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        while flags[0] > 0 and (ctl / "stall").exists():
+            time.sleep(0.05)  # every rank inside a step, none finishing one: a job-wide stall
+        if flags[1] > 0:
+            break
+reporter.close()
+dist.barrier()
+dist.destroy_process_group()
+'''
+
+
+def start_job_on_nodes(root: Path, nodes: dict[str, Path], ctl: Path) -> list[subprocess.Popen[bytes]]:
+    """One torchrun per node (c10d rendezvous, one gloo rank each), ranks reporting to that node's
+    daemon through its socket; `nodes` maps node name -> the daemon's runtime dir."""
+    script = root / "cluster_worker.py"
+    script.write_text(WORKER, encoding="utf-8")
+    ctl.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs = []
+    for index, (node, runtime_dir) in enumerate(nodes.items()):
+        env = {
+            **os.environ,
+            "CLUSTER_CTL": str(ctl),
+            "CLUSTER_NODE": node,
+            "TRAINWARDEN_SOCKET": str(runtime_dir / "client.sock"),
+            "TRAINWARDEN_CONTROL_DIR": str(runtime_dir / "control"),
+            "OMP_NUM_THREADS": "1",
+            "GLOO_SOCKET_IFNAME": "lo",
+        }
+        argv = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc-per-node=1",
+            f"--node-rank={index}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=twcluster",
+            "--max-restarts=0",
+            str(script),
+        ]
+        with (root / f"job-{node}.log").open("ab") as out:
+            procs.append(
+                subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            )
+    return procs
+
+
+def stop_job(procs: list[subprocess.Popen[bytes]], ctl: Path) -> None:
+    """Ask the job to stop at its next all-reduce; kill what is still running after 30 s."""
+    (ctl / "stall").unlink(missing_ok=True)
+    (ctl / "stop").touch()
+    deadline = time.monotonic() + 30
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import requests
 
 from trainwarden.config import parse_listen
+from trainwarden.daemon.healing import finding_event
 from trainwarden.daemon.http import Request, Response
 from trainwarden.daemon.timeline import EventKind, EventSink, emit
 from trainwarden.daemon.webhook_config import WebhookConfig, is_loopback, listen_problems, read_token
@@ -55,6 +56,8 @@ SOURCE = "webhook"
 RULE_PREFIX_EVIDENCE = 1024
 """Longest evidence value kept from one label or annotation."""
 SEEN_RETENTION_SECONDS = 7 * 86400.0
+BATCH = 256
+"""Most alerts handed to the policy in one call (one journal read, one publish)."""
 
 REQUESTS = MetricSpec(
     "trainwarden_webhook_requests_total",
@@ -175,49 +178,76 @@ class Webhook:
         self._queue.join()
 
     def _work(self) -> None:
+        """Take what is queued (up to BATCH alerts) and hand its new firing findings over in one go."""
         while True:
-            alert = self._queue.get()
-            try:
-                if alert is None:
-                    return
+            batch = [self._queue.get()]
+            while len(batch) < BATCH:
                 try:
-                    result = self.handle_alert(alert)
-                except Exception:
-                    log.exception("webhook: alert %s (%s) failed", alert.fingerprint, alert.name)
-                    result = "error"
-                self._count_alert(alert.status, result)
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            alerts = [alert for alert in batch if alert is not None]
+            try:
+                self._handle(alerts)
             finally:
-                self._queue.task_done()
+                for _ in batch:
+                    self._queue.task_done()
+            if len(alerts) < len(batch):
+                return
 
-    def handle_alert(self, alert: Alert) -> str:
-        """Decide what one alert means here and act on it at most once; returns the result label."""
+    def _handle(self, alerts: Sequence[Alert]) -> None:
+        results: list[tuple[Alert, str]] = []
+        findings: list[Finding] = []
+        for alert in alerts:
+            try:
+                result, finding = self._triage(alert)
+            except Exception:
+                log.exception("webhook: alert %s (%s) failed", alert.fingerprint, alert.name)
+                result, finding = "error", None
+            results.append((alert, result))
+            if finding is not None:
+                findings.append(finding)
+        if findings:
+            try:
+                outcomes = self._decide(findings)
+            except Exception:
+                log.exception("webhook: the policy failed on %d finding(s)", len(findings))
+                results = [(a, "error" if r == "to_policy" else r) for a, r in results]
+            else:
+                for outcome in outcomes:
+                    log.info(
+                        "webhook: %s on %s: %s %s",
+                        outcome.finding.rule,
+                        outcome.finding.subject_key,
+                        outcome.healer,
+                        outcome.result,
+                    )
+        for alert, result in results:
+            self._count_alert(alert.status, result)
+
+    def _triage(self, alert: Alert) -> tuple[str, Finding | None]:
+        """What one alert means here: its result label, and the finding when the policy gets it.
+
+        The alert is claimed (at most once, ever) before its finding is handed on.
+        """
         rule = self.config.rules.get(alert.name)
         if rule is None:
             log.info("webhook: alert %s is mapped to no rule ([webhook.rules]); observed only", alert.name)
-            return "unmapped"
+            return "unmapped", None
         finding = alert_finding(alert, rule)
         now = self._clock()
         if alert.status == "firing":
             refusal = self._not_ours(finding)
             if refusal is not None:
-                return refusal
+                return refusal, None
         if not self._claim(alert, finding, now):
-            return "duplicate"
+            return "duplicate", None
         kind = EventKind.FINDING_FIRED if alert.status == "firing" else EventKind.FINDING_RESOLVED
-        from trainwarden.daemon.healing import finding_event  # noqa: PLC0415 - healing imports the policy
-
         emit(self._on_event, finding_event(kind, finding))
         if alert.status == "resolved":
             log.info("webhook: %s resolved on %s", finding.rule, finding.subject_key)
-            return "resolved"
-        outcomes = self._decide([finding])
-        log.info(
-            "webhook: %s on %s to the policy: %s",
-            finding.rule,
-            finding.subject_key,
-            "; ".join(f"{o.healer} {o.result}" for o in outcomes) or "nothing new to decide",
-        )
-        return "to_policy"
+            return "resolved", None
+        return "to_policy", finding
 
     def _not_ours(self, finding: Finding) -> str | None:
         """Why this daemon must not act on a firing finding, or None when it is its to act on."""
