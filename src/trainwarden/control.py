@@ -13,12 +13,10 @@ read (opened without following a final symlink and without blocking, so a FIFO o
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
 import re
-import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -26,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from trainwarden.errors import TrainwardenError
+from trainwarden.safe_files import read_regular_file
 
 CONTROL_FORMAT_VERSION = 1
 MAX_CONTROL_BYTES = 256 * 1024
@@ -306,40 +305,6 @@ def write_control(path: Path, state: ControlState) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def read_regular_file(path: Path, limit: int) -> bytes:
-    """The bytes of `path` if it is a regular file of at most `limit` bytes; OSError otherwise.
-
-    Never blocks (``O_NONBLOCK``: a FIFO opens at once and is then refused), never follows a
-    final symlink (``O_NOFOLLOW``), never reads more than ``limit + 1`` bytes.
-    """
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise OSError(errno.ELOOP, "is a symbolic link, not a regular file") from exc
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, f"not a regular file (mode {stat.filemode(st.st_mode)})")
-        if st.st_size > limit:
-            raise OSError(errno.EFBIG, f"{st.st_size} bytes exceeds the limit of {limit}")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= limit:
-            chunk = os.read(fd, limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > limit:
-            raise OSError(errno.EFBIG, f"grew beyond the limit of {limit} bytes while read")
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def read_control(path: Path) -> ControlState:

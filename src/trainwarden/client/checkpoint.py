@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -37,8 +38,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from trainwarden.client import rng
+from trainwarden.client.finite import nonfinite_tensors
 from trainwarden.client.manifest import (
     MANIFEST_NAME,
+    MAX_STEP,
     CheckpointError,
     FileEntry,
     Manifest,
@@ -153,6 +156,9 @@ class CheckpointManager:
         """Checkpoints refused on load, by `CheckpointError.reason`."""
         self.failed_saves = 0
         self.last_error: BaseException | None = None
+        self.refused_saves = 0
+        """Saves refused because parameters or optimizer state held NaN/Inf (nothing was written)."""
+        self.last_refusal: CheckpointError | None = None
         self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
         self._pending: Path | None = None
@@ -171,15 +177,25 @@ class CheckpointManager:
         extras: Mapping[str, Any] | None = None,
         local: Mapping[str, Any] | None = None,
         metric: float | None = None,
-    ) -> Path:
-        """Save `state` as the checkpoint of `step`; returns its final path.
+    ) -> Path | None:
+        """Save `state` as the checkpoint of `step`; returns its final path, or None when refused.
 
+        A checkpoint never holds non-finite state: when any rank's parameters, optimizer state or
+        plain tensors in `state` hold a NaN or Inf, every rank refuses the save together, nothing is
+        written, `refused_saves` and `last_refusal` say why, and None is returned, so the newest
+        checkpoint stays one from before the fault (the check costs one device sync, here only).
         Synchronous by default. With ``async_save`` the state is copied to CPU here and written on
         a thread; a previous save still in flight is waited for first (never two at once).
         `data_position`, `local` and `extras` must be JSON-able.
         """
-        if step < 0:
-            raise ValueError(f"step={step} must be >= 0")
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+            raise ValueError(f"step={step!r} must be an integer in [0, {MAX_STEP}]")
+        refusal = self._nonfinite_refusal(step, state)
+        if refusal is not None:
+            self.refused_saves += 1
+            self.last_refusal = refusal
+            log.error("checkpoint not saved: %s", refusal)
+            return None
         self._join()
         final = self.root / f"step_{step:010d}"
         with self._phase():
@@ -192,7 +208,7 @@ class CheckpointManager:
                 "local": _json_copy(dict(local or {}), "local"),
             }
             job_extras = _json_copy(dict(extras or {}), "extras")
-            metric_value = None if metric is None else float(metric)
+            metric_value = None if metric is None or not math.isfinite(float(metric)) else float(metric)
             job = _SaveJob(step, resolved, rank_state, job_extras, metric_value, started)
             if not self.async_save:
                 self._write(job)
@@ -204,6 +220,19 @@ class CheckpointManager:
         )
         self._thread.start()
         return final
+
+    def _nonfinite_refusal(self, step: int, state: Mapping[str, Any]) -> CheckpointError | None:
+        """A refusal when any rank's state holds NaN/Inf (all ranks agree), else None."""
+        bad = nonfinite_tensors(state)
+        ranks_bad = [(r, names) for r, names in enumerate(self._gather_all(bad)) if names]
+        if not ranks_bad:
+            return None
+        rank, names = ranks_bad[0]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        detail = (
+            f"rank {rank} holds non-finite values in {shown}; the newest checkpoint stays the last finite one"
+        )
+        return CheckpointError(self.root / f"step_{step:010d}", "nonfinite", detail)
 
     def wait(self) -> Path | None:
         """Wait for an asynchronous save; return its path, or raise `CheckpointError` if it failed."""
@@ -370,9 +399,11 @@ class CheckpointManager:
 
         Invalid checkpoints are logged, counted in `rejected` and skipped. Every rank ends on the
         same checkpoint. RNG states are restored for this rank when the world size is unchanged.
+        Everything is checked before anything is changed: the manifest and every file (rank 0),
+        then each rank's RNG state, decoded into scratch generators; only then does DCP load the
+        tensors in place. A DCP failure (its `CheckpointException` is a `BaseException`, e.g. when
+        the model's shapes changed) is a ``load_failed`` refusal and the previous one is tried.
         """
-        from torch.distributed.checkpoint.state_dict_loader import load as dcp_load  # noqa: PLC0415
-
         self._join()
         for _, path in self._broadcast(self._candidates() if self.rank == 0 else None):
             problem: CheckpointError | None = None
@@ -385,28 +416,57 @@ class CheckpointManager:
             if problem is not None:
                 self._reject(problem)
                 continue
+            prepared: rng.PreparedRng | None = None
             try:
                 manifest = read_manifest(path)
-                with _quiet_single_process():
-                    dcp_load(
-                        dict(state),
-                        checkpoint_id=path / STATE_DIR,
-                        process_group=self._pg,
-                        no_dist=not self._dist,
-                    )
+                prepared = self._prepared_rng(path, manifest) if restore_rng else None
                 error: CheckpointError | None = None
             except CheckpointError as exc:
                 error = exc
-            except Exception as exc:
-                error = CheckpointError(path / STATE_DIR, "load_failed", f"cannot load state: {exc!r}"[:2000])
-            errors = [e for e in self._gather_all(error) if e is not None]
-            if errors:
-                self._reject(errors[0])
+            if self._agreed_failure(error) or self._agreed_failure(self._dcp_load(state, path)):
                 continue
-            return self._resume_point(path, manifest, restore_rng)
+            if prepared is not None:
+                prepared.apply()
+            return self._resume_point(path, manifest)
         return None
 
-    def _resume_point(self, path: Path, manifest: Manifest, restore_rng: bool) -> ResumePoint:
+    def _dcp_load(self, state: Mapping[str, Any], path: Path) -> CheckpointError | None:
+        """Load the tensors of `path` into `state` in place; the failure as a refusal, never raised."""
+        from torch.distributed.checkpoint.api import CheckpointException  # noqa: PLC0415
+        from torch.distributed.checkpoint.state_dict_loader import load as dcp_load  # noqa: PLC0415
+
+        try:
+            with _quiet_single_process():
+                dcp_load(
+                    dict(state),
+                    checkpoint_id=path / STATE_DIR,
+                    process_group=self._pg,
+                    no_dist=not self._dist,
+                )
+        except CheckpointError as exc:
+            return exc
+        except (Exception, CheckpointException) as exc:
+            return CheckpointError(path / STATE_DIR, "load_failed", f"cannot load state: {exc!r}"[:2000])
+        return None
+
+    def _agreed_failure(self, error: CheckpointError | None) -> bool:
+        """True (and the first error counted) when any rank failed: all ranks then move on together."""
+        errors = [e for e in self._gather_all(error) if e is not None]
+        if errors:
+            self._reject(errors[0])
+        return bool(errors)
+
+    def _prepared_rng(self, path: Path, manifest: Manifest) -> rng.PreparedRng | None:
+        """The saved RNG state of our rank, decoded and checked; None when it is not restored."""
+        mine = manifest.rank_state(self.rank) if manifest.world_size == self.world_size else None
+        if mine is None:
+            return None
+        try:
+            return rng.prepare(mine.rng)
+        except rng.RngStateError as exc:
+            raise CheckpointError(path / MANIFEST_NAME, "bad_rng", f"rank {self.rank}: {exc}") from exc
+
+    def _resume_point(self, path: Path, manifest: Manifest) -> ResumePoint:
         mine = manifest.rank_state(self.rank) if manifest.world_size == self.world_size else None
         if mine is None:
             log.warning(
@@ -416,8 +476,6 @@ class CheckpointManager:
                 manifest.world_size,
                 self.world_size,
             )
-        elif restore_rng:
-            rng.restore(mine.rng)
         if manifest.migrated_from is not None:
             log.info("checkpoint %s migrated from format %d", path, manifest.migrated_from)
         log.info("resuming from checkpoint step %d at %s", manifest.step, path)

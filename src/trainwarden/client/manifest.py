@@ -9,6 +9,12 @@ own canonical JSON, so a flipped byte in it is caught too.
 Versions: ``FORMAT_VERSION`` is written. Version 1 (the single-process prototype layout: one RNG
 state and data position at top level, ``files`` as name → sha256) is migrated on load; a version
 newer than this library is refused with a message saying to upgrade trainwarden.
+
+Reading refuses anything but a regular file of at most `MAX_MANIFEST_BYTES` (a FIFO, a symlink
+to ``/dev/zero`` or a directory is a refusal, never a hang or a huge read), JSON depth and number
+bombs, and every field of another type or range than the writer writes. `verify_files` accounts
+for every file of the directory: one the manifest does not list, a symlink or a FIFO is a refusal,
+so a shard the manifest forgot cannot load unchecked.
 """
 
 from __future__ import annotations
@@ -16,18 +22,29 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trainwarden.errors import TrainwardenError
+from trainwarden.safe_files import open_regular_file, read_regular_file
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_KIND = "trainwarden-checkpoint"
 FORMAT_VERSION = 2
 _CHUNK = 1 << 20
 _SHA256_HEX = 64
+_HEX = frozenset("0123456789abcdef")
+MAX_MANIFEST_BYTES = 256 << 20
+"""Largest manifest read: about 20 KB of RNG state per rank, so room for some 12,000 ranks."""
+MAX_STEP = 10**10 - 1
+"""Checkpoint directories are named ``step_`` + 10 digits; a larger step could never be found."""
+MAX_WORLD_SIZE = 1 << 20
+MAX_FILE_BYTES = 1 << 50
+_MAX_INT_DIGITS = 40
 
 
 class CheckpointError(TrainwardenError):
@@ -118,7 +135,8 @@ def body_checksum(body: Mapping[str, Any]) -> str:
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    fd, _st = open_regular_file(path)
+    with os.fdopen(fd, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -128,12 +146,26 @@ def read_manifest(directory: Path) -> Manifest:
     """Read and validate the manifest of the checkpoint in `directory` (migrating old formats)."""
     path = directory / MANIFEST_NAME
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = read_regular_file(path, MAX_MANIFEST_BYTES)
     except FileNotFoundError as exc:
         raise CheckpointError(path, "missing_manifest", "no manifest: the checkpoint is incomplete") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(path, "unreadable", f"cannot read manifest: {exc}") from exc
+    except OSError as exc:
+        raise CheckpointError(path, "unreadable", f"cannot read manifest: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(path, "unreadable", f"manifest is not UTF-8 at byte {exc.start}") from exc
     return parse_manifest(text, path)
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > _MAX_INT_DIGITS:
+        raise ValueError(f"integer of {len(text)} digits")
+    return int(text)
+
+
+_DECODER = json.JSONDecoder(parse_int=_parse_int)
+"""Integers are bounded before int() sees them; NaN/Infinity parse (an old metric may hold one)."""
 
 
 def parse_manifest(text: str, where: Path) -> Manifest:
@@ -141,9 +173,9 @@ def parse_manifest(text: str, where: Path) -> Manifest:
     if not text.strip():
         raise CheckpointError(where, "truncated", "manifest is empty (truncated write?)")
     try:
-        body = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(where, "not_json", f"manifest is not valid JSON ({exc})") from exc
+        body = _DECODER.decode(text)
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(where, "not_json", f"manifest is not valid JSON ({str(exc)[:200]})") from exc
     if not isinstance(body, dict) or body.get("kind") != MANIFEST_KIND:
         raise CheckpointError(
             where, "foreign", f"not a trainwarden checkpoint manifest (kind != {MANIFEST_KIND!r})"
@@ -158,97 +190,180 @@ def parse_manifest(text: str, where: Path) -> Manifest:
             f"checkpoint format version {version} is newer than this trainwarden supports "
             f"({FORMAT_VERSION}); upgrade trainwarden to load it",
         )
-    if body.get("checksum") != body_checksum(body):
+    try:
+        checksum_ok = body.get("checksum") == body_checksum(body)
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(where, "malformed", f"manifest cannot be canonicalised: {exc!r}"[:300]) from exc
+    if not checksum_ok:
         raise CheckpointError(where, "checksum", "manifest checksum mismatch (corrupted or edited)")
     try:
         if version == 1:
             return _from_v1(body)
         return _from_v2(body)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise CheckpointError(
-            where, "malformed", f"manifest field missing or of the wrong type: {exc!r}"
+            where, "malformed", f"manifest field missing or of the wrong type: {exc!r}"[:500]
         ) from exc
 
 
-def _files(raw: Mapping[str, Any], with_size: bool) -> dict[str, FileEntry]:
+def _int(value: Any, what: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{what}={str(value)[:40]!r} must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def _dict(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"{what} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _finite(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{what}={str(value)[:40]!r} must be a finite number")
+    return float(value)
+
+
+def _files(raw: Any, with_size: bool) -> dict[str, FileEntry]:
     files: dict[str, FileEntry] = {}
-    for name, entry in raw.items():
+    for name, entry in _dict(raw, "files").items():
         rel = Path(name)
-        if rel.is_absolute() or ".." in rel.parts or name == MANIFEST_NAME:
+        if rel.is_absolute() or ".." in rel.parts or name == MANIFEST_NAME or not rel.parts:
             raise ValueError(f"file name {name!r} escapes the checkpoint directory")
+        if rel.as_posix() != name:
+            raise ValueError(f"file name {name!r} is not in normal form")
         if with_size:
-            digest, size = str(entry["sha256"]), entry["size"]
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise ValueError(f"{name}: size {size!r}")
+            fields = _dict(entry, f"files[{name!r}]")
+            digest = fields["sha256"]
+            size: int | None = _int(fields["size"], f"{name}: size", 0, MAX_FILE_BYTES)
         else:
-            digest, size = str(entry), None
-        if len(digest) != _SHA256_HEX:
-            raise ValueError(f"{name}: sha256 {digest!r}")
-        files[str(name)] = FileEntry(digest, size)
+            digest, size = entry, None
+        if not isinstance(digest, str) or len(digest) != _SHA256_HEX or not set(digest) <= _HEX:
+            raise ValueError(f"{name}: sha256 {str(digest)[:80]!r}")
+        files[name] = FileEntry(digest, size)
     return files
 
 
 def _metric(value: Any) -> float | None:
     if value is None:
         return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"metric must be a number or null, got {type(value).__name__}")
     metric = float(value)
     return metric if math.isfinite(metric) else None
 
 
-def _from_v2(body: Mapping[str, Any]) -> Manifest:
-    ranks = tuple(
-        RankState(
-            rank=int(r["rank"]),
-            rng=dict(r.get("rng") or {}),
-            data_position=r.get("data_position"),
-            local=dict(r.get("local") or {}),
+def _ranks(raw: Any, world_size: int) -> tuple[RankState, ...]:
+    if not isinstance(raw, list):
+        raise TypeError(f"ranks must be a list, got {type(raw).__name__}")
+    ranks: list[RankState] = []
+    seen: set[int] = set()
+    for i, r in enumerate(raw):
+        entry = _dict(r, f"ranks[{i}]")
+        rank = _int(entry["rank"], f"ranks[{i}].rank", 0, world_size - 1)
+        if rank in seen:
+            raise ValueError(f"ranks[{i}].rank={rank} appears twice")
+        seen.add(rank)
+        ranks.append(
+            RankState(
+                rank=rank,
+                rng=_dict(entry.get("rng"), f"ranks[{i}].rng"),
+                data_position=entry.get("data_position"),
+                local=_dict(entry.get("local"), f"ranks[{i}].local"),
+            )
         )
-        for r in body["ranks"]
-    )
+    return tuple(ranks)
+
+
+def _from_v2(body: Mapping[str, Any]) -> Manifest:
+    world_size = _int(body["world_size"], "world_size", 1, MAX_WORLD_SIZE)
+    torch_version = body.get("torch_version", "")
+    if not isinstance(torch_version, str):
+        raise TypeError(f"torch_version must be a string, got {type(torch_version).__name__}")
     return Manifest(
-        step=int(body["step"]),
-        world_size=int(body["world_size"]),
+        step=_int(body["step"], "step", 0, MAX_STEP),
+        world_size=world_size,
         files=_files(body["files"], with_size=True),
-        ranks=ranks,
-        extras=dict(body.get("extras") or {}),
+        ranks=_ranks(body["ranks"], world_size),
+        extras=_dict(body.get("extras"), "extras"),
         metric=_metric(body.get("metric")),
-        created_at=float(body.get("created_at", 0.0)),
-        torch_version=str(body.get("torch_version", "")),
+        created_at=_finite(body.get("created_at", 0.0), "created_at"),
+        torch_version=torch_version[:200],
     )
 
 
 def _from_v1(body: Mapping[str, Any]) -> Manifest:
     """Format 1: single process; one RNG state and data position at top level, no sizes."""
     return Manifest(
-        step=int(body["step"]),
+        step=_int(body["step"], "step", 0, MAX_STEP),
         world_size=1,
         files=_files(body["files"], with_size=False),
-        ranks=(RankState(rank=0, rng=dict(body.get("rng") or {}), data_position=body.get("data_position")),),
-        extras=dict(body.get("extras") or {}),
+        ranks=(
+            RankState(rank=0, rng=_dict(body.get("rng"), "rng"), data_position=body.get("data_position")),
+        ),
+        extras=_dict(body.get("extras"), "extras"),
         metric=None,
-        created_at=float(body.get("created_at", 0.0)),
+        created_at=_finite(body.get("created_at", 0.0), "created_at"),
         migrated_from=1,
     )
 
 
 def verify_files(directory: Path, manifest: Manifest) -> None:
-    """Check that every file the manifest lists exists with its size and sha256."""
+    """Check that the directory holds exactly the files the manifest lists, each with its size and sha256.
+
+    A file the manifest does not list is refused (``unlisted_file``), as is anything that is not a
+    plain file or directory (``not_regular``: a symlink, FIFO, socket or device), so nothing in a
+    checkpoint loads without having been checked.
+    """
     if not manifest.files:
         raise CheckpointError(directory, "malformed", "manifest lists no files")
+    _account_for_every_file(directory, manifest)
     for name, entry in manifest.files.items():
         path = directory / name
         try:
-            size = path.stat().st_size
+            fd, st = open_regular_file(path)
         except FileNotFoundError as exc:
             raise CheckpointError(path, "missing_file", "listed in the manifest but missing") from exc
         except OSError as exc:
-            raise CheckpointError(path, "unreadable", f"cannot stat: {exc}") from exc
+            raise CheckpointError(path, "unreadable", f"cannot open: {exc.strerror or exc}") from exc
+        os.close(fd)
+        size = st.st_size
         if entry.size is not None and size != entry.size:
             what = "truncated" if size < entry.size else "corrupt"
             raise CheckpointError(path, what, f"size {size} bytes, manifest says {entry.size}")
         try:
             digest = sha256_file(path)
         except OSError as exc:
-            raise CheckpointError(path, "unreadable", f"cannot read: {exc}") from exc
+            raise CheckpointError(path, "unreadable", f"cannot read: {exc.strerror or exc}") from exc
         if digest != entry.sha256:
             raise CheckpointError(path, "checksum", "sha256 mismatch (corrupted)")
+
+
+def _account_for_every_file(directory: Path, manifest: Manifest) -> None:
+    """Refuse any entry under `directory` that the manifest does not list or that is not plain."""
+    stack = [directory]
+    while stack:
+        current = stack.pop()
+        try:
+            with os.scandir(current) as entries:
+                found = list(entries)
+        except OSError as exc:
+            raise CheckpointError(current, "unreadable", f"cannot list: {exc.strerror or exc}") from exc
+        for entry in found:
+            path = Path(entry.path)
+            rel = path.relative_to(directory).as_posix()
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError as exc:
+                raise CheckpointError(path, "unreadable", f"cannot stat: {exc.strerror or exc}") from exc
+            if stat.S_ISDIR(mode):
+                stack.append(path)
+            elif not stat.S_ISREG(mode):
+                kind = "symbolic link" if stat.S_ISLNK(mode) else stat.filemode(mode)
+                raise CheckpointError(path, "not_regular", f"a {kind} inside a checkpoint is never loaded")
+            elif rel != MANIFEST_NAME and rel not in manifest.files:
+                raise CheckpointError(
+                    path, "unlisted_file", "not listed in the manifest: it could load unchecked"
+                )
