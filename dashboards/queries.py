@@ -3,7 +3,7 @@
 Tests use it to check that the panels parse, read only series the daemon exports, and return
 data on a real Prometheus after a scenario::
 
-    sys.path.insert(0, str(REPO_ROOT))  # dashboards/ is a package at the repo root
+    sys.path.append(str(REPO_ROOT))  # dashboards/ is a package at the repo root
     from dashboards.queries import all_panel_queries
 
     for query in all_panel_queries():

@@ -22,7 +22,7 @@ from exported_metrics import exported_series_names, fixture_daemon, metric_names
 from support import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # dashboards/ lives at the repo root, beside tests/
+sys.path.append(str(ROOT))  # dashboards/ lives at the repo root, beside tests/
 from dashboards import generate, specs  # noqa: E402
 from dashboards.queries import all_panel_queries, render, variable_selectors  # noqa: E402
 
