@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import math
 import os
@@ -304,6 +305,12 @@ class _Where:
     problems: list[ConfigProblem]
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """Resolved field types of an options class (resolving string annotations is slow; reloads repeat it)."""
+    return typing.get_type_hints(cls)
+
+
 def build_dataclass(
     cls: type[T], table: Mapping[str, Any], section: str, problems: list[ConfigProblem], prefix: str = ""
 ) -> T:
@@ -314,7 +321,7 @@ def build_dataclass(
     keeps its default so the remaining checks still run.
     """
     assert dataclasses.is_dataclass(cls)
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, Any] = {}
     for key, value in table.items():
