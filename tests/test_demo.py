@@ -13,7 +13,7 @@ import pytest
 from toy_launch import free_port
 from trainwarden.daemon.timeline import EventKind, TimelineEvent
 from trainwarden.demo.narrator import Narrator
-from trainwarden.demo.scenario import scripted_faults
+from trainwarden.demo.scenario import ScriptedFault, scripted_faults
 
 
 @pytest.mark.slow
@@ -114,3 +114,48 @@ def test_narrator_counts_a_crash_detected_by_the_jobs_own_exit() -> None:
     (report,) = narrator.reports(faults)
     assert report.ok
     assert report.detected_by == "process_exit"
+
+
+def _healed_nan(narrator: Narrator, faults: list[ScriptedFault], skipped: list[int]) -> None:
+    narrator._job_event({"event": "start", "time": 1000.0, "step": 0})
+    narrator._job_event({"event": "fault", "time": 1010.0, "step": faults[0].step, "kind": "nan", "rank": 1})
+    narrator.on_event(TimelineEvent(EventKind.FINDING_FIRED, "nan", time=1011.0, rule="nonfinite"))
+    narrator.on_event(
+        TimelineEvent(
+            EventKind.ACTION_APPLIED, "restarted", time=1011.5, rule="nonfinite", healer="checkpoint_restart"
+        )
+    )
+    narrator._job_event({"event": "start", "time": 1015.0, "step": faults[0].step - 5})
+    for step in skipped:
+        narrator._job_event({"event": "skip", "time": 1016.0, "step": step})
+
+
+def test_a_nan_heal_that_skipped_other_batches_is_not_ok() -> None:
+    """The demo's verdict is honest: skipping batches other than the poisoned one is reported as such."""
+    faults = [f for f in scripted_faults(160) if f.kind == "nan"]
+    assert [f.step for f in faults] == [125]
+    wrong = Narrator(io.StringIO(), 1000.0, 160)
+    _healed_nan(wrong, faults, [129, 130])
+    (report,) = wrong.reports(faults)
+    assert report.healed
+    assert not report.ok
+    assert report.verdict == "WRONG BATCHES SKIPPED (129,130; poisoned: 125)"
+    right = Narrator(io.StringIO(), 1000.0, 160)
+    _healed_nan(right, faults, [125, 126])
+    (report,) = right.reports(faults)
+    assert (report.ok, report.verdict, report.skipped) == (True, "ok", (125, 126))
+
+
+def test_demo_names_missing_numpy_or_torch_before_starting(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without numpy (or torch) the demo says which is missing and how to install it, exit 2."""
+    from trainwarden.demo import runner  # noqa: PLC0415
+
+    assert runner.missing_dependencies() == []
+    assert runner.missing_dependencies(("numpy", "no_such_module_here")) == ["no_such_module_here"]
+    monkeypatch.setattr(runner, "missing_dependencies", lambda: ["numpy", "torch"])
+    assert runner.run_demo(steps=200, port=0, out=io.StringIO()) == runner.EX_USAGE
+    err = capsys.readouterr().err
+    assert "needs numpy and torch" in err
+    assert "pip install 'trainwarden[torch]'" in err

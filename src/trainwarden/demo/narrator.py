@@ -60,12 +60,35 @@ class FaultReport:
     resumed_at: float | None = None
     resumed_step: int | None = None
     steps_lost: int = 0
+    skipped: tuple[int, ...] = ()
 
     @property
-    def ok(self) -> bool:
+    def healed(self) -> bool:
         """Injected, detected and healed (and, for a restart, training went on)."""
         done = self.fired_at is not None and self.detected_at is not None and self.healed_at is not None
         return done and (not self.fault.restarts or self.resumed_at is not None)
+
+    @property
+    def skipped_the_bad_batch(self) -> bool:
+        """For a NaN burst: the resumed job skipped the poisoned batch itself, not some other one."""
+        return self.fault.kind != "nan" or self.fault.step in self.skipped
+
+    @property
+    def ok(self) -> bool:
+        """Healed, and a NaN's heal skipped the batch that carried it (skipping others is no heal)."""
+        return self.healed and self.skipped_the_bad_batch
+
+    @property
+    def verdict(self) -> str:
+        """One word or phrase for the summary table."""
+        if self.fired_at is None:
+            return "NOT INJECTED"
+        if not self.healed:
+            return "NOT HEALED"
+        if not self.skipped_the_bad_batch:
+            shown = ",".join(str(s) for s in self.skipped) or "none"
+            return f"WRONG BATCHES SKIPPED ({shown}; poisoned: {self.fault.step})"
+        return "ok"
 
 
 @dataclass
@@ -209,6 +232,15 @@ def _match(
     if resumed is None:
         return
     report.resumed_at, report.resumed_step = float(resumed["time"]), int(resumed.get("step", 0))
+    report.skipped = tuple(
+        sorted(
+            {
+                int(e["step"])
+                for e in job_events
+                if e.get("event") == "skip" and float(e.get("time", 0.0)) >= report.resumed_at
+            }
+        )
+    )
     # Steps done by the generation the fault hit (since its start) that the resumed one repeats.
     began = max(
         (float(e.get("time", 0.0)) for e in job_events if e.get("event") == "start" and e["time"] <= fired),

@@ -34,6 +34,8 @@ from trainwarden.plugins import plugin_groups
 DEFAULT_STEPS = 200
 DEFAULT_PORT = 9871
 EX_USAGE = 2
+DEMO_DEPENDENCIES = ("numpy", "torch")
+"""What the toy job imports beyond trainwarden itself."""
 POLL_SECONDS = 0.2
 
 
@@ -103,8 +105,13 @@ def run_demo(
     except ValueError as exc:
         print(f"trainwarden demo: {exc}", file=sys.stderr)
         return EX_USAGE
-    if importlib.util.find_spec("torch") is None:
-        print("trainwarden demo: needs torch: pip install 'trainwarden[torch]'", file=sys.stderr)
+    missing = missing_dependencies()
+    if missing:
+        print(
+            f"trainwarden demo: needs {' and '.join(missing)}, not installed here: "
+            "pip install 'trainwarden[torch]' (or pip install numpy torch)",
+            file=sys.stderr,
+        )
         return EX_USAGE
     port = port or free_port()
     if not port_free(port):
@@ -150,6 +157,11 @@ def run_demo(
     return 0 if ok else 1
 
 
+def missing_dependencies(names: tuple[str, ...] = DEMO_DEPENDENCIES) -> list[str]:
+    """The modules the toy job imports that this environment lacks, checked before anything starts."""
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
 def _intro(out: TextIO, root: Path, port: int, steps: int, faults: list[ScriptedFault]) -> None:
     print("trainwarden demo: a 2-rank CPU training job (torchrun, gloo) under supervision.", file=out)
     print(f"  metrics live at  http://127.0.0.1:{port}/metrics   (status: /status)", file=out)
@@ -175,7 +187,7 @@ def _summary(
     for r in reports:
         healed = r.healed_by or "-"
         back = _seconds(r.detected_at, r.resumed_at) if r.fault.restarts else "-"
-        verdict = "ok" if r.ok else ("NOT INJECTED" if r.fired_at is None else "NOT HEALED")
+        verdict = r.verdict
         rows.append(
             (
                 r.fault.kind,
