@@ -57,7 +57,7 @@ RELOADS = MetricSpec(
     ("result",),
 )
 # Settings a running daemon cannot change in place (sockets and directories are open already).
-RESTART_ONLY = ("listen", "runtime_dir", "state_dir", "window_seconds")
+RESTART_ONLY = ("listen", "runtime_dir", "state_dir", "window_seconds", "node_name")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,11 +354,14 @@ class Daemon:
         for key in RESTART_ONLY:
             if getattr(new.daemon, key) != getattr(self.config.daemon, key):
                 log.warning("daemon.%s changed; it takes effect only after a restart", key)
+        if new.webhook != self.config.webhook:  # the receiver holds its token and limits from the start
+            log.warning("[webhook] changed; it takes effect only after a restart")
         new = dataclasses.replace(
             new,
             daemon=dataclasses.replace(
                 new.daemon, **{key: getattr(self.config.daemon, key) for key in RESTART_ONLY}
             ),
+            webhook=self.config.webhook,
         )
         parts = self.healing.prepare(new) if self.healing is not None else None
         old, old_names = self.config, {c.name for c in self._runtime.collectors}
