@@ -184,3 +184,35 @@ def test_socket_and_control_paths_follow_the_environment() -> None:
     env = {"TRAINWARDEN_SOCKET": "/tmp/s.sock", "TRAINWARDEN_CONTROL_DIR": "/tmp/ctl"}
     assert str(socket_path_from_env(env)) == "/tmp/s.sock"
     assert str(control_dir_from_env(env)) == "/tmp/ctl"
+
+
+@pytest.mark.parametrize(
+    ("record", "ok"),
+    [
+        ({"type": "step", "step": 1, "grad_norm": "-Infinity"}, False),
+        ({"type": "step", "step": 1, "grad_norm": "Infinity"}, True),
+        ({"type": "step", "step": 1, "grad_norm": "NaN"}, True),
+        ({"type": "step", "step": 1, "loss": "-Infinity"}, True),
+        ({"type": "step", "step": 2**63 - 1}, False),
+        ({"type": "step", "step": 2**53}, False),
+        ({"type": "step", "step": 2**53 - 1}, True),
+        ({"type": "checkpoint", "step": 2**63 - 1, "path": "/c"}, False),
+    ],
+)
+def test_values_outside_their_range_are_refused(record: dict[str, object], ok: bool) -> None:
+    """grad_norm -Infinity is outside [0, 1e300]; steps beyond 2**53 would not stay exact as floats."""
+    payload = json.dumps(record).encode()
+    if ok:
+        parse(payload)
+        return
+    with pytest.raises(RecordError) as err:
+        parse(payload)
+    assert err.value.reason == Reason.BAD_FIELD
+
+
+def test_the_largest_step_renders_exactly() -> None:
+    """The largest accepted step survives the float the store keeps, digit for digit."""
+    record = parse(json.dumps({"type": "step", "step": 2**53 - 1}).encode())
+    assert isinstance(record, StepRecord)
+    assert int(float(record.step)) == 2**53 - 1
+    assert f"{float(record.step):.0f}" == str(2**53 - 1)

@@ -56,7 +56,9 @@ JOB_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 # Bounds that keep hostile values out of the store (ranks index state; huge values are bugs).
 MAX_RANK = 1 << 20
-MAX_STEP = (1 << 63) - 1
+MAX_STEP = (1 << 53) - 1
+"""Steps, counts and sequence numbers become float samples: beyond 2**53 they would not stay exact
+(2**63 - 1 rendered as 9223372036854775808 in a finding), so they are refused."""
 MAX_SECONDS = 1e7
 MAX_COUNT = 1e15
 MAX_PATH_CHARS = 4096
@@ -75,6 +77,10 @@ class Reason:
     UID_DENIED = "uid_denied"
     RANK_LIMIT = "rank_limit"
     CONNECTION_LIMIT = "connection_limit"
+    IDLE_TIMEOUT = "idle_timeout"
+    """A connection closed for sending no hello in time, or nothing at all for too long."""
+    EVICTED = "evicted"
+    """A connection or rank entry dropped to make room for a new one (least recently active first)."""
 
     ALL = (
         OVERSIZED,
@@ -87,6 +93,8 @@ class Reason:
         UID_DENIED,
         RANK_LIMIT,
         CONNECTION_LIMIT,
+        IDLE_TIMEOUT,
+        EVICTED,
     )
 
 
@@ -335,7 +343,10 @@ def _opt_float(
     if value is None:
         return None
     if nonfinite and isinstance(value, str) and value in _NONFINITE_TEXT:
-        return _NONFINITE_TEXT[value]
+        number = _NONFINITE_TEXT[value]
+        if number == -math.inf and lo >= 0:  # NaN and +Infinity are faults to report; -Infinity a bug
+            raise _bad(kind, key, f"-Infinity outside [{lo}, {hi}]")
+        return number
     if type(value) not in (int, float):
         raise _bad(kind, key, f"expected a number, got {type(value).__name__}")
     number = float(value)

@@ -23,6 +23,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from typing import Any, ClassVar
 
 from trainwarden import control
 from trainwarden.backends.base import RankProcess
+from trainwarden.collectors import training_limits
 from trainwarden.collectors.base import Collector, CollectorContext, RankIdentity
 from trainwarden.config import CollectorOptions
 from trainwarden.errors import CollectorError
@@ -182,6 +184,11 @@ class TrainingOptions(CollectorOptions):
     retention_seconds: float = 3600.0
     max_ranks: int = 256  # ranks on one node; about 42 series each, so this bounds the series budget
     max_connections: int = 1024
+    # Idle and made-up clients must not starve real ranks (see `training_limits`).
+    max_connections_per_uid: int = 512
+    hello_timeout_seconds: float = 10.0
+    idle_timeout_seconds: float = 900.0
+    evict_idle_seconds: float = 60.0
 
     def problems(self) -> list[tuple[str, str]]:
         """Mode must be a permission mask, limits positive."""
@@ -194,6 +201,11 @@ class TrainingOptions(CollectorOptions):
             found.append(("max_ranks", "must be >= 1"))
         if self.max_connections < 1:
             found.append(("max_connections", "must be >= 1"))
+        if self.max_connections_per_uid < 1:
+            found.append(("max_connections_per_uid", "must be >= 1"))
+        for key in ("hello_timeout_seconds", "idle_timeout_seconds", "evict_idle_seconds"):
+            if not 0 < getattr(self, key) < math.inf:
+                found.append((key, "must be a finite number > 0"))
         found.extend(("allowed_uids", f"{uid} is not a uid") for uid in self.allowed_uids if uid < 0)
         return found
 
@@ -295,6 +307,8 @@ class _Connection:
     uid: int
     decoder: FrameDecoder = field(default_factory=FrameDecoder)
     key: tuple[str, int] | None = None
+    opened: float = 0.0  # time.monotonic(), like last_active
+    last_active: float = 0.0
 
 
 class TrainingCollector(Collector):
@@ -322,6 +336,14 @@ class TrainingCollector(Collector):
         self._last_error: dict[str, str] = {}
         self._last_arrival = 0.0
         self._conns: dict[int, _Connection] = {}
+        self._limits = training_limits.Limits(
+            opts.max_connections,
+            opts.max_connections_per_uid,
+            opts.hello_timeout_seconds,
+            opts.idle_timeout_seconds,
+            opts.evict_idle_seconds,
+        )
+        self._next_sweep = 0.0
         self._listener: socket.socket | None = None
         self._selector: selectors.BaseSelector | None = None
         self._wake_r: socket.socket | None = None
@@ -419,6 +441,18 @@ class TrainingCollector(Collector):
                     log.exception("training collector: error while serving")
                     if isinstance(key.data, _Connection):
                         self._drop_connection(key.data)
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Close connections without a hello in time or silent too long (at most twice a second)."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 0.5
+        for conn in training_limits.timed_out(list(self._conns.values()), now, self._limits):
+            what = "sent no hello" if conn.key is None else "was silent"
+            self._reject(Reason.IDLE_TIMEOUT, f"pid {conn.pid} {what} too long; connection closed")
+            self._drop_connection(conn)
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -438,14 +472,19 @@ class TrainingCollector(Collector):
                 self._reject(Reason.UID_DENIED, f"connection from uid {uid} (pid {pid}) not in allowed_uids")
                 sock.close()
                 continue
-            if len(self._conns) >= self.opts.max_connections:
+            now = time.monotonic()
+            admitted, victim = training_limits.admit(list(self._conns.values()), uid, now, self._limits)
+            if not admitted:
                 self._reject(
                     Reason.CONNECTION_LIMIT, f"already {len(self._conns)} connections; pid {pid} refused"
                 )
                 sock.close()
                 continue
+            if victim is not None:
+                self._reject(Reason.EVICTED, f"connection of pid {victim.pid} closed to admit pid {pid}")
+                self._drop_connection(victim)
             sock.setblocking(False)  # noqa: FBT003 - stdlib signature
-            conn = _Connection(sock=sock, pid=pid, uid=uid)
+            conn = _Connection(sock=sock, pid=pid, uid=uid, opened=now, last_active=now)
             self._conns[sock.fileno()] = conn
             self._selector.register(sock, selectors.EVENT_READ, conn)
 
@@ -462,6 +501,7 @@ class TrainingCollector(Collector):
             if not data:
                 self._drop_connection(conn)
                 return
+            conn.last_active = time.monotonic()
             budget -= len(data)
             for payload in conn.decoder.feed(data):
                 try:
@@ -544,13 +584,18 @@ class TrainingCollector(Collector):
         key = (hello.job, hello.rank)
         # SO_PEERCRED's pid is in the daemon's pid namespace, the one /proc and NVML show.
         pid = conn.pid if conn.pid > 0 else hello.pid
+        evicted: tuple[str, int] | None = None
         with self._lock:
             state = self._ranks.get(key)
             if state is None:
                 if len(self._ranks) >= self.opts.max_ranks:
-                    self._rejected[Reason.RANK_LIMIT] += 1
-                    self._last_error[Reason.RANK_LIMIT] = f"{len(self._ranks)} ranks tracked; {key} refused"
-                    return False
+                    evicted = training_limits.rank_to_evict(self._ranks, self.context.clock(), self._limits)
+                    if evicted is None:
+                        self._rejected[Reason.RANK_LIMIT] += 1
+                        message = f"{len(self._ranks)} ranks tracked, all active; {key} refused"
+                        self._last_error[Reason.RANK_LIMIT] = message
+                        return False
+                    self._evict_rank(evicted, key)
                 state = self._ranks[key] = _RankState(job=hello.job, rank=hello.rank)
             now = self._arrival()
             if state.pid and state.pid != pid:  # a new process for this rank (restart)
@@ -571,7 +616,18 @@ class TrainingCollector(Collector):
             self._received += 1
         conn.key = key
         self.context.pid_owners.set(pid, RankIdentity(hello.job, hello.rank, hello.local_rank))
+        if evicted is not None:  # its client must hello again, on a new connection
+            for other in [c for c in self._conns.values() if c.key == evicted]:
+                self._drop_connection(other)
         return True
+
+    def _evict_rank(self, victim: tuple[str, int], newcomer: tuple[str, int]) -> None:
+        """Drop `victim`'s entry (lock held) so that `newcomer` fits in the full rank table."""
+        state = self._ranks.pop(victim)
+        if state.pid:
+            self.context.pid_owners.forget(state.pid)
+        self._rejected[Reason.EVICTED] += 1
+        self._last_error[Reason.EVICTED] = f"rank entry {victim} dropped to make room for {newcomer}"
 
     def _on_collective(self, state: _RankState, record: CollectiveRecord, now: float) -> None:
         if record.event == "begin":
