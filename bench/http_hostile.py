@@ -3,13 +3,14 @@
 Starts the real `trainwarden daemon` (this working tree, and with `--ref` also the code of a git
 ref, one after the other, so both are measured in the same run) on loopback and then:
 
-1. baseline: sequential scrapes of /metrics, a fresh connection each (p50/p99);
+1. baseline: the same scraper as in 3., for `--baseline-seconds` with nothing else going on;
 2. holds `--idle` connections that send nothing, `--slow-header` that send a request head one
    byte per second and never finish it, and `--slow-body` that send a POST head and then its
    body one byte per second, all at once;
 3. while they are held, a separate scraper process scrapes /metrics every `--scrape-interval`
-   seconds for `--hold` seconds, and after 2 s `--burst` clients connect at once and each asks
-   for /healthz;
+   seconds for `--hold` seconds (over one kept-alive connection as Prometheus does, or with
+   `--scrapes fresh` a new connection each time), and after 2 s `--burst` clients connect at
+   once and each asks for /healthz;
 4. samples the daemon's thread count and RSS from /proc every 0.25 s, counts how many of the
    held connections the server cut off, reads "Traceback" lines from the daemon's log, and
    checks that `trainwarden_http_requests_total` adds up to the answers the clients received.
@@ -39,6 +40,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS_ACCEPT = "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4"
+SCRAPE_HEADERS = {"Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"}
 
 
 def free_port() -> int:
@@ -59,7 +61,7 @@ def scrape(host: str, port: int, timeout: float) -> tuple[float, int]:
     start = time.perf_counter()
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        conn.request("GET", "/metrics", headers={"Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"})
+        conn.request("GET", "/metrics", headers=SCRAPE_HEADERS)
         response = conn.getresponse()
         response.read()
         status = response.status
@@ -70,15 +72,51 @@ def scrape(host: str, port: int, timeout: float) -> tuple[float, int]:
     return time.perf_counter() - start, status
 
 
-def scraper_main(port: int, seconds: float, interval: float) -> None:
-    """The scraper process: scrape every `interval` s for `seconds` s, print JSON results."""
-    results = []
+def scraper_main(port: int, seconds: float, interval: float, mode: str) -> None:
+    """The scraper process: scrape every `interval` s for `seconds` s, print JSON results.
+
+    `keep-alive` reuses one connection as Prometheus does (a new one after a failure);
+    `fresh` opens a connection per scrape.
+    """
+    results: list[tuple[float, int]] = []
     end = time.monotonic() + seconds
+    conn: http.client.HTTPConnection | None = None
     while time.monotonic() < end:
         started = time.monotonic()
-        results.append(scrape("127.0.0.1", port, 10.0))
+        if mode == "fresh":
+            results.append(scrape("127.0.0.1", port, 10.0))
+        else:
+            if conn is None:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10.0)
+            t0 = time.perf_counter()
+            try:
+                conn.request(
+                    "GET", "/metrics", headers={"Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"}
+                )
+                response = conn.getresponse()
+                response.read()
+                results.append((time.perf_counter() - t0, response.status))
+            except (OSError, http.client.HTTPException):
+                results.append((time.perf_counter() - t0, 0))
+                conn.close()
+                conn = None
         time.sleep(max(0.0, interval - (time.monotonic() - started)))
     json.dump(results, sys.stdout)
+
+
+def run_scraper(port: int, seconds: float, args: argparse.Namespace) -> list[tuple[float, int]]:
+    """Scrape from a separate process (so the bench's own clients do not slow the scraper)."""
+    cmd = [
+        sys.executable,
+        __file__,
+        "--scraper",
+        str(port),
+        str(seconds),
+        str(args.scrape_interval),
+        args.scrapes,
+    ]
+    out = subprocess.run(cmd, capture_output=True, check=True).stdout
+    return [(float(t), int(s)) for t, s in json.loads(out)]
 
 
 @dataclass
@@ -243,6 +281,7 @@ async def hostile(daemon: Daemon, args: argparse.Namespace) -> dict[str, Any]:
     cpu_start = daemon.cpu_seconds()
     scraper = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--scraper", str(daemon.port), str(args.hold), str(args.scrape_interval),
+        args.scrapes,
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     await asyncio.sleep(2.0)
@@ -288,7 +327,7 @@ def measure(name: str, pythonpath: Path, args: argparse.Namespace) -> dict[str, 
         daemon.start()
         try:
             time.sleep(2.0)
-            baseline = [scrape("127.0.0.1", daemon.port, 10.0) for _ in range(args.baseline)]
+            baseline = run_scraper(daemon.port, args.baseline_seconds, args)
             daemon.answers += sum(1 for _, s in baseline if s)
             threads_idle = daemon.status_field("Threads")
             rss_idle = daemon.status_field("VmRSS") / 1024
@@ -342,8 +381,8 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def main() -> int:
-    if len(sys.argv) == 5 and sys.argv[1] == "--scraper":
-        scraper_main(int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]))
+    if len(sys.argv) == 6 and sys.argv[1] == "--scraper":
+        scraper_main(int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5])
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ref", help="also measure the server of this git ref (before/after)")
@@ -352,8 +391,12 @@ def main() -> int:
     parser.add_argument("--slow-body", type=int, default=50)
     parser.add_argument("--burst", type=int, default=1000)
     parser.add_argument("--hold", type=float, default=60.0)
-    parser.add_argument("--baseline", type=int, default=200)
+    parser.add_argument("--baseline-seconds", type=float, default=10.0)
     parser.add_argument("--scrape-interval", type=float, default=0.05)
+    parser.add_argument(
+        "--scrapes", choices=["keep-alive", "fresh"], default="keep-alive",
+        help="scrape over one kept-alive connection like Prometheus (default) or a new one each time",
+    )  # fmt: skip
     args = parser.parse_args()
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="tw-http-ref-") as tmp:

@@ -144,11 +144,11 @@ def trapped_logs() -> Iterator[LogTrap]:
 
 @contextmanager
 def serve(limits: HttpLimits | None = None) -> Iterator[Served]:
-    """The real server on 127.0.0.1 with /metrics, /healthz, POST /echo, POST /accept and GET /slow."""
+    """The real server on 127.0.0.1: inline /metrics and /healthz; POST /echo, POST /accept, GET /slow."""
     store = Store()
     routes = Routes()
-    routes.add("GET", "/metrics", metrics_handler(make_registry(store)))
-    routes.add("GET", "/healthz", lambda _request: Response.text("ok\n"))
+    routes.add("GET", "/metrics", metrics_handler(make_registry(store)), inline=True)
+    routes.add("GET", "/healthz", lambda _request: Response.text("ok\n"), inline=True)
     server = HttpServer("127.0.0.1", 0, routes, store=store, limits=limits)
     served = Served(server)
 

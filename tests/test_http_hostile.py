@@ -244,3 +244,16 @@ def test_the_listen_backlog_holds_a_burst(served: Served) -> None:
     ).stdout.split()
     assert listing[0] == "LISTEN"
     assert int(listing[2]) >= 1024
+
+
+def test_inline_routes_answer_while_every_worker_is_blocked(served: Served) -> None:
+    """With all pool workers held by slow handlers, /healthz and /metrics (inline) still answer."""
+    blocked = [served.connect() for _ in range(QUICK.workers)]
+    for sock in blocked:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
+    wait_until(lambda: len(served.calls) == QUICK.workers, 10, "every worker in /slow")
+    assert statuses(served.exchange(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")) == [200]
+    assert served.scrape()
+    served.gate.set()
+    for sock in blocked:
+        sock.close()

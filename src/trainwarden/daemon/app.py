@@ -132,8 +132,8 @@ class Daemon:
         # Detect-and-heal (rules, policy, healers); built in start() unless a caller set one first.
         self.healing: Healing | None = None
         self.routes = Routes()
-        self.routes.add("GET", "/metrics", metrics_handler(self.registry))
-        self.routes.add("GET", "/healthz", self._healthz)
+        self.routes.add("GET", "/metrics", metrics_handler(self.registry), inline=True)
+        self.routes.add("GET", "/healthz", self._healthz, inline=True)
         self.routes.add("GET", "/status", self._status)
         self.routes.add("GET", "/", self._landing)
         self._commands: queue.SimpleQueue[str] = queue.SimpleQueue()

@@ -19,23 +19,29 @@ How to add an endpoint (the Alertmanager webhook does exactly this)::
   its Content-Length says so (an `Expect: 100-continue` client never sends it), as soon as a
   chunked body passes the limit otherwise. A handler only ever sees complete, well-framed bodies.
 - Handlers run on a pool of `HttpLimits.workers` threads and may block briefly; one that raises
-  gives a 500 and one log line with its traceback. To answer 2xx fast, return the response and
+  gives a 500 and one log line with its traceback. `add(..., inline=True)` runs a handler on
+  the event loop instead (no hand-off, no queue): only for ones that never block and take
+  milliseconds, like /metrics and /healthz. To answer 2xx fast, return the response and
   let your own thread do the work, or set `Response(..., after=fn)`: `fn` runs on the pool once
   the answer has been written (keep it short; it holds a worker).
 - Every answer is counted in `trainwarden_http_requests_total{handler,code}`: handler is the
-  route's path, "other" for unknown paths, "invalid" for what the server refuses itself
-  (malformed or ambiguous framing 400, slow 408, 411/413/414/431, unsupported coding 501),
-  "overload" for connections over the limit (503). Tests call handlers without sockets.
+  route's path (a 413 too), "other" for unknown paths, "invalid" for what the server refuses
+  before any route (malformed or ambiguously framed 400, too slow 408, 414, 431, a transfer
+  coding other than chunked 501), "overload" past the connection limit (503). A connection
+  closed before it sent a byte gets no answer and is not counted. Tests call handlers without
+  sockets.
 
 Why this server. The stdlib `ThreadingHTTPServer` it replaces held one thread per connection
-with no deadline, a listen backlog of 5, and framing left to the caller (docs/BENCHMARKS.md has
-the measurements). Here an asyncio server holds every connection without a thread, each under a
-head, a request and an idle deadline; h11, python-hyper's HTTP/1.1 state machine, parses and
-frames strictly; a fixed pool of worker threads runs handlers, so threads stay bounded whatever
-clients do. waitress and aiohttp were the alternatives: both generate their own error answers
-outside the application (so they could not be counted without patching their internals), neither
-bounds the time to send a request head (waitress only cuts idle connections), and aiohttp would
-add ~10 MiB and a web framework to a daemon that needs four routes.
+with no deadline, a listen backlog of 5, and framing left to the caller (docs/BENCHMARKS.md,
+"HTTP server under hostile clients", has the before/after measurements). Here an asyncio
+server holds every connection without a thread, each under a head, a request, an idle and a
+write deadline; h11, python-hyper's HTTP/1.1 state machine, parses and frames strictly; a fixed
+pool of worker threads runs handlers, so threads stay bounded whatever clients do. waitress and
+aiohttp were the alternatives considered (not benchmarked): both answer malformed requests
+themselves, outside the application, so those answers could not be counted without reaching
+into their internals; waitress's one deadline is an inactivity timeout, which a client sending
+a byte a second never trips; aiohttp would bring a whole web framework to a daemon that needs a
+handful of routes. h11 is small, pure Python and does only the part that is easy to get wrong.
 """
 
 from __future__ import annotations
@@ -205,7 +211,11 @@ class HttpServer:
 
     async def _serve(self) -> None:
         self._stopping = asyncio.Event()
-        server = await asyncio.start_server(self._accept, sock=self._socket, backlog=self.limits.backlog)
+        # asyncio accepts up to `backlog` connections per loop turn; a small batch lets a scrape
+        # in the middle of a 1,000-connect burst be served between batches. The kernel's queue
+        # keeps the full backlog (listen() again after asyncio set it to the batch size).
+        server = await asyncio.start_server(self._accept, sock=self._socket, backlog=_ACCEPTS_PER_TURN)
+        self._socket.listen(self.limits.backlog)
         self._serving.set()
         try:
             await self._stopping.wait()
@@ -247,7 +257,7 @@ class HttpServer:
             self.connections_finished += 1
 
     async def _dispatch(self, route: Route | None, allowed: list[str], request: Request) -> Response:
-        if route is None:  # 404 / 405 need no thread
+        if route is None or route.inline:  # 404 / 405 and inline routes need no thread
             return self._call(route, allowed, request)
         return await self._loop.run_in_executor(self._pool, self._call, route, allowed, request)
 
@@ -260,6 +270,8 @@ class HttpServer:
 
         self._pool.submit(run)
 
+
+_ACCEPTS_PER_TURN = 32
 
 _OVERLOADED = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"

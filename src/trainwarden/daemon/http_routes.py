@@ -68,10 +68,16 @@ Handler = Callable[[Request], Response]
 
 @dataclass(frozen=True)
 class Route:
-    """One endpoint: its handler and the largest body it accepts (413 above it)."""
+    """One endpoint: its handler, the largest body it accepts (413 above it), where it runs.
+
+    `inline` handlers run on the server's event loop: no thread hand-off and no queue behind
+    other requests, for handlers that never block and finish in milliseconds (/metrics,
+    /healthz). Everything else runs on the worker pool, where blocking costs one worker.
+    """
 
     handler: Handler
     max_body_bytes: int = MAX_BODY_BYTES
+    inline: bool = False
 
 
 class Routes:
@@ -80,14 +86,22 @@ class Routes:
     def __init__(self) -> None:
         self._routes: dict[tuple[str, str], Route] = {}
 
-    def add(self, method: str, path: str, handler: Handler, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    def add(
+        self,
+        method: str,
+        path: str,
+        handler: Handler,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        *,
+        inline: bool = False,
+    ) -> None:
         """Register one endpoint; registering the same one twice is a programming error."""
         key = (method.upper(), path)
         if key in self._routes:
             raise ValueError(f"route {method} {path} registered twice")
         if max_body_bytes < 0:
             raise ValueError(f"route {method} {path}: max_body_bytes must be >= 0")
-        self._routes[key] = Route(handler, max_body_bytes)
+        self._routes[key] = Route(handler, max_body_bytes, inline=inline)
 
     def paths(self) -> list[str]:
         """Every registered path, sorted (for the landing page)."""
