@@ -148,6 +148,8 @@ default_timeout_seconds = 30.0
 # policy already acted on has resolved before the cooldown below ends and is not acted on again.
 [rules.spike]
 recent_seconds = 3.0
+# The spike comes at step 45: the demo pins the warm-up it was scripted for, whatever the default.
+min_baseline_points = 30
 resolve_after_seconds = 3.0
 
 [rules.nonfinite]
@@ -172,6 +174,10 @@ cooldown_seconds = 8.0
 budget_window_seconds = 600.0
 # The demo's three restarts (hang, crash, NaN) walk one ladder; allow them (default 2 per hour).
 attempts_per_rung = {restarts_per_window}
+
+# Clipping changes the training, so by default a spike is only observed; the demo opts in.
+[policy.routes]
+spike = ["clip", "checkpoint_restart"]
 
 [healers.checkpoint_restart]
 backend = "supervise"
