@@ -94,8 +94,13 @@ def test_spike_tightens_clipping_in_the_control_file_and_metrics(tmp_path: Path)
     and in trainwarden_actions_total; no restart is needed for a first spike."""
     # step 70's batch scaled 1000x gives this toy a loss of ~150 (vs ~0.2); some batches give 0 instead
     toy = _toy(tmp_path, 200, "--spike-at-step", "70", "--fault-once", str(tmp_path / "f"))
-    # the rule's baseline is points older than recent_seconds (30 s by default): shorter for a short job
-    run = start_run(tmp_path, toy, extra="[rules.spike]\nrecent_seconds = 1.5\nmin_baseline_points = 20")
+    # a short job: a shorter warm-up; clipping changes the training, so the spike route is opted into
+    run = start_run(
+        tmp_path,
+        toy,
+        policy='routes = { spike = ["clip"] }',
+        extra="[rules.spike]\nrecent_seconds = 1.5\nmin_baseline_points = 20",
+    )
     run.proc.wait_for(r"action_applied\s+clip applied for spike", 60)
     text = run.metrics()
     assert metric_value(text, "trainwarden_actions_total", healer="clip", result="applied") == 1.0

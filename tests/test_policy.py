@@ -36,12 +36,18 @@ class ScriptedHealer(Healer):
         self.outcome = outcome
         self.raises = raises
         self.calls: list[tuple[Action, bool]] = []
+        self.effect_at: float | None = -1.0  # -1: in effect when applied (the default hook)
 
     def apply(self, action: Action, *, dry_run: bool) -> ActionResult:
         self.calls.append((action, dry_run))
         if self.raises:
             raise RuntimeError("backend exploded")
         return ActionResult(ActionOutcome.DRY_RUN if dry_run else self.outcome, f"{self.name} scripted")
+
+    def took_effect(self, action: Action, applied_at: float) -> float | None:
+        if self.effect_at == -1.0:
+            return super().took_effect(action, applied_at)
+        return self.effect_at
 
 
 @dataclass
@@ -59,6 +65,8 @@ class Rig:
         self.healers = {h.name: h for h in (self.clip, self.restart, self.drain, self.notify)}
 
     def policy(self, **config: object) -> Policy:
+        """A policy on this rig; spikes routed to clip then restart (opted in) unless `routes` is given."""
+        config.setdefault("routes", CLIP_THEN_RESTART)
         return Policy(
             PolicyConfig(**config),  # type: ignore[arg-type]
             self.healers,
@@ -74,14 +82,36 @@ class Rig:
         return read_control(control_path(self.tmp / "run" / "control", "toy"))
 
 
-def spike(since: float, job: str = "toy") -> Finding:
+CLIP_THEN_RESTART = {"spike": ("clip", "checkpoint_restart")}
+
+
+def spike(since: float, job: str = "toy", observed: float | None = None) -> Finding:
+    """A firing spike finding; `observed` is when its newest spike point arrived (default: since)."""
     return Finding(
         rule="spike",
         subject={"job": job},
         severity=Severity.WARNING,
         summary=f"job {job}: grad_norm spiked",
         since=since,
-        evidence={"metric": "grad_norm", "z": 12.0, "step": 61.0, "interruption": "transient"},
+        evidence={
+            "metric": "grad_norm",
+            "z": 12.0,
+            "step": 61.0,
+            "interruption": "transient",
+            "observed_at": since if observed is None else observed,
+        },
+    )
+
+
+def nan(since: float, job: str = "toy", first_step: float = 293.0) -> Finding:
+    """A firing non-finite finding observed at `since`."""
+    return Finding(
+        rule="nonfinite",
+        subject={"job": job},
+        severity=Severity.CRITICAL,
+        summary=f"job {job}: NaN loss",
+        since=since,
+        evidence={"first_step": first_step, "interruption": "transient", "observed_at": since},
     )
 
 
@@ -130,6 +160,28 @@ def test_spike_tightens_clipping_in_control_file_and_metrics(rig: Rig) -> None:
     assert registry.get_sample_value("trainwarden_policy_actions_enabled", {}) == 1
 
 
+def test_spike_is_only_observed_by_default(rig: Rig) -> None:
+    """Clipping changes the training: unless the user opted in, a spike is journaled and not acted on."""
+    policy = rig.policy(actions_enabled=True, routes={})
+    outcomes = policy.tick(0.0, [spike(0.0)])
+    assert [(o.healer, o.result) for o in outcomes] == [("none", "no_route")]
+    assert not (rig.tmp / "run" / "control").exists()
+    assert rig.restart.calls == []
+
+
+def test_recurring_fault_escalates_instead_of_repeating(rig: Rig) -> None:
+    """With the default one attempt per rung, a fault recurring after each action took effect climbs
+    clip -> checkpoint_restart -> gives up, each step journaled with the evidence that justified it."""
+    policy = rig.policy(actions_enabled=True, cooldown_seconds=5)
+    results = [(o.healer, o.result) for t in (0.0, 6.0, 12.0, 18.0) for o in policy.tick(t, [spike(t)])]
+    assert results == [("clip", "applied"), ("checkpoint_restart", "applied"), ("none", "gave_up")]
+    reasons = [e.reason for e in rig.journal().recent(10) if e.decision == "taken"]
+    assert reasons[0] == "job toy: grad_norm spiked"
+    assert reasons[1].startswith("escalating: spike recurred 6s after clip took effect")
+    gave_up = next(e for e in rig.journal().recent(10) if e.decision == "gave_up")
+    assert "recurred 6s after checkpoint_restart took effect" in gave_up.detail
+
+
 def test_flapping_fault_escalates_then_gives_up(rig: Rig) -> None:
     """A fault re-firing every few seconds climbs clip -> checkpoint_restart -> gives up and alerts once,
     then stays quiet instead of looping."""
@@ -162,14 +214,70 @@ def test_persistent_class_uses_persistent_ladder(rig: Rig) -> None:
 
 
 def test_cooldown_refuses_once_per_finding(rig: Rig) -> None:
-    """A new finding on a subject acted on moments ago is refused for cooldown, journaled once."""
-    policy = rig.policy(actions_enabled=True, cooldown_seconds=60)
+    """A new fault of the same kind on a job acted on moments ago is refused for cooldown, journaled once."""
+    policy = rig.policy(actions_enabled=True, cooldown_seconds=60, recurrence_seconds=10)
     policy.tick(0.0, [stall(0.0)])
-    for t in (5.0, 6.0, 7.0):
-        policy.tick(t, [stall(5.0)])
+    for t in (25.0, 26.0, 27.0):
+        policy.tick(t, [stall(25.0)])
     entries = rig.journal().recent(10)
     assert [(e.decision, e.result) for e in entries] == [("taken", "applied"), ("refused", "cooldown")]
     assert len(rig.restart.calls) == 1
+
+
+def test_nan_after_a_hang_restart_is_acted_on_at_once(rig: Rig) -> None:
+    """Cooldowns are per action kind and subject: a NaN right after a hang restart on the same job is
+    restarted at once, not after the hang restart's cooldown."""
+    policy = rig.policy(actions_enabled=True, cooldown_seconds=120)
+    policy.tick(0.0, [stall(0.0)])
+    outcomes = policy.tick(8.0, [nan(8.0)])
+    assert [(o.finding.rule, o.healer, o.result) for o in outcomes] == [
+        ("nonfinite", "checkpoint_restart", "applied")
+    ]
+    assert rig.restart.calls[1][0].params["first_step"] == 293.0
+
+
+def test_still_active_finding_is_acted_on_once(rig: Rig) -> None:
+    """One fault, one action: a finding that stays firing with no new evidence is never acted on again,
+    however many cooldowns pass."""
+    policy = rig.policy(actions_enabled=True, cooldown_seconds=10)
+    for t in range(0, 600, 5):
+        policy.tick(float(t), [spike(0.0, observed=0.0), stall(0.0)])
+    assert [o.params["rule"] for o, _ in rig.restart.calls] == ["stall"]
+    clip = rig.control().clip
+    assert clip is not None
+    assert clip.z_threshold == pytest.approx(2.0)  # tightened exactly once
+    assert [e.decision for e in rig.journal().recent(20)] == ["taken", "taken"]
+
+
+def test_persisting_after_the_action_took_effect_escalates(rig: Rig) -> None:
+    """The same finding observed again only after its action took effect (a clip acknowledged late) climbs
+    one rung, and the journal says why."""
+    clip = ScriptedHealer("clip")
+    rig.healers["clip"] = clip
+    clip.effect_at = None  # written, not acknowledged yet
+    policy = rig.policy(actions_enabled=True)
+    policy.tick(0.0, [spike(0.0)])
+    assert policy.tick(20.0, [spike(0.0, observed=15.0)]) == []  # not in effect: no evidence
+    clip.effect_at = 25.0  # acknowledged
+    assert policy.tick(30.0, [spike(0.0, observed=24.0)]) == []  # observed before it took effect
+    outcomes = policy.tick(40.0, [spike(0.0, observed=38.0)])
+    assert [(o.healer, o.result) for o in outcomes] == [("checkpoint_restart", "applied")]
+    entry = rig.journal().by_action_key(str(outcomes[0].action_key))
+    assert entry is not None
+    assert entry.reason.startswith("escalating: spike persisted 13s after clip took effect")
+    assert len(clip.calls) == 1
+
+
+def test_nan_recurring_after_its_restart_gives_up_with_the_reason(rig: Rig) -> None:
+    """A NaN again after the restart that skipped its batch is not restarted again: the default nonfinite
+    ladder has one rung, so the policy gives up and alerts, naming the evidence."""
+    policy = rig.policy(actions_enabled=True)
+    policy.tick(0.0, [nan(0.0)])
+    outcomes = policy.tick(30.0, [nan(30.0, first_step=294.0)])
+    assert [o.result for o in outcomes] == ["gave_up"]
+    assert "nonfinite recurred 30s after checkpoint_restart took effect" in outcomes[0].detail
+    assert len(rig.restart.calls) == 1
+    assert len(rig.notify.calls) == 1
 
 
 def test_same_finding_delivered_twice_acts_once(rig: Rig) -> None:
@@ -207,7 +315,7 @@ def test_hung_job_is_restarted_once_not_per_rank(rig: Rig) -> None:
     findings = [stall(0.0, rank=r, rule=rule) for rule in ("stall", "collective_stuck") for r in "0123"]
     outcomes = policy.tick(0.0, [*findings, stall(0.0, job="other")])
     assert [o.result for o in outcomes].count("applied") == 2
-    assert [o.result for o in outcomes].count("cooldown") == 7
+    assert [o.result for o in outcomes].count("in_progress") == 7
     assert sorted(a.subject["job"] for a, _ in rig.restart.calls) == ["other", "toy"]
     assert policy.tick(1.0, findings) == []  # refusals are journaled once, not on every tick
 
@@ -225,6 +333,23 @@ def test_circuit_breaker_opens_after_failures(rig: Rig) -> None:
     assert len(rig.notify.calls) == 2  # each failure alerted
 
 
+def test_breaker_is_per_job_and_ignores_dry_runs(rig: Rig) -> None:
+    """Failures on a job this daemon cannot act on never open the breaker for the job it can; dry runs
+    that report failure never count at all."""
+    rig.restart.outcome = ActionOutcome.FAILED
+    dry = rig.policy(breaker_failures=2)
+    for t in (0.0, 400.0, 800.0):
+        dry.tick(t, [stall(t, job="stranger")])
+    assert dry.status()["breakers_open"] == []
+    policy = rig.policy(actions_enabled=True, cooldown_seconds=1, attempts_per_rung=10, breaker_failures=2)
+    for t in (1000.0, 1002.0, 1004.0):
+        policy.tick(t, [stall(t, job="stranger")])
+    assert policy.status()["breakers_open"] == ["checkpoint_restart (job=stranger)"]
+    rig.restart.outcome = ActionOutcome.APPLIED
+    outcomes = policy.tick(1006.0, [stall(1006.0, job="mine")])
+    assert [(o.finding.subject["job"], o.result) for o in outcomes] == [("mine", "applied")]
+
+
 def test_healer_that_raises_is_a_failed_action(rig: Rig) -> None:
     """An exception inside a healer is journaled as a failure, never propagated."""
     rig.restart.raises = True
@@ -235,14 +360,16 @@ def test_healer_that_raises_is_a_failed_action(rig: Rig) -> None:
 
 def test_restart_mid_incident_does_not_repeat(rig: Rig) -> None:
     """A daemon restarted mid-incident (new policy, reopened journal, finding re-fires with a new since)
-    does not act again within the cooldown, and escalates from where it was afterwards."""
+    does not act again on the same evidence, and escalates from where it was on new evidence."""
     first = rig.policy(actions_enabled=True, cooldown_seconds=30, attempts_per_rung=1)
     first.tick(0.0, [spike(0.0)])
     assert rig.control().clip is not None
     second = rig.policy(actions_enabled=True, cooldown_seconds=30, attempts_per_rung=1)
-    assert [o.result for o in second.tick(3.0, [spike(3.0)])] == ["cooldown"]
+    # the engine's memory is gone: the same spike point re-fires as a finding with a new since
+    assert [o.result for o in second.tick(3.0, [spike(3.0, observed=0.0)])] == ["in_progress"]
     assert [o.result for o in second.tick(4.0, [spike(0.0)])] == []  # the very same occurrence: deduped
-    later = second.tick(40.0, [spike(3.0)])
+    assert second.tick(40.0, [spike(3.0, observed=0.0)]) == []  # no new evidence, however long
+    later = second.tick(41.0, [spike(3.0, observed=40.0)])
     assert [(o.healer, o.result) for o in later] == [("checkpoint_restart", "applied")]
     assert rig.control().clip is not None
     assert rig.control().clip.z_threshold == pytest.approx(2.0)  # clip applied exactly once
@@ -281,7 +408,7 @@ def test_default_ladder_skips_absent_healers(rig: Rig) -> None:
     """Default rungs naming healers that are not installed are skipped, not an error."""
     healers = {"clip": rig.clip}
     policy = Policy(PolicyConfig(actions_enabled=True), healers, rig.journal(), registered=["clip"])
-    assert policy.ladder_for(spike(0.0)) == ("clip",)
+    assert policy.ladder_for(nan(0.0)) == ()
     assert policy.ladder_for(stall(0.0)) == ()
     assert [o.result for o in policy.tick(0.0, [stall(0.0)])] == ["no_route"]
 
@@ -394,4 +521,4 @@ def test_dry_run_relaxation_shows_one_step(rig: Rig) -> None:
 def test_policy_config_rejects_retention_shorter_than_its_windows() -> None:
     """A journal retention shorter than the policy's own windows would forget budgets: rejected."""
     problems = PolicyConfig(journal_retention_seconds=60).problems()
-    assert [key for key, _ in problems] == ["journal_retention_seconds"]
+    assert [key for key, _ in problems] == ["journal_retention_seconds", "budget_window_seconds"]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
 from training_series import COLL_DURATION, IN_FLIGHT, LOSS, PROCESS_UP, TrainingFeed, steady
 from trainwarden.config import ConfigError, config_from_dict, load_config_text
-from trainwarden.model import MetricKind, MetricSpec
+from trainwarden.model import Finding, MetricKind, MetricSpec
 from trainwarden.rules import rule_classes
 from trainwarden.rules import threshold as threshold_module
 from trainwarden.rules.base import RuleView, quantile, robust_z
@@ -198,6 +200,56 @@ def test_spike_on_log_loss(store: Store, feed: TrainingFeed) -> None:
     feed.step(0, last + 1, 1.0, loss=40.0)
     found = SpikeRule(SpikeRule.Options()).evaluate(view(store), last + 2)
     assert found[0].evidence["metric"] == "loss"
+
+
+SPIKE_SERIES = sorted((Path(__file__).parent / "fixtures" / "spike_series").glob("*.json"))
+
+
+def _replay(
+    series: dict[str, list[float]], scale_at: int | None = None, factor: float = 1.0
+) -> list[Finding]:
+    """Feed a recorded run one step per second and tick the default spike rule every 5 steps."""
+    store = Store(window_seconds=3600)
+    feed = TrainingFeed(store)
+    rule = SpikeRule(SpikeRule.Options())
+    found: list[Finding] = []
+    for i, (loss, norm) in enumerate(zip(series["loss"], series["grad_norm"], strict=True)):
+        jump = factor if i == scale_at else 1.0
+        feed.step(0, float(i + 1), 1.0, loss=loss, grad_norm=norm * jump)
+        if i % 5 == 4 or i == scale_at:
+            found.extend(rule.evaluate(view(store), i + 1.5))
+    return found
+
+
+@pytest.mark.parametrize("path", SPIKE_SERIES, ids=lambda p: p.stem)
+def test_spike_quiet_on_recorded_healthy_runs(path: Path) -> None:
+    """Real fault-free runs (a small conv net under constant LR, warm-up + cosine/linear decay and step
+    decay, recorded by bench/spike_false_positives.py) raise no spike with the default options."""
+    series = json.loads(path.read_text(encoding="utf-8"))
+    assert max(series["grad_norm"]) > 5 * series["grad_norm"][0]  # the warm-up growth that fooled it
+    assert _replay(series) == []
+
+
+@pytest.mark.parametrize("path", SPIKE_SERIES, ids=lambda p: p.stem)
+def test_spike_caught_on_recorded_runs_with_an_injected_bad_batch(path: Path) -> None:
+    """A bad batch multiplying the grad norm by 5 on a real run is caught at its step; a 2x wobble is not."""
+    series = json.loads(path.read_text(encoding="utf-8"))
+    found = _replay(series, scale_at=400, factor=5.0)
+    assert found
+    assert {(f.evidence["metric"], f.evidence["step"]) for f in found} == {("grad_norm", 401)}
+    assert _replay(series, scale_at=400, factor=2.0) == []
+
+
+def test_nonfinite_first_step_is_where_the_fault_began(store: Store, feed: TrainingFeed) -> None:
+    """A NaN burst longer than the lookback still names its first bad step, so a late restart skips the
+    batch that started it."""
+    last = steady(feed, ranks=1, start=0.0, count=60)
+    for i in range(1, 100):
+        feed.step(0, last + i, 1.0, loss=math.nan)
+    rule = NonFiniteRule(NonFiniteRule.Options(recent_seconds=10.0))
+    found = rule.evaluate(view(store), last + 100)
+    assert (found[0].evidence["first_step"], found[0].evidence["last_step"]) == (61, 159)
+    assert found[0].evidence["observed_at"] == last + 99
 
 
 def test_nonfinite_not_a_spike_and_reports_steps(store: Store, feed: TrainingFeed) -> None:

@@ -82,3 +82,15 @@ class Healer(abc.ABC):
     @abc.abstractmethod
     def apply(self, action: Action, *, dry_run: bool) -> ActionResult:
         """Check state, act if needed (never when `dry_run`), and report what happened."""
+
+    def took_effect(self, action: Action, applied_at: float) -> float | None:
+        """When an applied action took effect, or None while it has not (yet).
+
+        The policy acts again on a fault only when the fault was observed *after* this time (it
+        persisted or recurred although the action was in effect), and then escalates. Default:
+        the moment the healer returned. Healers whose change needs the job's cooperation
+        override it: a restart takes effect when the job is back, clipping when the client
+        acknowledges the new settings.
+        """
+        del action
+        return applied_at

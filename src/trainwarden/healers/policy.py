@@ -51,7 +51,7 @@ REFUSALS = MetricSpec(
 )
 BREAKER_OPEN = MetricSpec(
     "trainwarden_policy_breaker_open",
-    "1 while a healer's circuit breaker is open after consecutive failures.",
+    "1 while a healer's circuit breaker is open on some job (or the node) after consecutive failures.",
     labelnames=("healer",),
 )
 ACTIONS_ENABLED = MetricSpec(
@@ -92,6 +92,12 @@ def scope_of(subject: Mapping[str, str]) -> str:
 def parse_subject(subject_key: str) -> dict[str, str]:
     """The subject dict back from its `k=v,k=v` text (values are bounded label values)."""
     return dict(part.split("=", 1) for part in subject_key.split(",") if "=" in part)
+
+
+def observed_at(finding: Finding) -> float:
+    """When the newest data behind a finding arrived (evidence `observed_at`), else when it began."""
+    value = finding.evidence.get("observed_at")
+    return float(value) if isinstance(value, float | int) else finding.since
 
 
 def classify(finding: Finding, classes: Mapping[str, str]) -> str:
@@ -136,7 +142,7 @@ class Policy:
         self._actions: dict[tuple[str, str], int] = {}
         self._refusals: dict[str, int] = {}
         self._journal_errors = 0
-        self._breakers: dict[str, bool] = dict.fromkeys(self._healers, False)
+        self._open: set[tuple[str, str]] = set()  # (healer, scope) whose circuit breaker is open
         self._lock = threading.Lock()  # the scheduler and the Alertmanager webhook may both call tick
         self._next_prune = 0.0
 
@@ -271,7 +277,7 @@ class Policy:
 
     # --- the decision ---------------------------------------------------------------------
 
-    def _decide(self, finding: Finding, key: str, history: list[Entry], now: float) -> Outcome | None:  # noqa: PLR0911 - one return per gate, in order
+    def _decide(self, finding: Finding, key: str, history: list[Entry], now: float) -> Outcome | None:  # noqa: C901, PLR0911 - one return per gate, in order
         config = self.config
         ladder = self.ladder_for(finding)
         if not ladder:
@@ -293,28 +299,52 @@ class Policy:
             for e in history
             if e.dry_run == self._dry_run
             and e.time >= window_start
+            and e.decision == Decision.TAKEN
             and scope_of(parse_subject(e.subject)) == scope
             and self._ladder_of_entry(e) == ladder
         ]
-        taken = [e for e in incident if e.decision == Decision.TAKEN]
-        if taken and now - taken[-1].time < config.cooldown_seconds:
-            if taken[-1].finding_key == key:
-                return None  # dedupe: this occurrence was already acted on
+        if any(
+            e.decision == Decision.GAVE_UP
+            and e.dry_run == self._dry_run
+            and e.time >= window_start
+            and e.rule == finding.rule
+            and scope_of(parse_subject(e.subject)) == scope
+            for e in history
+        ):
+            return None  # already gave up on this fault in this window, and alerted
+        plan = self._plan(finding, key, incident, ladder, now)
+        if plan is None:
+            return None  # one action per episode: nothing new since the last one took effect
+        if isinstance(plan, str):
             return self._refuse_once(
                 finding,
                 key,
                 history,
-                healer=taken[-1].healer,
+                healer=incident[-1].healer,
+                decision=Decision.REFUSED,
+                reason="in_progress",
+                now=now,
+                detail=plan,
+            )
+        rung, why = plan
+        if rung >= len(ladder):
+            return self._give_up(finding, key, ladder, len(incident), now, why=why)
+        healer_name = ladder[rung]
+        kind = [
+            e
+            for e in incident
+            if e.healer == healer_name and e.rule == finding.rule and now - e.time < config.cooldown_seconds
+        ]
+        if kind and not why:
+            return self._refuse_once(
+                finding,
+                key,
+                history,
+                healer=healer_name,
                 decision=Decision.REFUSED,
                 reason="cooldown",
                 now=now,
             )
-        if any(e.decision == Decision.GAVE_UP for e in incident):
-            return None  # already gave up on this incident in this window, and alerted
-        rung = len(taken) // config.attempts_per_rung
-        if rung >= len(ladder):
-            return self._give_up(finding, key, ladder, len(taken), now)
-        healer_name = ladder[rung]
         everyone = [e for e in history if e.decision == Decision.TAKEN and e.dry_run == self._dry_run]
         if sum(e.time >= window_start for e in everyone) >= config.max_actions_per_window:
             return self._refuse_once(
@@ -331,7 +361,7 @@ class Policy:
                 reason="healer_disabled",
                 now=now,
             )
-        if self._breakers.get(healer_name, False):
+        if (healer_name, scope) in self._open:
             return self._refuse_once(
                 finding,
                 key,
@@ -341,10 +371,74 @@ class Policy:
                 reason="circuit_open",
                 now=now,
             )
-        action = self._action(finding, key, healer_name, attempt=len(taken), rung=rung)
+        action = self._action(finding, key, healer_name, attempt=len(incident), rung=rung, why=why)
         if self._journal.by_action_key(action.key) is not None:
             return None  # journaled before a crash: never apply an action key twice
         return self._act(finding, key, healer, action, now)
+
+    def _plan(  # noqa: PLR0911 - one return per case, in order
+        self, finding: Finding, key: str, incident: list[Entry], ladder: tuple[str, ...], now: float
+    ) -> tuple[int, str] | str | None:
+        """Which rung a finding gets, and why; a refusal text while an earlier action is under way.
+
+        One action per fault: a finding observed before the incident's latest action took effect
+        is that action's business (None when it is the very episode acted on, else a refusal).
+        Observed after it: the same episode, or the same rule again within
+        `recurrence_seconds`, is evidence that the action did not work, and climbs one rung
+        (with the reason); anything else is a new fault and starts at the bottom.
+        """
+        if not incident:
+            return 0, ""
+        observed = observed_at(finding)
+        latest = incident[-1]
+        effect = self._effect_time(latest)
+        if effect is None or observed <= effect:
+            if any(e.finding_key == key for e in incident):
+                return None
+            if effect is None:
+                return f"{latest.healer} acted on {latest.subject} at {latest.time:.0f}; not in effect yet"
+            return f"observed before {latest.healer} (acted at {latest.time:.0f}) took effect"
+        same = [e for e in incident if e.finding_key == key or e.rule == finding.rule]
+        for entry in reversed(same):
+            entry_effect = self._effect_time(entry)
+            if entry_effect is None:
+                continue
+            later = observed - entry_effect
+            persisted = entry.finding_key == key
+            if not persisted and later > self.config.recurrence_seconds:
+                break  # long after: a new fault, not a failed action
+            verb = "persisted" if persisted else "recurred"
+            evidence = f"{finding.rule} {verb} {later:.0f}s after {entry.healer} took effect"
+            rung = ladder.index(entry.healer) if entry.healer in ladder else len(ladder) - 1
+            tries = sum(e.healer == entry.healer for e in same)
+            if tries < self.config.attempts_per_rung:
+                return rung, f"retrying ({tries + 1}/{self.config.attempts_per_rung}): {evidence}"
+            return rung + 1, f"escalating: {evidence}"
+        del now
+        return 0, ""
+
+    def _effect_time(self, entry: Entry) -> float | None:
+        """When a journaled action took effect (its healer says), None while pending or not yet."""
+        if entry.result == "pending":
+            return None
+        done = entry.finished if entry.finished is not None else entry.time
+        if entry.result != ActionOutcome.APPLIED.value:
+            return done  # a failure, a no-op or a dry run changed nothing there is to wait for
+        healer = self._healers.get(entry.healer)
+        if healer is None:
+            return done
+        action = Action(
+            entry.healer,
+            key=entry.action_key or entry.finding_key,
+            reason=entry.reason,
+            subject=parse_subject(entry.subject),
+            params={"rule": entry.rule},
+        )
+        try:
+            return healer.took_effect(action, done)
+        except Exception:
+            log.exception("healer %s: took_effect failed on %s", entry.healer, action.key)
+            return done
 
     def _ladder_of_entry(self, entry: Entry) -> tuple[str, ...]:
         if entry.rule == RELAX_RULE:
@@ -361,7 +455,9 @@ class Policy:
         )
         return self._ladders.get(classify(stub, self.config.classes), ())
 
-    def _action(self, finding: Finding, key: str, healer: str, *, attempt: int, rung: int) -> Action:
+    def _action(
+        self, finding: Finding, key: str, healer: str, *, attempt: int, rung: int, why: str = ""
+    ) -> Action:
         params: dict[str, str | float | int | bool] = {
             "rule": finding.rule,
             "interruption": classify(finding, self.config.classes),
@@ -376,7 +472,7 @@ class Policy:
         return Action(
             healer=healer,
             key=f"{key}|{healer}|{attempt}",
-            reason=finding.summary,
+            reason=f"{why}: {finding.summary}" if why else finding.summary,
             subject=dict(finding.subject),
             params=params,
             evidence=dict(finding.evidence),
@@ -393,7 +489,7 @@ class Policy:
             decision=Decision.TAKEN,
             result="pending",
             dry_run=self._dry_run,
-            reason=finding.summary,
+            reason=action.reason,
             evidence=finding.evidence,
         )
         result = _apply(healer, action, dry_run=self._dry_run)
@@ -417,9 +513,9 @@ class Policy:
         )
 
     def _give_up(
-        self, finding: Finding, key: str, ladder: tuple[str, ...], attempts: int, now: float
+        self, finding: Finding, key: str, ladder: tuple[str, ...], attempts: int, now: float, *, why: str = ""
     ) -> Outcome:
-        detail = (
+        detail = (f"{why}; " if why else "") + (
             f"ladder {' -> '.join(ladder)} exhausted after {attempts} attempt(s) in "
             f"{self.config.budget_window_seconds:.0f}s; alerting instead of acting again"
         )
@@ -483,11 +579,12 @@ class Policy:
         decision: str,
         reason: str,
         now: float,
+        detail: str = "",
     ) -> Outcome | None:
         """Journal a refusal the first time it applies to this finding key, not on every tick."""
         if any(e.finding_key == key and e.result == reason for e in history):
             return None
-        detail = _REFUSAL_TEXT[reason].format(healer=healer, cfg=self.config)
+        detail = detail or _REFUSAL_TEXT[reason].format(healer=healer, cfg=self.config)
         self._journal.record(
             time=now,
             rule=finding.rule,
@@ -521,7 +618,7 @@ class Policy:
             return {
                 "actions_enabled": not self._dry_run,
                 "healers": sorted(self._healers),
-                "breakers_open": sorted(name for name, is_open in self._breakers.items() if is_open),
+                "breakers_open": sorted(f"{name} ({scope})" for name, scope in self._open),
                 "routes": {rule: list(ladder) for rule, ladder in sorted(self._routes.items())},
                 "ladders": {name: list(ladder) for name, ladder in sorted(self._ladders.items())},
                 "journal": str(self._journal.path),
@@ -543,23 +640,29 @@ class Policy:
             log.info("policy: pruned %d journal entries older than the retention", gone)
 
     def _update_breakers(self, history: list[Entry], now: float) -> None:
-        """A healer's breaker is open after `breaker_failures` consecutive failures, for a while."""
-        for name in self._breakers:
-            results = [
-                e
-                for e in history
-                if e.healer == name and e.decision == Decision.TAKEN and e.result != "pending"
-            ]
+        """A breaker is open after `breaker_failures` consecutive failures of one healer on one scope.
+
+        Per scope (a job, or the node), so failures on a job this daemon cannot act on (a job it
+        does not supervise) never stop it healing the job it does; dry runs change nothing and
+        never count, whatever they report.
+        """
+        streaks: dict[tuple[str, str], list[Entry]] = {}
+        for entry in history:
+            if entry.decision == Decision.TAKEN and not entry.dry_run and entry.result != "pending":
+                streaks.setdefault((entry.healer, scope_of(parse_subject(entry.subject))), []).append(entry)
+        opened: set[tuple[str, str]] = set()
+        for where, results in streaks.items():
             streak = 0
             for entry in reversed(results):
                 if entry.result != ActionOutcome.FAILED.value:
                     break
                 streak += 1
-            last = results[-1].time if results else 0.0
-            is_open = streak >= self.config.breaker_failures and now - last < self.config.breaker_open_seconds
-            if is_open and not self._breakers[name]:
-                log.warning("policy: circuit breaker of %s open after %d failures", name, streak)
-            self._breakers[name] = is_open
+            recent = now - results[-1].time < self.config.breaker_open_seconds
+            if streak >= self.config.breaker_failures and recent:
+                opened.add(where)
+                if where not in self._open:
+                    log.warning("policy: circuit breaker of %s on %s open after %d failures", *where, streak)
+        self._open = opened
 
     def _windows(self, finding: Finding, now: float) -> dict[str, list[Point]]:
         """Recent history of every windowed series that belongs to the finding's subject."""
@@ -589,8 +692,9 @@ class Policy:
             for (healer, result), count in self._actions.items()
         )
         samples.extend(REFUSALS.sample(count, reason=reason) for reason, count in self._refusals.items())
+        open_healers = {name for name, _ in self._open}
         samples.extend(
-            BREAKER_OPEN.sample(float(is_open), healer=name) for name, is_open in self._breakers.items()
+            BREAKER_OPEN.sample(float(name in open_healers), healer=name) for name in self._healers
         )
         samples.append(JOURNAL_ERRORS.sample(self._journal_errors))
         self._store.replace(SOURCE, samples, now)
@@ -602,6 +706,7 @@ _REFUSAL_TEXT = {
     "budget": "global budget of {cfg.max_actions_per_window} actions"
     " per {cfg.budget_window_seconds:.0f}s is spent",
     "healer_disabled": "healer {healer} is disabled in the config",
+    "in_progress": "{healer} is already acting on this incident",
     "circuit_open": "circuit breaker of {healer} is open after {cfg.breaker_failures} consecutive failures",
 }
 

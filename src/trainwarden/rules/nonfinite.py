@@ -1,7 +1,11 @@
 """NaN or Inf in loss or grad norm: a fault to recover from, never a statistic.
 
-Asserted per job while any non-finite point lies in the last `recent_seconds`; the evidence names
-the first and last bad steps so a restart can skip the batches around them.
+Asserted per job while any non-finite point lies in the last `recent_seconds`. The evidence names
+the first and last bad steps of *every* non-finite point still in the store's window, not only the
+recent ones, so a restart that runs later (after a refusal, say) still skips the batch where the
+fault began; after a restart the daemon drops the job's windows, so steps of an earlier run never
+leak in. `observed_at` is when the newest bad point arrived (the policy's evidence that a fault
+persisted after an action took effect).
 """
 
 from __future__ import annotations
@@ -43,11 +47,9 @@ class NonFiniteRule(Rule):
         for metric, name in (("loss", LOSS), ("grad_norm", GRAD_NORM)):
             for labels, points in view.windows(name):
                 # one point per record: the store cannot tell two NaN re-reports apart (NaN != NaN)
-                by_time = {
-                    p.timestamp: p for p in points if p.timestamp >= cutoff and not math.isfinite(p.value)
-                }
+                by_time = {p.timestamp: p for p in points if not math.isfinite(p.value)}
                 bad = sorted(by_time.values(), key=lambda p: p.timestamp)
-                if not bad:
+                if not bad or bad[-1].timestamp < cutoff:
                     continue
                 found = dict(labels)
                 job, rank = found.get("job", ""), found.get("rank", "")
@@ -55,6 +57,7 @@ class NonFiniteRule(Rule):
                 evidence["count"] = float(evidence["count"]) + len(bad)
                 evidence["metrics"] = _add(str(evidence["metrics"]), metric)
                 evidence["ranks"] = _add(str(evidence["ranks"]), rank)
+                evidence["observed_at"] = max(bad[-1].timestamp, float(evidence.get("observed_at", 0.0)))
                 for point in (bad[0], bad[-1]):
                     step = step_at(view, job, rank, point.timestamp)
                     if step is None:

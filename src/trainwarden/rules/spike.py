@@ -1,46 +1,65 @@
-"""Spikes in grad norm and log-loss, by a robust z-score against the job's own recent history.
+"""Spikes in grad norm and loss: a jump far above the series' own recent trend.
 
-Each point that arrived in the last `recent_seconds` is compared with the median and MAD of the
-points before it (at most `baseline_points`); nothing fires until `min_baseline_points` exist
-(warm-up). Median/MAD ignore the outliers they are meant to find, so one spike does not hide the
-next. Loss is compared on a log scale (it falls by orders of magnitude over a run). NaN/Inf are
-skipped here: they are a fault, reported by the `nonfinite` rule.
+Both series are compared on a log scale (loss falls by orders of magnitude over a run; a grad
+norm grows several-fold during LR warm-up). Each point is compared with a *rolling* center, the
+median of the `trend_points` points just before it, so a warm-up or a decaying schedule moves
+the center along instead of leaving it at the first steps of the run. The residuals of the newest
+`baseline_points` points against their own rolling centers give a robust scale (median and MAD,
+which ignore the outliers they are meant to find, so the recent points can be part of it). A
+recent point is a spike when its residual lies more than `z_threshold` robust standard deviations
+above the usual one *and* the point is at least `min_jump_ratio` times its center: noise on a
+very quiet series can give a large z for a 30 % wobble, but that is not what a bad batch does
+(5-100x). Nothing fires until
+`min_baseline_points` finite points exist (warm-up, counted in steps: one point per step record).
+NaN/Inf are skipped here: they are a fault, reported by the `nonfinite` rule.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from trainwarden.model import Finding, Labels, Severity
-from trainwarden.rules.base import Rule, RuleOptions, RuleView, median, robust_scale
+from trainwarden.rules.base import Rule, RuleOptions, RuleView, median
 from trainwarden.rules.training import GRAD_NORM, LOSS, step_at
 from trainwarden.store import Point
 
 _SERIES = {"grad_norm": GRAD_NORM, "loss": LOSS}
+_MIN_CENTER_POINTS = 3
+_MAD_TO_SIGMA = 1.4826
 
 
 @dataclass(frozen=True)
 class SpikeOptions(RuleOptions):
-    """Robust z-score parameters; `min_scale_ratio` floors the scale at that relative change."""
+    """Robust z-score of log residuals against a rolling median, plus a minimum jump ratio."""
 
-    z_threshold: float = 6.0
+    z_threshold: float = 5.0
+    min_jump_ratio: float = 3.0
     recent_seconds: float = 30.0
-    min_baseline_points: int = 30
+    min_baseline_points: int = 50
     baseline_points: int = 200
+    trend_points: int = 20
     min_scale_ratio: float = 0.01
     metrics: tuple[str, ...] = ("grad_norm", "loss")
 
     def problems(self) -> list[tuple[str, str]]:
         """Positive thresholds and known metric names."""
         found = super().problems()
-        if self.z_threshold <= 0:
+        if not self.z_threshold > 0:
             found.append(("z_threshold", "must be > 0"))
-        if self.recent_seconds <= 0:
+        if not self.min_jump_ratio >= 1:
+            found.append(("min_jump_ratio", "must be >= 1 (a multiple of the trend)"))
+        if not self.recent_seconds > 0:
             found.append(("recent_seconds", "must be > 0"))
-        if self.min_baseline_points < 3 or self.baseline_points < self.min_baseline_points:
-            found.append(("min_baseline_points", "need 3 <= min_baseline_points <= baseline_points"))
-        if self.min_scale_ratio < 0:
+        if self.min_baseline_points < _MIN_CENTER_POINTS:
+            found.append(("min_baseline_points", f"must be >= {_MIN_CENTER_POINTS}"))
+        if self.baseline_points < self.min_baseline_points:  # filed under both: either may be the typo
+            found.append(("baseline_points", "must be >= min_baseline_points"))
+            found.append(("min_baseline_points", "must be <= baseline_points"))
+        if self.trend_points < _MIN_CENTER_POINTS:
+            found.append(("trend_points", f"must be >= {_MIN_CENTER_POINTS}"))
+        if not self.min_scale_ratio >= 0:
             found.append(("min_scale_ratio", "must be >= 0"))
         found.extend(
             ("metrics", f"unknown metric {m!r} (valid: {', '.join(sorted(_SERIES))})")
@@ -50,87 +69,114 @@ class SpikeOptions(RuleOptions):
         return found
 
 
-def _transform(metric: str, value: float) -> float | None:
-    if not math.isfinite(value):
+@dataclass(frozen=True)
+class SpikeHit:
+    """The worst spike among the candidate points of one series, and the newest one."""
+
+    index: int  # of the worst point, into the values passed in
+    newest_index: int  # of the newest point over both thresholds
+    z: float
+    ratio: float  # value / rolling center
+    center: float  # rolling center of the worst point, on the series' own scale
+    scale: float  # robust scale of the log residuals
+
+
+def find_spike(values: Sequence[float], first_candidate: int, options: SpikeOptions) -> SpikeHit | None:
+    """Score `values[first_candidate:]` against the trend of the points before each; None if no spike.
+
+    Pure and shared by the rule, its tests and `bench/spike_false_positives.py`, so what is
+    measured is what runs. Non-finite and non-positive values are ignored (no log).
+    """
+    logs = [(i, math.log(v)) for i, v in enumerate(values) if math.isfinite(v) and v > 0]
+    # a candidate needs `min_baseline_points` finite points before it (warm-up, in steps)
+    split = next((p for p, (i, _) in enumerate(logs) if i >= first_candidate), len(logs))
+    split = max(split, options.min_baseline_points)
+    if split >= len(logs):
         return None
-    if metric == "loss":
-        return math.log(value) if value > 0 else None
-    return value
+    k = options.trend_points
+
+    def residual(position: int) -> float:
+        window = [x for _, x in logs[max(0, position - k) : position]]
+        return logs[position][1] - median(window)
+
+    # the scale comes from the newest points, candidates included: median/MAD ignore the few spikes
+    start = max(_MIN_CENTER_POINTS, len(logs) - options.baseline_points)
+    residuals = {p: residual(p) for p in range(start, len(logs))}
+    usual = median(list(residuals.values()))
+    spread = median([abs(r - usual) for r in residuals.values()])
+    scale = max(_MAD_TO_SIGMA * spread, options.min_scale_ratio, 1e-12)
+    min_jump = math.log(options.min_jump_ratio)
+    worst: SpikeHit | None = None
+    newest = -1
+    for position in range(split, len(logs)):
+        r = residuals[position] if position in residuals else residual(position)
+        z = (r - usual) / scale
+        if z <= options.z_threshold or r < min_jump:
+            continue
+        index, x = logs[position]
+        newest = index
+        if worst is None or z > worst.z:
+            worst = SpikeHit(index, index, z, math.exp(r), math.exp(x - r), scale)
+    if worst is None:
+        return None
+    return SpikeHit(worst.index, newest, worst.z, worst.ratio, worst.center, worst.scale)
 
 
 class SpikeRule(Rule):
-    """One finding per job while a recent grad-norm or loss point is a robust outlier."""
+    """One finding per job while a recent grad-norm or loss point jumps far above its trend."""
 
     name = "spike"
     Options = SpikeOptions
 
     def evaluate(self, view: RuleView, now: float) -> list[Finding]:
-        """The largest recent z-score per job, if above the threshold."""
+        """The largest recent z-score per job, if above both thresholds."""
         options = self.options
         assert isinstance(options, SpikeOptions)
+        cutoff = now - options.recent_seconds
+        # the trend before the baseline needs `trend_points` more; twice that leaves room for NaNs
+        keep = 2 * (options.baseline_points + options.trend_points)
         worst: dict[str, dict[str, float | str]] = {}
+        newest: dict[str, float] = {}
         for metric in options.metrics:
             for labels, points in view.windows(_SERIES[metric]):
-                hit = self._worst_point(metric, points, now, options)
+                recent = sum(p.timestamp >= cutoff for p in points)
+                window = points[-(keep + recent) :]
+                hit = find_spike([p.value for p in window], len(window) - recent, options)
                 if hit is None:
                     continue
-                z, point, center, scale = hit
-                job, rank = dict(labels).get("job", ""), dict(labels).get("rank", "")
+                job = dict(labels).get("job", "")
+                newest[job] = max(newest.get(job, 0.0), window[hit.newest_index].timestamp)
                 current = worst.get(job)
-                if current is not None and float(current["z"]) >= z:
+                if current is not None and float(current["z"]) >= hit.z:
                     continue
-                worst[job] = self._evidence(view, metric, labels, point, z=z, center=center, scale=scale)
-                worst[job]["rank"] = rank
+                worst[job] = self._evidence(view, metric, labels, window[hit.index], hit)
         findings = []
         for job, evidence in sorted(worst.items()):
+            evidence["observed_at"] = newest[job]
             summary = (
-                f"job {job}: {evidence['metric']} spiked to {evidence['value']:.4g} "
+                f"job {job}: {evidence['metric']} spiked to {evidence['value']:.4g}, "
+                f"{evidence['ratio']:.1f}x its trend {evidence['baseline_median']:.4g} "
                 f"(robust z {evidence['z']:.1f}) on rank {evidence['rank']}"
             )
             findings.append(self.finding({"job": job}, summary, evidence, Severity.WARNING))
         return findings
 
-    def _worst_point(
-        self, metric: str, points: list[Point], now: float, options: SpikeOptions
-    ) -> tuple[float, Point, float, float] | None:
-        cutoff = now - options.recent_seconds
-        # only the newest points can be in the baseline; twice as many leaves room for skipped NaNs
-        older = [p for p in points if p.timestamp < cutoff][-2 * options.baseline_points :]
-        baseline = [v for v in (_transform(metric, p.value) for p in older) if v is not None]
-        baseline = baseline[-options.baseline_points :]
-        if len(baseline) < options.min_baseline_points:
-            return None  # warm-up
-        # floor the scale at a relative change: on the log scale of loss a fraction is already relative
-        center = median(baseline)
-        min_scale = max(options.min_scale_ratio * (1.0 if metric == "loss" else abs(center)), 1e-12)
-        center, scale = robust_scale(baseline, min_scale)  # once per series, not per recent point
-        best: tuple[float, Point, float, float] | None = None
-        for point in points:
-            if point.timestamp < cutoff:
-                continue
-            value = _transform(metric, point.value)
-            if value is None:
-                continue
-            z = (value - center) / scale
-            if z > options.z_threshold and (best is None or z > best[0]):
-                best = (z, point, center, scale)
-        return best
-
     @staticmethod
     def _evidence(
-        view: RuleView, metric: str, labels: Labels, point: Point, *, z: float, center: float, scale: float
+        view: RuleView, metric: str, labels: Labels, point: Point, hit: SpikeHit
     ) -> dict[str, float | str]:
-        on_log = metric == "loss"
+        found = dict(labels)
         evidence: dict[str, float | str] = {
             "metric": metric,
             "value": point.value,
-            "z": round(z, 3),
-            "baseline_median": math.exp(center) if on_log else center,
-            "scale": scale,
-            "scale_is_log": "yes" if on_log else "no",
+            "z": round(hit.z, 3),
+            "ratio": round(hit.ratio, 3),
+            "baseline_median": hit.center,
+            "scale": hit.scale,
+            "scale_is_log": "yes",
+            "rank": found.get("rank", ""),
             "interruption": "transient",
         }
-        found = dict(labels)
         step = step_at(view, found.get("job", ""), found.get("rank", ""), point.timestamp)
         if step is not None:
             evidence["step"] = step
