@@ -207,9 +207,11 @@ def test_sighup_reloads_a_valid_config_keeps_the_old_on_an_invalid_one_and_sigte
             20.0,
             "load disabled",
         )
+        success = ("trainwarden_config_reloads_total", (("result", "success"),))
+        wait_until(lambda: running.metrics().get(success) == 1, 20.0, "the reload counted")  # counted last
         metrics = running.metrics()
         assert ("trainwarden_host_load1", ()) not in metrics
-        assert metrics[("trainwarden_config_reloads_total", (("result", "success"),))] == 1
+        assert metrics[success] == 1
         assert metrics[("trainwarden_config_last_reload_successful", ())] == 1
 
         running.config.write_text("[daemon]\nlisten = 'everywhere'\n[collectors.load]\nenabled = true\n")

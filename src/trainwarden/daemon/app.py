@@ -363,22 +363,26 @@ class Daemon:
             ),
             webhook=self.config.webhook,
         )
-        parts = self.healing.prepare(new) if self.healing is not None else None
+        healing = self.healing
+        parts = healing.prepare(new) if healing is not None else None
+        old_parts = healing.parts() if healing is not None else None
         old, old_names = self.config, {c.name for c in self._runtime.collectors}
-        self._stop_collectors()
+        self._stop_collectors()  # the detect-and-heal tick is a scheduler job: no new one starts now
         wanted = {name for name in collector_classes() if new.plugin("collectors", name).enabled}
         for name in old_names - wanted:  # before restarting, so no scrape sees them afterwards
             self.store.drop_source(name)
         self.config = new
+        if healing is not None and parts is not None:
+            healing.apply(parts)  # before the first tick of the new scheduler
         try:
             self._start_collectors()
         except Exception:
             self._stop_collectors()
             self.config = old
+            if healing is not None and old_parts is not None:
+                healing.apply(old_parts)
             self._start_collectors()
             raise
-        if self.healing is not None and parts is not None:
-            self.healing.apply(parts)
         logging.getLogger("trainwarden").setLevel(new.daemon.log_level.upper())
 
     def _reject(self, why: str) -> bool:

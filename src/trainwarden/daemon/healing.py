@@ -18,10 +18,12 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainwarden.backends.base import RankProcess, RestartBackend
+from trainwarden.backends.comeback import RestartWatch, last_step_at, options_from
 from trainwarden.daemon.scheduler import ExtraJob
 from trainwarden.daemon.timeline import EventKind, EventSink, TimelineEvent, emit
 from trainwarden.healers import healer_classes
@@ -119,6 +121,7 @@ class Healing:
         self._firing: set[str] = set()
         self._lock = threading.Lock()
         self._severities_seen: set[tuple[str, str]] = set()
+        self.restarts = RestartWatch()  # every applied restart must be answered by a step (H4b)
 
     def install(self, daemon: Daemon) -> None:
         """Add the tick to the daemon's scheduler jobs and the engine/policy state to /status."""
@@ -126,6 +129,7 @@ class Healing:
         # Looked up per call, not bound once: a reload swaps the engine and the policy.
         daemon.status_sections["rules"] = lambda: self.engine.status()  # noqa: PLW0108
         daemon.status_sections["policy"] = lambda: self.policy.status()  # noqa: PLW0108
+        daemon.status_sections["restarts"] = self.restarts.status
 
     # --- reload -----------------------------------------------------------------------------
 
@@ -147,6 +151,10 @@ class Healing:
         rules_same = config.plugins.get("rules") == current.plugins.get("rules")
         engine = self.engine if rules_same else RuleEngine.from_config(config, self.store)
         return HealingParts(config, healers, engine, policy)
+
+    def parts(self) -> HealingParts:
+        """The running parts, to put back if a reload fails after `apply`."""
+        return HealingParts(self._config, dict(self.healers), self.engine, self.policy)
 
     def apply(self, parts: HealingParts) -> None:
         """Swap in prepared parts; the next tick (and `decide`) uses them, a running tick finishes on the old.
@@ -188,6 +196,7 @@ class Healing:
         """One round: rules, then the policy on what fires; returns the policy's outcomes."""
         now = self.clock()
         findings = self.engine.tick(now)
+        findings += self.restarts.check(now, partial(last_step_at, self.store, self.context.jobs))
         self._finding_events(findings)
         return self.decide(findings, now)
 
@@ -198,6 +207,10 @@ class Healing:
         for outcome in outcomes:
             if outcome.action_key is not None:
                 self._attach_stacks(outcome.action_key)
+                job = outcome.finding.subject.get("job", "")
+                if job and outcome.healer == "checkpoint_restart" and outcome.result == "applied":
+                    self.restarts.options = options_from(self.healers.get(outcome.healer))
+                    self.restarts.expect(job, now, action_key=outcome.action_key, healer=outcome.healer)
             emit(self.on_event, outcome_event(outcome, now))
         self._publish(now)
         return outcomes
