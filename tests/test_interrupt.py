@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
+from support import free_port, wait_until
 from toy_launch import bare_ranks, baseline_sha, final_sha, torchrun, toy_env
 from trainwarden.client.checkpoint import CheckpointManager
 from trainwarden.client.interrupt import EXIT_CHECKPOINTED, PlannedInterrupt
@@ -109,6 +113,7 @@ def test_decisions_only_at_sync_points() -> None:
     """With sync_every=5 a signal is acted upon at the next multiple of 5, so all ranks pick the same step."""
     guard = PlannedInterrupt((signal.SIGUSR2,), sync_every=5).install()
     try:
+        assert not guard.at_boundary(5).stop  # the loop is running: a signal now waits for a sync point
         os.kill(os.getpid(), signal.SIGUSR2)
         assert [guard.at_boundary(s).stop for s in (6, 7, 8, 9, 10)] == [False, False, False, False, True]
     finally:
@@ -163,3 +168,115 @@ def test_sigterm_to_torchrun_checkpoints_the_last_step_before_exit(tmp_path: Pat
     assert int(resume.wait_for(r"^RESUMED (\d+)").group(1)) == last
     assert resume.wait() == 0, resume.output()
     assert final_sha(tmp_path / "out") == baseline
+
+
+# Two gloo ranks; both build their PlannedInterrupt, then rank 0 constructs a CheckpointManager (whose
+# process group needs every rank) while rank 1 never does: rank 0 is stuck inside __init__, in C.
+STUCK_IN_SETUP = """
+import os, signal, sys, time
+import torch.distributed as dist
+from trainwarden.client.checkpoint import CheckpointManager
+from trainwarden.client.interrupt import PlannedInterrupt
+dist.init_process_group("gloo")
+guard = PlannedInterrupt((signal.SIGTERM,)).install()
+if dist.get_rank() == 1:
+    time.sleep(600)
+print("ENTERING", flush=True)
+CheckpointManager(sys.argv[1])
+print("UNREACHED", flush=True)
+"""
+
+# Setup in Python code (loading data, say): the handler itself can run.
+SLOW_PYTHON_SETUP = """
+import signal, time
+from trainwarden.client.interrupt import PlannedInterrupt
+guard = PlannedInterrupt((signal.SIGTERM,)).install()
+print("SETUP", flush=True)
+try:
+    while True:
+        time.sleep(0.01)
+finally:
+    print("FINALLY", flush=True)
+"""
+
+
+# The main thread blocked in C++ for minutes: a TCPStore master waiting for a client that never comes.
+BLOCKED_IN_C = """
+import datetime as dt, signal, sys
+import torch.distributed as dist
+from trainwarden.client.interrupt import PlannedInterrupt
+guard = PlannedInterrupt((signal.SIGTERM,)).install()
+print("WAITING", flush=True)
+dist.TCPStore("127.0.0.1", int(sys.argv[1]), 2, is_master=True, timeout=dt.timedelta(seconds=600))
+print("UNREACHED", flush=True)
+"""
+
+
+def _listening(pid: int, port: int) -> bool:
+    """The store listens on `port` (bound inside the constructor that then blocks)."""
+    return any(c.laddr and c.laddr.port == port for c in psutil.Process(pid).net_connections())
+
+
+def _start(script: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_sigterm_during_python_setup_exits_75_through_finally_blocks() -> None:
+    """A SIGTERM before the loop's first boundary ends the process at once with 75, running finally blocks."""
+    proc = _start(SLOW_PYTHON_SETUP)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "SETUP"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == EXIT_CHECKPOINTED
+    assert "FINALLY" in proc.stdout.read()
+
+
+def test_sigterm_while_the_main_thread_is_blocked_in_c_exits_75_by_the_watcher() -> None:
+    """Python runs no handler while C++ blocks; the wakeup-fd watcher ends the process with 75 anyway."""
+    port = free_port()
+    proc = _start(BLOCKED_IN_C, str(port))
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "WAITING"
+    wait_until(
+        lambda: _listening(proc.pid, port), timeout=60, what="the store to wait for its client (in C++)"
+    )
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == EXIT_CHECKPOINTED
+    rest = proc.stdout.read()
+    assert "main thread blocked; exiting 75" in rest
+    assert "UNREACHED" not in rest
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_rank_stuck_in_checkpoint_manager_init_exits_75(tmp_path: Path) -> None:
+    """A rank blocked in C inside CheckpointManager.__init__ (its peer never joins) leaves with 75 on
+    SIGTERM instead of waiting out torchrun's kill timeout; the other rank is not needed for that."""
+    port = free_port()
+    ranks = []
+    for rank in (0, 1):
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+        }
+        ranks.append(_start(STUCK_IN_SETUP, str(tmp_path / "ckpt"), env=env))
+    try:
+        stdout = ranks[0].stdout
+        assert stdout is not None
+        assert stdout.readline().strip() == "ENTERING"
+        ranks[0].send_signal(signal.SIGTERM)
+        assert ranks[0].wait(60) == EXIT_CHECKPOINTED
+        assert "UNREACHED" not in stdout.read()
+        assert ranks[1].poll() is None, "rank 1 was never signalled"
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.wait(30)

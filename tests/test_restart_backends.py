@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from trainwarden.backends.base import RankProcess
+from trainwarden.backends.comeback import DeadlineOptions, RestartWatch
 from trainwarden.backends.command import CommandBackend
 from trainwarden.backends.slurm import Scontrol
 from trainwarden.backends.slurm_requeue import SlurmRequeueBackend, slurm_job_id
@@ -21,6 +22,7 @@ from trainwarden.backends.systemd import SystemdBackend
 from trainwarden.backends.torchrun import TorchrunBackend
 from trainwarden.daemon.timeline import EventKind, TimelineEvent
 from trainwarden.healers.base import ActionOutcome
+from trainwarden.model import FindingState
 
 # A parent that starts a grandchild in a session of its own (as torchrun does with its workers),
 # writes both pids and the restart count, then waits.
@@ -187,3 +189,47 @@ def test_slurm_backend_needs_a_job_id() -> None:
     result = SlurmRequeueBackend(Scontrol(program="/nonexistent/scontrol")).restart("toy", "hang", key="k")
     assert result.outcome is ActionOutcome.FAILED
     assert "no Slurm job id" in result.detail
+
+
+def test_restart_watch_fires_when_the_job_is_not_back_and_resolves_when_it_is() -> None:
+    """A restart opens an expectation: no step after it within the bound is a firing finding naming why;
+    a later step resolves it and teaches the start-up time, which sets the next bound (factor x, floor)."""
+    watch = RestartWatch(DeadlineOptions(floor_seconds=10.0, factor=3.0))
+    stepped: dict[str, float] = {"mine": 95.0}  # a step from before the restart
+    watch.expect("mine", 100.0, action_key="k1", healer="checkpoint_restart")
+    assert watch.check(105.0, stepped.get) == []
+    assert watch.status()["jobs"]["mine"]["state"] == "waiting"
+    [fired] = watch.check(111.0, stepped.get)
+    assert (fired.rule, fired.state, fired.subject) == (
+        "restart_unanswered",
+        FindingState.FIRING,
+        {"job": "mine"},
+    )
+    assert "not back 11s after checkpoint_restart restarted it" in fired.summary
+    assert fired.evidence["after_action"] == "k1"
+    [again] = watch.check(112.0, stepped.get)
+    assert again.since == fired.since, "one episode: the same finding key every tick"
+    assert watch.status()["jobs"]["mine"]["state"] == "overdue"
+    stepped["mine"] = 114.0
+    [resolved] = watch.check(115.0, stepped.get)
+    assert resolved.state is FindingState.RESOLVED
+    assert watch.status()["jobs"]["mine"] == {
+        "state": "back",
+        "restarted_at": 100.0,
+        "deadline_seconds": 10.0,
+        "seconds": 14.0,
+        "action": "k1",
+    }
+    assert watch.check(200.0, stepped.get) == []
+    assert watch.deadline_for("mine") == 42.0
+    assert watch.deadline_for("other") == 10.0
+    assert RestartWatch(DeadlineOptions(fixed_seconds=5.0)).deadline_for("mine") == 5.0
+
+
+def test_restart_watch_is_quiet_for_a_job_back_in_time() -> None:
+    """A job whose first step after the restart arrives within the bound raises nothing at all."""
+    watch = RestartWatch(DeadlineOptions(floor_seconds=10.0))
+    watch.expect("mine", 100.0, action_key="k1", healer="checkpoint_restart")
+    assert watch.check(104.0, {"mine": 103.0}.get) == []
+    assert watch.check(500.0, {"mine": 103.0}.get) == []
+    assert watch.status()["jobs"]["mine"]["state"] == "back"

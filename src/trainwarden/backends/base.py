@@ -29,6 +29,9 @@ class RankProcess:
     local_rank: int
     pid: int
     stack_file: str = ""
+    connected: bool = True  # False once its connection closed (the daemon read all it sent)
+    exited_cleanly: bool = False  # it said goodbye
+    checkpoint_at: float | None = None  # when its last checkpoint record arrived (daemon clock)
 
 
 class JobView(Protocol):

@@ -23,6 +23,18 @@ again later"): the job saved a checkpoint of its last completed step and stopped
 the supervisor (Slurm requeue, the daemon's restart backend) should resume it, not treat it as a
 crash (1) or a finished run (0).
 
+**Before the loop runs, a signal ends the process at once.** Until the first `at_boundary` call
+there is no step to checkpoint (the newest checkpoint is as recent as it gets), and a worker still
+in setup (inside `CheckpointManager.__init__`, loading a checkpoint, waiting in a gloo rendezvous)
+may never reach a boundary: torchrun would wait for it and SIGKILL it after its grace period.
+So a signal that arrives before the first boundary raises `SystemExit(exit_code)` from the handler
+(finally blocks and atexit run); and when the main thread is blocked inside C code, where Python
+runs no handler until the call returns (a gloo rendezvous waiting for a dead peer does not return
+for minutes), a watcher thread woken by the signal (`signal.set_wakeup_fd`) ends the process with
+`os._exit(exit_code)` after `exit_grace_seconds` (default 2 s). Once the loop is running, a signal
+only sets the flag as before. A program that already uses `signal.set_wakeup_fd` (asyncio) keeps
+it, and loses only the watcher.
+
 **Ranks agree.** Signals reach ranks at different moments, and each rank polls the control file
 on its own. Every `sync_every` steps the ranks all-reduce their flags (MAX, on a gloo group of
 their own), so all of them checkpoint and stop at the same step; a signal sent to a single rank
@@ -35,8 +47,11 @@ the same stop request again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -79,6 +94,7 @@ class PlannedInterrupt:
         reporter: object | None = None,
         sync_every: int = 1,
         exit_code: int = EXIT_CHECKPOINTED,
+        exit_grace_seconds: float = 2.0,
     ) -> None:
         """`control` returns the daemon's current `ControlState`; by default a reporter's `poll_control`."""
         if sync_every < 1:
@@ -89,7 +105,10 @@ class PlannedInterrupt:
         self.control = control
         self.sync_every = sync_every
         self.exit_code = exit_code
+        self.exit_grace_seconds = exit_grace_seconds
         self.control_errors = 0
+        self._armed = False  # the loop reached its first boundary
+        self._watch: _SignalWatch | None = None
         self._signal: signal.Signals | None = None
         self._previous: dict[signal.Signals, _Handler] = {}
         self._handled: list[str] = []
@@ -104,6 +123,8 @@ class PlannedInterrupt:
             raise RuntimeError("PlannedInterrupt.install() must be called from the main thread")
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._on_signal)
+        if self.signals and not self._armed and self._watch is None:
+            self._watch = _SignalWatch.start(self)
         return self
 
     def uninstall(self) -> None:
@@ -111,6 +132,14 @@ class PlannedInterrupt:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+
+    @property
+    def armed(self) -> bool:
+        """True once the loop reached a boundary: from then on a signal waits for the next one."""
+        return self._armed
 
     def __enter__(self) -> Self:
         return self.install()
@@ -119,9 +148,11 @@ class PlannedInterrupt:
         self.uninstall()
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        # Only set a flag: a signal handler must not save, log through locks or raise.
+        # Once the loop runs, only set a flag: a signal handler must not save, log through locks or raise.
         if self._signal is None:
             self._signal = signal.Signals(signum)
+        if not self._armed:
+            raise SystemExit(self.exit_code)  # still in setup: nothing to checkpoint, leave now
 
     def should_stop(self) -> bool:
         """Local view of this rank: a signal arrived or a new stop request was seen (no agreement)."""
@@ -135,6 +166,11 @@ class PlannedInterrupt:
         Between sync points (every `sync_every` steps) nothing is decided, so all ranks act at
         the same step. Request ids acted upon are marked handled before returning.
         """
+        if not self._armed:
+            self._armed = True
+            if self._watch is not None:
+                self._watch.stop()  # no longer needed: the loop itself will stop at a boundary
+                self._watch = None
         state = self._poll()
         if step % self.sync_every != 0:
             return Boundary(control=state)
@@ -235,6 +271,75 @@ class PlannedInterrupt:
         for pair in ids:
             out.extend(i for i in pair if i is not None and i not in out)
         return out
+
+
+class _SignalWatch:
+    """Ends a process whose main thread is blocked in C when a signal arrives before the loop runs.
+
+    CPython's C-level handler writes each signal's number to the wakeup fd from whichever thread
+    the kernel picked, even while the main thread cannot run Python; this thread reads it.
+    """
+
+    def __init__(
+        self, guard: PlannedInterrupt, reader: socket.socket, writer: socket.socket, old: int
+    ) -> None:
+        self._guard = guard
+        self._reader = reader
+        self._writer = writer
+        self._old = old
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="trainwarden-interrupt-watch", daemon=True)
+
+    @classmethod
+    def start(cls, guard: PlannedInterrupt) -> _SignalWatch | None:
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)  # noqa: FBT003 - stdlib signature
+        try:
+            old = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        except (ValueError, OSError) as exc:  # not the main thread, or a closed fd
+            log.info("trainwarden: no signal watcher (%s)", exc)
+            reader.close()
+            writer.close()
+            return None
+        if old != -1:  # someone else's (asyncio): keep theirs
+            signal.set_wakeup_fd(old)
+            reader.close()
+            writer.close()
+            log.info("trainwarden: signal.set_wakeup_fd is in use; no signal watcher during setup")
+            return None
+        watch = cls(guard, reader, writer, old)
+        watch._thread.start()
+        return watch
+
+    def _run(self) -> None:
+        wanted = {int(s) for s in self._guard.signals}
+        while not self._stopped.is_set():
+            try:
+                data = self._reader.recv(64)
+            except OSError:
+                return
+            if not data or self._stopped.is_set():
+                return
+            if wanted.intersection(data) and not self._guard.armed:
+                # The handler raises SystemExit as soon as the main thread runs Python; if it is
+                # stuck in C, nothing will: leave without it once the grace period is over.
+                if self._stopped.wait(self._guard.exit_grace_seconds) or self._guard.armed:
+                    return
+                with contextlib.suppress(Exception):
+                    code = self._guard.exit_code
+                    sys.stderr.write(f"trainwarden: signal in setup, main thread blocked; exiting {code}\n")
+                    sys.stderr.flush()
+                os._exit(self._guard.exit_code)
+
+    def stop(self) -> None:
+        """Give the wakeup fd back and end the thread (callable from the main thread only)."""
+        self._stopped.set()
+        with contextlib.suppress(ValueError):
+            signal.set_wakeup_fd(self._old)
+        self._writer.close()  # the reader sees EOF
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=1.0)
+        self._reader.close()
 
 
 def _setup_distributed() -> tuple[bool, Any]:

@@ -670,7 +670,16 @@ class TrainingCollector(Collector):
         """Every known local rank of `job` (None: of every job) with its pid and faulthandler stack file."""
         with self._lock:
             return [
-                RankProcess(s.job, s.rank, s.local_rank, s.pid, s.stack_file)
+                RankProcess(
+                    s.job,
+                    s.rank,
+                    s.local_rank,
+                    s.pid,
+                    s.stack_file,
+                    connected=s.connected,
+                    exited_cleanly=s.exited_cleanly,
+                    checkpoint_at=s.last_checkpoint_ts,
+                )
                 for s in sorted(self._ranks.values(), key=lambda s: s.rank)
                 if job is None or s.job == job
             ]

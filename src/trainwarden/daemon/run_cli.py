@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 EXIT_RULE = "process_exit"
 POLL_SECONDS = 0.5
+DRAIN_SECONDS = 2.0
 _FINAL = frozenset({"budget", "circuit_open", "healer_disabled", "no_route", "failed", "dry_run"})
 
 
@@ -122,6 +123,7 @@ class _Run:
         self.healing = Healing(self.daemon, restart_backend=self.supervisor, on_event=on_event)
         self.daemon.healing = self.healing
         self.stopping = threading.Event()
+        self.stop_requested_at: float | None = None
 
     def _training(self) -> TrainingCollector | None:
         collectors = self.daemon._runtime.collectors  # noqa: SLF001 - its own daemon, looked up per call (reload)
@@ -150,7 +152,7 @@ class _Run:
                     EventKind.CHILD_EXITED, f"job {self.job} exited with status {code}", exit_code=code
                 )
                 if code == 0 or self.stopping.is_set():
-                    return code
+                    return self._stopped_status(code) if self.stopping.is_set() else code
                 if not self._heal_exit(code):
                     return code
         finally:
@@ -160,7 +162,7 @@ class _Run:
     def _heal_exit(self, code: int) -> bool:
         """Let the policy restart the exited job; False when it will not (the run ends)."""
         generation = self.supervisor.generation
-        finding = exit_finding(self.job, code, self.daemon.clock())
+        finding = exit_finding(self._reported_job(), code, self.daemon.clock())
         # A cooldown refusal means "not yet": wait it out (bounded), then the policy decides again.
         deadline = time.monotonic() + self.config.policy.cooldown_seconds + 10.0
         while not self.stopping.is_set():
@@ -186,11 +188,50 @@ class _Run:
             self.stopping.wait(1.0)
         return False
 
+    def _reported_job(self) -> str:
+        """The name the child's ranks report (`Reporter.from_env(job=...)`) when it is one, else the run's.
+
+        Findings, the journal and the restart check then speak of the job its ranks report steps as.
+        """
+        aliases = self.supervisor.supervised_jobs() - {self.job}
+        return next(iter(aliases)) if len(aliases) == 1 else self.job
+
+    def _stopped_status(self, code: int) -> int:
+        """75 when every rank checkpointed after the stop and said goodbye, whatever the launcher says.
+
+        torchrun answers a SIGTERM with a status of its own (1) even when each worker saved its
+        step and exited 75; what the workers did is what the caller (Slurm, a script) must see.
+        """
+        since = self.stop_requested_at
+        if code in {0, EXIT_CHECKPOINTED} or since is None:
+            return code
+        names = self.supervisor.supervised_jobs()
+        deadline = time.monotonic() + DRAIN_SECONDS  # the collector may still be reading their last records
+        ranks = [r for r in self._ranks() if r.job in names]
+        while any(r.connected for r in ranks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            ranks = [r for r in self._ranks() if r.job in names]
+        clean = [
+            r for r in ranks if r.exited_cleanly and r.checkpoint_at is not None and r.checkpoint_at >= since
+        ]
+        if not ranks or len(clean) != len(ranks):
+            return code
+        self._event(
+            EventKind.CHILD_EXITED,
+            f"job {self.job}: launcher exited {code}, but all {len(ranks)} rank(s) checkpointed after the "
+            f"stop and exited cleanly; exiting {EXIT_CHECKPOINTED}",
+            exit_code=EXIT_CHECKPOINTED,
+            launcher_exit_code=code,
+        )
+        return EXIT_CHECKPOINTED
+
     def _event(self, kind: EventKind, summary: str, **data: int) -> None:
         emit(self.on_event, TimelineEvent(kind, summary, job=self.job, data=dict(data)))
 
     def request_stop(self) -> None:
         """Forward SIGTERM to the job (it checkpoints and exits) and end the run when it exits."""
+        if self.stop_requested_at is None:
+            self.stop_requested_at = self.daemon.clock()
         self.stopping.set()
         for pid in self.supervisor.pids(self.job) or ():
             with contextlib.suppress(ProcessLookupError, PermissionError):

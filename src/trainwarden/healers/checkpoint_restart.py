@@ -47,7 +47,8 @@ from trainwarden.stacks import capture_stacks, trigger_flight_recorder
 log = logging.getLogger(__name__)
 
 LAST_CHECKPOINT_TS = "trainwarden_train_last_checkpoint_timestamp_seconds"
-HANG_RULES = ("stall", "collective_stuck", "process_gone", "process_exit")
+# restart_unanswered: a restarted job that never stepped again is hung (in set-up), not checkpointable
+HANG_RULES = ("stall", "collective_stuck", "process_gone", "process_exit", "restart_unanswered")
 SKIP_RULES = ("nonfinite",)
 STACKS_DIR = "stacks"
 Backend = Literal["supervise", "torchrun", "systemd", "slurm", "command"]
@@ -72,13 +73,25 @@ class CheckpointRestartOptions(PluginOptions):
     slurm_job_id: str = ""
     command_argv: tuple[str, ...] = ()
     kill_grace_seconds: float = 10.0
+    # after a restart the job must be back (a step) within this bound (trainwarden.backends.comeback)
+    restart_deadline_seconds: float = 0.0  # 0: factor x the job's observed start-up, at least the floor
+    restart_deadline_floor_seconds: float = 120.0
+    restart_deadline_factor: float = 3.0
 
     def problems(self) -> list[tuple[str, str]]:
         """Positive bounds; each backend's own setting present."""
         found = super().problems()
-        for key in ("checkpoint_timeout_seconds", "stack_timeout_seconds", "kill_grace_seconds"):
+        for key in (
+            "checkpoint_timeout_seconds",
+            "stack_timeout_seconds",
+            "kill_grace_seconds",
+            "restart_deadline_floor_seconds",
+            "restart_deadline_factor",
+        ):
             if getattr(self, key) <= 0:
                 found.append((key, "must be > 0"))
+        if self.restart_deadline_seconds < 0:
+            found.append(("restart_deadline_seconds", "must be >= 0 (0 derives it from start-up times)"))
         for key in ("skip_batches_before", "skip_batches_after"):
             if getattr(self, key) < 0:
                 found.append((key, "must be >= 0"))
