@@ -533,3 +533,57 @@ def stop_job(procs: list[subprocess.Popen[bytes]], ctl: Path) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+# --- the two-node loop's daemons ------------------------------------------------------------------
+
+NODES = {"node-a": "127.0.0.2", "node-b": "127.0.0.3"}
+
+
+def cluster_daemon_config(
+    root: Path,
+    node: str,
+    port: int,
+    token: Path,
+    slurm_conf: Path,
+    primary: str,
+    *,
+    local_stall: bool = False,
+) -> Config:
+    """Daemon config of one node of the loop: node-a the primary actor, node-b its standby; the
+    straggler alert drains through Slurm, stall and daemon-down alerts are journaled (observed).
+    The daemons' own rules only observe (with `local_stall`, their stall rule is the one kept on)."""
+    webhook: dict[str, Any] = {
+        "token_file": str(token),
+        "rules": {
+            "TrainwardenStragglerNode": "straggler_node",
+            "TrainwardenJobStalled": "job_stalled",
+            "TrainwardenDaemonDown": "daemon_down",
+        },
+    }
+    if node == "node-b":
+        webhook.update(actor="standby", primary_url=primary)
+    data: dict[str, Any] = {
+        "daemon": {
+            "listen": f"{NODES[node]}:{port}",
+            "node_name": node,
+            "runtime_dir": str(root / node / "run"),
+            "state_dir": str(root / node / "state"),
+        },
+        "policy": {
+            "actions_enabled": True,
+            "routes": {
+                "straggler_node": ["slurm_drain"],
+                "job_stalled": [],
+                "daemon_down": [],
+                "straggler": [],
+            },
+            # The daemons' own rules only observe here: this is about the cluster path.
+            "ladders": {"transient": [], "persistent": [], "planned": []},
+        },
+        "webhook": webhook,
+        "healers": {"slurm_drain": {"enabled": True, "slurm_conf": str(slurm_conf), "max_drained_nodes": 1}},
+    }
+    if not local_stall:
+        data["rules"] = {"stall": {"enabled": False}}
+    return config_from_dict(data, plugin_groups())
