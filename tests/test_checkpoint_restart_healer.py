@@ -188,3 +188,52 @@ def test_supervise_without_a_supervised_child_fails_clearly(tmp_path: Path) -> N
 def test_options_name_what_a_backend_needs(options: dict[str, object], key: str) -> None:
     """Each backend's own setting is required, and bounds are checked, with the key named."""
     assert key in [k for k, _why in CheckpointRestartOptions(**options).problems()]  # type: ignore[arg-type]
+
+
+CKPT_STEP = MetricSpec("trainwarden_train_last_checkpoint_step", "test", labelnames=("job", "rank"))
+
+
+def _checkpoint_at(store: Store, step: int) -> None:
+    now = time.time()
+    store.replace("training", [CKPT_STEP.sample(step, job="toy", rank=r) for r in ("0", "1")], now)
+
+
+def test_nan_restart_refused_when_newest_checkpoint_is_past_the_first_bad_step(tmp_path: Path) -> None:
+    """A checkpoint saved at or after the first NaN step may hold the NaN: no restart that would resume
+    from it (and skip a good batch), a failure naming both steps, and the control file left alone."""
+    store = Store()
+    backend = RecordingBackend()
+    healer, _ = _healer(tmp_path, backend, store)
+    _checkpoint_at(store, 299)
+    result = healer.apply(_action("nonfinite", first_step=293.0, last_step=301.0), dry_run=False)
+    assert result.outcome is ActionOutcome.FAILED
+    assert "newest checkpoint (step 299)" in result.detail
+    assert "first non-finite step 293" in result.detail
+    assert backend.calls == []
+    assert not control_path(tmp_path / "run" / "control", "toy").exists()
+    dry = healer.apply(_action("nonfinite", key="k2", first_step=293.0), dry_run=True)
+    assert dry.outcome is ActionOutcome.DRY_RUN
+    assert dry.detail.startswith("would not restart: will not restart job toy")
+
+
+def test_nan_restart_goes_ahead_from_a_checkpoint_before_the_bad_step(tmp_path: Path) -> None:
+    """With the newest checkpoint older than the first NaN step, the job is restarted and skips exactly
+    the first bad batch, whatever later steps the finding reports."""
+    store = Store()
+    backend = RecordingBackend()
+    healer, _ = _healer(tmp_path, backend, store)
+    _checkpoint_at(store, 290)
+    result = healer.apply(_action("nonfinite", first_step=293.0, last_step=301.0, step=301.0), dry_run=False)
+    assert result.outcome is ActionOutcome.APPLIED, result.detail
+    assert read_control(control_path(tmp_path / "run" / "control", "toy")).skip_batches == ((293, 293),)
+    assert len(backend.calls) == 1
+
+
+def test_dry_run_that_cannot_act_is_not_a_failure(tmp_path: Path) -> None:
+    """Observe-only on a daemon that supervises nothing reports what it would not do, never a failure
+    (failures open the circuit breaker)."""
+    context = HealerContext(runtime_dir=tmp_path, state_dir=tmp_path)
+    healer = CheckpointRestartHealer(CheckpointRestartOptions(), context)
+    result = healer.apply(_action("nonfinite", first_step=3.0), dry_run=True)
+    assert result.outcome is ActionOutcome.DRY_RUN
+    assert "trainwarden run" in result.detail

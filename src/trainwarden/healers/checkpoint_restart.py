@@ -5,9 +5,10 @@ Three paths, picked by the rule behind the action:
 - a healthy-but-bad job (spike, throughput drop, …): write a checkpoint request into the control
   file, wait (bounded) until every local rank reported a checkpoint newer than the request, then
   restart; on timeout restart anyway from the older checkpoint and say so;
-- non-finite loss or grad norm: restart *without* a new checkpoint (the newest one predates the
-  NaN; the client never saves non-finite parameters) and write `skip_batches` around the first bad
-  step into the control file, so the resumed job steps over the batch that produced it;
+- non-finite loss or grad norm: restart *without* a new checkpoint and write `skip_batches` around
+  the first bad step (from the finding's evidence, whenever the action runs) into the control
+  file, so the resumed job steps over the batch that produced it. Refused, with the reason, when
+  the job's newest reported checkpoint is at or after that step: it may hold the bad state;
 - a hung or vanished job (stall, collective_stuck, process_gone, process_exit): no request can be
   answered; capture every rank's stacks (`trainwarden.stacks`) and trigger NCCL's flight recorder
   where configured, then kill and restart.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,7 @@ from trainwarden.stacks import capture_stacks, trigger_flight_recorder
 log = logging.getLogger(__name__)
 
 LAST_CHECKPOINT_TS = "trainwarden_train_last_checkpoint_timestamp_seconds"
+LAST_CHECKPOINT_STEP = "trainwarden_train_last_checkpoint_step"
 # restart_unanswered: a restarted job that never stepped again is hung (in set-up), not checkpointable
 HANG_RULES = ("stall", "collective_stuck", "process_gone", "process_exit", "restart_unanswered")
 SKIP_RULES = ("nonfinite",)
@@ -170,20 +173,26 @@ class CheckpointRestartHealer(Healer):
 
     # --- apply ----------------------------------------------------------------------------------
 
-    def apply(self, action: Action, *, dry_run: bool) -> ActionResult:  # noqa: PLR0911 - one return per checked state
+    def apply(self, action: Action, *, dry_run: bool) -> ActionResult:  # noqa: C901, PLR0911 - one return per checked state
         """Checkpoint (or capture stacks, or mark batches to skip), then restart."""
         job = action.subject.get("job", "")
         rule = str(action.params.get("rule", ""))
+        # a dry run that could not act has not failed: it tried nothing (and opens no breaker)
+        cannot = ActionOutcome.DRY_RUN if dry_run else ActionOutcome.FAILED
+        prefix = "would not restart: " if dry_run else ""
         if not job:
-            return ActionResult(ActionOutcome.FAILED, "the finding names no job to restart")
+            return ActionResult(cannot, f"{prefix}the finding names no job to restart")
         backend = self.backend()
         if backend is None:
             why = 'backend "supervise" needs `trainwarden run` (no supervised child in this daemon)'
-            return ActionResult(ActionOutcome.FAILED, why)
+            return ActionResult(cannot, f"{prefix}{why}")
         stale = self._stale(action, backend, job)
         if stale:
             return ActionResult(ActionOutcome.NOOP, stale)
         mode = self._mode(rule)
+        unsafe = self._unsafe_checkpoint(job, action) if mode == "skip" else ""
+        if unsafe:
+            return ActionResult(cannot, f"{prefix}{unsafe}", {"job": job, "mode": mode})
         if dry_run:
             return ActionResult(
                 ActionOutcome.DRY_RUN, f"would {mode} and restart job {job} via {backend.name}"
@@ -263,6 +272,31 @@ class CheckpointRestartHealer(Healer):
             return False
         stamp = store.value(LAST_CHECKPOINT_TS, job=job, rank=str(rank))
         return stamp is not None and stamp >= since
+
+    def _unsafe_checkpoint(self, job: str, action: Action) -> str:
+        """Why restarting would resume the job from a checkpoint taken at or after its first bad step, or ''.
+
+        The daemon knows the step of each rank's last checkpoint record; a checkpoint saved at or
+        after the first non-finite step may hold the bad state (a client that checks before saving
+        never reports one, but that is not relied on). Resuming from it would repeat the fault and
+        skip a good batch, so the restart is refused with the reason, and the policy alerts.
+        """
+        first = action.params.get("first_step", action.params.get("step"))
+        store = self.context.store
+        if not isinstance(first, float | int) or store is None:
+            return ""
+        saved = [
+            series.value
+            for series in store.find(LAST_CHECKPOINT_STEP)
+            if dict(series.labels).get("job") == job and math.isfinite(series.value)
+        ]
+        if not saved or max(saved) < first:
+            return ""
+        return (
+            f"will not restart job {job}: its newest checkpoint (step {max(saved):.0f}) is at or after "
+            f"the first non-finite step {first:.0f} and may hold the bad state; resuming from it would "
+            f"repeat the fault. Resume the job by hand from a checkpoint older than step {first:.0f}"
+        )
 
     def _mark_skip(self, job: str, action: Action) -> dict[str, str | float | int | bool]:
         first = action.params.get("first_step", action.params.get("step"))
