@@ -243,3 +243,15 @@ def test_listen_accepts_the_forms_people_use() -> None:
         text = f"[daemon]\nlisten = '{listen}'\n[webhook]\nenabled = false\n"
         config = load_config_text(text, plugin_groups())
         assert config.daemon.listen == listen
+
+
+def test_a_flag_that_needs_a_webhook_token_is_refused_like_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--listen 0.0.0.0:...` without a webhook token exits 78 at start, as the same key in the file would."""
+    config = tmp_path / "config.toml"
+    config.write_text("[policy]\nactions_enabled = false\n")
+    assert cli.main(["daemon", "--config", str(config), "--listen", "0.0.0.0:0"]) == cli.EX_CONFIG
+    err = capsys.readouterr().err
+    assert "with the command-line flags" in err
+    assert "[webhook] token_file: required when daemon.listen (0.0.0.0) is not loopback" in err

@@ -419,8 +419,6 @@ def config_from_dict(data: Mapping[str, Any], groups: PluginGroups, source: str 
     paths = build_dataclass(PathsConfig, table("paths"), "paths", problems)
     policy = build_dataclass(PolicyConfig, table("policy"), "policy", problems)
     webhook = build_dataclass(WebhookConfig, table("webhook"), "webhook", problems)
-    with contextlib.suppress(ValueError):  # a bad listen is reported by DaemonConfig already
-        problems.extend(listen_problems(webhook, parse_listen(daemon.listen)[0]))
     plugins: dict[str, Mapping[str, PluginOptions]] = {}
     for group, registry in groups.items():
         given = table(group)
@@ -438,14 +436,28 @@ def config_from_dict(data: Mapping[str, Any], groups: PluginGroups, source: str 
                 plugin_table = {}
             options[name] = build_dataclass(options_cls, plugin_table, section, problems)
         plugins[group] = types.MappingProxyType(options)
-    if "healers" in groups:  # the policy may name only registered healers, as it checks at start
-        problems.extend(policy.healer_problems(groups["healers"]))
-    if problems:
-        raise ConfigError(problems, source)
     plugins_view = types.MappingProxyType(plugins)
-    return Config(
+    config = Config(
         daemon=daemon, paths=paths, plugins=plugins_view, policy=policy, source=source, webhook=webhook
     )
+    problems.extend(whole_config_problems(config, groups))
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def whole_config_problems(config: Config, groups: PluginGroups) -> list[ConfigProblem]:
+    """Checks that span sections, which start-up would otherwise be the first to fail.
+
+    The daemon runs them again after its command-line overrides (`--listen 0.0.0.0:9871` can
+    make a token necessary), so a flag cannot start what check-config would refuse.
+    """
+    problems: list[ConfigProblem] = []
+    with contextlib.suppress(ValueError):  # a bad listen is reported by DaemonConfig already
+        problems.extend(listen_problems(config.webhook, parse_listen(config.daemon.listen)[0]))
+    if "healers" in groups:  # the policy may name only registered healers, as it checks at start
+        problems.extend(config.policy.healer_problems(groups["healers"]))
+    return problems
 
 
 def default_config(groups: PluginGroups) -> Config:

@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 from trainwarden import __version__
 from trainwarden.collectors import collector_classes
 from trainwarden.collectors.base import Collector, CollectorContext, PidOwners
-from trainwarden.config import CollectorOptions, Config, default_config, load_config, parse_listen
+from trainwarden.config import (
+    CollectorOptions,
+    Config,
+    default_config,
+    load_config,
+    parse_listen,
+    whole_config_problems,
+)
 from trainwarden.daemon.exporter import make_registry
 from trainwarden.daemon.http import HttpServer, Request, Response, Routes, metrics_handler
 from trainwarden.daemon.scheduler import CollectorScheduler, ExtraJob
@@ -90,8 +97,11 @@ class Overrides:
 def load(path: Path | None, overrides: Overrides = Overrides()) -> Config:
     """Read `path` (or the safe defaults when None) and apply the overrides; raises ConfigError."""
     groups = plugin_groups()
-    config = default_config(groups) if path is None else load_config(path, groups)
-    return overrides.apply(config)
+    config = overrides.apply(default_config(groups) if path is None else load_config(path, groups))
+    problems = whole_config_problems(config, groups)
+    if problems:
+        raise ConfigError(problems, f"{config.source} with the command-line flags")
+    return config
 
 
 @dataclasses.dataclass(frozen=True)
