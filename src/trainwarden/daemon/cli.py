@@ -473,6 +473,13 @@ def run_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_preflight(subparsers: Subparsers) -> None:
+    """`trainwarden preflight`: check this node before a job starts (daemon/preflight_cli.py)."""
+    from trainwarden.daemon.preflight_cli import add_preflight as add  # noqa: PLC0415 - lazy
+
+    add(subparsers)
+
+
 COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_daemon,
     add_check_config,
@@ -481,6 +488,7 @@ COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_run,
     add_demo,
     add_install,
+    add_preflight,
 )
 """Every subcommand; adding one is a function above and one line here."""
 
