@@ -88,18 +88,14 @@ def test_reporter_registers_a_stack_file_and_can_opt_out(tmp_path: Path) -> None
 
 
 # A launcher-like parent whose worker (in a session of its own, as torchrun starts it) reports under a
-# job name of its own choosing, then idles; the worker's pid goes to argv[1].
+# job name of its own choosing, then idles.
 NAMED_TREE = """
 import subprocess, sys
-worker = '''
-import sys, time
-from trainwarden.client.reporter import Reporter
-reporter = Reporter.from_env(job="mine")
-with open(sys.argv[1], "a") as f:
-    f.write(f"{__import__('os').getpid()}\\\\n")
-time.sleep(600)
-'''
-child = subprocess.Popen([sys.executable, "-c", worker, sys.argv[1]], start_new_session=True)
+worker = (
+    "import time; from trainwarden.client.reporter import Reporter; "
+    "reporter = Reporter.from_env(job='mine'); time.sleep(600)"
+)
+child = subprocess.Popen([sys.executable, "-c", worker], start_new_session=True)
 child.wait()
 """
 
@@ -109,9 +105,8 @@ def test_supervisor_recognises_its_ranks_by_ancestry_whatever_job_they_name(tmp_
     another process tree is refused with the reason, and the restarted tree's ranks are forgotten."""
     with running_collector(tmp_path / "run") as collector:
         env = {**os.environ, "TRAINWARDEN_SOCKET": str(collector.socket_path)}
-        pids = tmp_path / "pids"
         sup = Supervisor(
-            [sys.executable, "-c", NAMED_TREE, str(pids)],
+            [sys.executable, "-c", NAMED_TREE],
             job="python",
             env=env,
             ranks=collector.processes,
