@@ -3,6 +3,11 @@
 Each collector, rule and healer declares its own options dataclass next to its code; the loader
 validates `[collectors.NAME]`, `[rules.NAME]` and `[healers.NAME]` tables against them, so a new
 plugin brings its config with it and nothing here changes.
+
+This loader is the one validation check-config, start-up and SIGHUP share. Beyond each class's
+own `problems()`, it holds every value to what the daemon can run: numbers finite, integers
+(counts, sizes, ids) between 0 and 2**63-1, durations (`*_seconds`, `*_ms`) at most ten years;
+each problem is named by its key path inside its section (`[rules.threshold] checks[0].for_seconds`).
 """
 
 from __future__ import annotations
