@@ -3,6 +3,7 @@ an agent, systemd and command through the safe command runner (fake programs rec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import stat
 import sys
@@ -127,6 +128,44 @@ def test_torchrun_backend_refuses_workers_without_an_agent() -> None:
         proc.wait(10)
 
 
+# An agent-like parent (its command line names torch.distributed.run, as torchrun's does) that restarts
+# its worker whenever it dies and appends each worker's pid to argv[1].
+AGENT = """
+import subprocess, sys, time
+while True:
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    with open(sys.argv[1], "a") as f:
+        f.write(f"{worker.pid}\\n")
+    worker.wait()
+"""
+
+
+def test_torchrun_backend_kills_the_remembered_agents_workers_when_none_said_hello(tmp_path: Path) -> None:
+    """After a restart the agent's new workers may hang before any hello: a second restart of the job kills
+    the workers that agent runs now instead of finding nothing to kill."""
+    out = tmp_path / "workers"
+    agent = psutil.Popen([sys.executable, "-c", AGENT, str(out), "torch.distributed.run"])
+    try:
+        first = int(_lines(out, 1)[0][0])
+        known = [RankProcess("toy", 0, 0, first)]
+        backend = TorchrunBackend(lambda job: list(known))
+        result = backend.restart("toy", "hang", key="k1")
+        assert result.outcome is ActionOutcome.APPLIED, result.detail
+        assert f"agent(s) [{agent.pid}]" in result.detail
+        second = int(_lines(out, 2)[1][0])
+        known.clear()  # the daemon forgot the old ranks; the new worker never said hello
+        again = backend.restart("toy", "restart_unanswered", key="k2")
+        assert again.outcome is ActionOutcome.APPLIED, again.detail
+        assert not psutil.pid_exists(second) or psutil.Process(second).status() == psutil.STATUS_ZOMBIE
+        assert int(_lines(out, 3)[2][0]) not in {first, second}
+    finally:
+        agent.kill()
+        agent.wait(10)
+        for row in _lines(out, 1):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(int(row[0])).kill()
+
+
 def _recorder(tmp_path: Path, name: str, exit_code: int = 0) -> tuple[Path, Path]:
     record = tmp_path / f"{name}.args"
     program = tmp_path / name
@@ -224,6 +263,10 @@ def test_restart_watch_fires_when_the_job_is_not_back_and_resolves_when_it_is() 
     assert watch.deadline_for("mine") == 42.0
     assert watch.deadline_for("other") == 10.0
     assert RestartWatch(DeadlineOptions(fixed_seconds=5.0)).deadline_for("mine") == 5.0
+    assert not watch.knows_startup("first")
+    watch.observe_startup("first", 50.0)  # trainwarden run: the child's start to its first step
+    assert watch.knows_startup("first")
+    assert watch.deadline_for("first") == 150.0
 
 
 def test_restart_watch_is_quiet_for_a_job_back_in_time() -> None:

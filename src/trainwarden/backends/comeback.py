@@ -9,8 +9,8 @@ on the job; the policy walks its ladder from there (another restart, the next ru
 with an alert), and the finding resolves when the job is back.
 
 The bound is `restart_deadline_seconds` when set, else `restart_deadline_factor` times the longest
-start-up time this job has shown after an earlier restart, never below
-`restart_deadline_floor_seconds` (the first restart has nothing to learn from: the floor).
+start-up time this job has shown (after an earlier restart, or, under `trainwarden run`, from the
+child's start to its first step), never below `restart_deadline_floor_seconds`.
 """
 
 from __future__ import annotations
@@ -92,6 +92,16 @@ class RestartWatch:
                     self._last[job] = self._summary(exp, "overdue", now)
                     out.append(self._finding(exp, FindingState.FIRING, now))
         return out
+
+    def observe_startup(self, job: str, seconds: float) -> None:
+        """A start-up seen outside a restart (the first start of `trainwarden run`'s child)."""
+        if seconds >= 0:
+            with self._lock:
+                self._learn(job, seconds)
+
+    def knows_startup(self, job: str) -> bool:
+        """True once a start-up time of `job` was observed."""
+        return job in self._startup
 
     def _learn(self, job: str, seconds: float) -> None:
         if job not in self._startup and len(self._startup) >= MAX_JOBS:

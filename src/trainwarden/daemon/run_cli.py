@@ -28,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 
 from trainwarden.backends.base import RankProcess
+from trainwarden.backends.comeback import last_step_at
 from trainwarden.backends.supervise import Supervisor
 from trainwarden.client.identity import JOB_ENV, safe_job_name
 from trainwarden.client.interrupt import EXIT_CHECKPOINTED
@@ -147,6 +148,7 @@ class _Run:
                 if code is None:
                     # learn the names the child's ranks gave themselves while their pids exist
                     self.supervisor.supervised_jobs()
+                    self._learn_startup()
                     continue
                 self._event(
                     EventKind.CHILD_EXITED, f"job {self.job} exited with status {code}", exit_code=code
@@ -187,6 +189,16 @@ class _Run:
                 return False
             self.stopping.wait(1.0)
         return False
+
+    def _learn_startup(self) -> None:
+        """The child's first start-up (start to first step) sets the bound a restart must be back in."""
+        job = self._reported_job()
+        watch = self.healing.restarts
+        if watch.knows_startup(job):
+            return
+        stepped = last_step_at(self.daemon.store, self.healing.context.jobs, job)
+        if stepped is not None and stepped >= self.supervisor.started_at:
+            watch.observe_startup(job, stepped - self.supervisor.started_at)
 
     def _reported_job(self) -> str:
         """The name the child's ranks report (`Reporter.from_env(job=...)`) when it is one, else the run's.
