@@ -27,6 +27,7 @@ COLLECTOR_MODULES: tuple[str, ...] = (
     "trainwarden.collectors.infiniband",
     "trainwarden.collectors.nccl_inspector",
     "trainwarden.collectors.nccl_ras",
+    "trainwarden.preflight.collector",
 )
 
 
