@@ -20,7 +20,7 @@ from trainwarden.healers.policy import Policy, classify, validate_healer_names
 from trainwarden.healers.policy_config import PolicyConfig
 from trainwarden.incidents import IncidentWriter
 from trainwarden.journal import Decision, Journal
-from trainwarden.model import Finding, FindingState, Severity
+from trainwarden.model import Finding, FindingState, MetricSpec, Severity
 from trainwarden.plugins import plugin_groups
 from trainwarden.store import Store
 
@@ -57,7 +57,9 @@ class Rig:
     healers: dict[str, Healer] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        context = HealerContext(runtime_dir=self.tmp / "run", state_dir=self.tmp / "state", clock=lambda: 0.0)
+        context = HealerContext(
+            runtime_dir=self.tmp / "run", state_dir=self.tmp / "state", clock=lambda: 0.0, store=self.store
+        )
         self.clip = ClipHealer(ClipOptions(), context)
         self.restart = ScriptedHealer("checkpoint_restart")
         self.drain = ScriptedHealer("drain")
@@ -172,6 +174,7 @@ def test_spike_is_only_observed_by_default(rig: Rig) -> None:
 def test_recurring_fault_escalates_instead_of_repeating(rig: Rig) -> None:
     """With the default one attempt per rung, a fault recurring after each action took effect climbs
     clip -> checkpoint_restart -> gives up, each step journaled with the evidence that justified it."""
+    rig.healers["clip"] = ScriptedHealer("clip")  # in effect when applied
     policy = rig.policy(actions_enabled=True, cooldown_seconds=5)
     results = [(o.healer, o.result) for t in (0.0, 6.0, 12.0, 18.0) for o in policy.tick(t, [spike(t)])]
     assert results == [("clip", "applied"), ("checkpoint_restart", "applied"), ("none", "gave_up")]
@@ -185,6 +188,7 @@ def test_recurring_fault_escalates_instead_of_repeating(rig: Rig) -> None:
 def test_flapping_fault_escalates_then_gives_up(rig: Rig) -> None:
     """A fault re-firing every few seconds climbs clip -> checkpoint_restart -> gives up and alerts once,
     then stays quiet instead of looping."""
+    rig.healers["clip"] = ScriptedHealer("clip")  # in effect when applied
     policy = rig.policy(actions_enabled=True, cooldown_seconds=5, attempts_per_rung=2)
     results = []
     for i in range(12):
@@ -266,6 +270,31 @@ def test_persisting_after_the_action_took_effect_escalates(rig: Rig) -> None:
     assert entry is not None
     assert entry.reason.startswith("escalating: spike persisted 13s after clip took effect")
     assert len(clip.calls) == 1
+
+
+def test_clip_takes_effect_when_the_job_acknowledges_it(rig: Rig) -> None:
+    """With the real clip healer, spikes while the job has not acknowledged the tightened clipping are no
+    evidence against it; a spike after the job reports running with it escalates."""
+    policy = rig.policy(actions_enabled=True)
+    policy.tick(0.0, [spike(0.0)])
+    assert policy.tick(20.0, [spike(0.0, observed=18.0)]) == []  # written, not acknowledged
+    in_use = MetricSpec("trainwarden_train_clip_z_threshold", "t", labelnames=("job", "rank"))
+    rig.store.replace("training", [in_use.sample(2.0, 25.0, job="toy", rank="0")], 25.0)
+    assert policy.tick(26.0, [spike(0.0, observed=24.0)]) == []  # seen before the acknowledgement
+    outcomes = policy.tick(40.0, [spike(0.0, observed=39.0)])
+    assert [(o.healer, o.result) for o in outcomes] == [("checkpoint_restart", "applied")]
+    assert outcomes[0].finding.summary in rig.restart.calls[0][0].reason
+    assert rig.restart.calls[0][0].reason.startswith("escalating: spike persisted 14s after clip took effect")
+
+
+def test_clip_never_acknowledged_escalates_after_the_cooldown(rig: Rig) -> None:
+    """A job that never reads its control file (plain clip_grad_norm_) keeps spiking: once the clip action
+    is still not in effect a cooldown after it was written, the spike persisting past that escalates."""
+    policy = rig.policy(actions_enabled=True, cooldown_seconds=30)
+    policy.tick(0.0, [spike(0.0)])
+    assert policy.tick(20.0, [spike(0.0, observed=19.0)]) == []
+    outcomes = policy.tick(40.0, [spike(0.0, observed=35.0)])
+    assert [(o.healer, o.result) for o in outcomes] == [("checkpoint_restart", "applied")]
 
 
 def test_nan_recurring_after_its_restart_gives_up_with_the_reason(rig: Rig) -> None:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 LAST_ACTION_KEY = "trainwarden_clip_action"
 CLIP_IN_USE = "trainwarden_train_clip_z_threshold"
+MAX_REMEMBERED = 1024  # acknowledged action keys kept for took_effect
 ACKNOWLEDGED = MetricSpec(
     "trainwarden_clip_acknowledged",
     "1 once every reporting rank of the job runs with the z-threshold the clip healer last wrote; "
@@ -79,6 +80,7 @@ class ClipHealer(Healer):
     def __init__(self, options: PluginOptions, context: HealerContext) -> None:
         super().__init__(options, context)
         self._written: dict[str, float] = {}  # job -> z_threshold last written
+        self._acked_at: dict[str, float] = {}  # action key -> when its acknowledgement was first seen
 
     def acknowledged(self, job: str, z_threshold: float) -> bool:
         """Whether the job's ranks report running with `z_threshold` (all that report; at least one)."""
@@ -87,6 +89,33 @@ class ClipHealer(Healer):
             return False
         reported = [s.value for s in store.find(CLIP_IN_USE) if dict(s.labels).get("job") == job]
         return bool(reported) and all(abs(value - z_threshold) < 1e-9 for value in reported)
+
+    def took_effect(self, action: Action, applied_at: float) -> float | None:
+        """When the job was first seen running with this action's settings; None until it is.
+
+        The policy's hook (`Healer.took_effect`): a spike observed before the job runs with the
+        new clipping says nothing about it. An action since superseded in the control file (a
+        later clip action, a removed file) counts as in effect when it was applied.
+        """
+        if action.key in self._acked_at:
+            return self._acked_at[action.key]
+        job = action.subject.get("job", "")
+        try:
+            path = self.control_file(job)
+            state = read_control(path) if path.exists() else None
+        except ControlFileError:
+            return applied_at
+        if state is None or state.clip is None or state.extra.get(LAST_ACTION_KEY) != action.key:
+            return applied_at
+        if not self.acknowledged(job, state.clip.z_threshold):
+            return None
+        store = self.context.store
+        reports = store.find(CLIP_IN_USE) if store is not None else []
+        seen = [s.timestamp for s in reports if dict(s.labels).get("job") == job]
+        if len(self._acked_at) >= MAX_REMEMBERED:
+            del self._acked_at[next(iter(self._acked_at))]
+        self._acked_at[action.key] = max([applied_at, *seen])
+        return self._acked_at[action.key]
 
     def samples(self) -> list[Sample]:
         """`trainwarden_clip_acknowledged{job}` for each job this healer wrote clipping settings for."""

@@ -391,7 +391,7 @@ class Policy:
             return 0, ""
         observed = observed_at(finding)
         latest = incident[-1]
-        effect = self._effect_time(latest)
+        effect = self._effect_time(latest, now)
         if effect is None or observed <= effect:
             if any(e.finding_key == key for e in incident):
                 return None
@@ -400,7 +400,7 @@ class Policy:
             return f"observed before {latest.healer} (acted at {latest.time:.0f}) took effect"
         same = [e for e in incident if e.finding_key == key or e.rule == finding.rule]
         for entry in reversed(same):
-            entry_effect = self._effect_time(entry)
+            entry_effect = self._effect_time(entry, now)
             if entry_effect is None:
                 continue
             later = observed - entry_effect
@@ -417,8 +417,13 @@ class Policy:
         del now
         return 0, ""
 
-    def _effect_time(self, entry: Entry) -> float | None:
-        """When a journaled action took effect (its healer says), None while pending or not yet."""
+    def _effect_time(self, entry: Entry, now: float) -> float | None:
+        """When a journaled action took effect (its healer says), None while pending or not yet.
+
+        An action still not in effect `cooldown_seconds` after it was applied (clipping the job
+        never acknowledges) counts as in effect from then: a fault persisting past that bound
+        escalates instead of waiting for ever.
+        """
         if entry.result == "pending":
             return None
         done = entry.finished if entry.finished is not None else entry.time
@@ -435,10 +440,14 @@ class Policy:
             params={"rule": entry.rule},
         )
         try:
-            return healer.took_effect(action, done)
+            effect = healer.took_effect(action, done)
         except Exception:
             log.exception("healer %s: took_effect failed on %s", entry.healer, action.key)
             return done
+        bound = done + self.config.cooldown_seconds
+        if effect is None and now >= bound:
+            return bound
+        return effect
 
     def _ladder_of_entry(self, entry: Entry) -> tuple[str, ...]:
         if entry.rule == RELAX_RULE:
