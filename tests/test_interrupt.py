@@ -253,6 +253,31 @@ def test_sigterm_while_the_main_thread_is_blocked_in_c_exits_75_by_the_watcher()
     assert "UNREACHED" not in rest
 
 
+# A process in setup forks a child (as a DataLoader does) that gets a SIGTERM of its own; the parent waits
+# past the watcher's grace period and must still be alive.
+FORKED_CHILD_SIGNALLED = """
+import os, signal, time
+from trainwarden.client.interrupt import PlannedInterrupt
+guard = PlannedInterrupt((signal.SIGTERM,)).install()
+pid = os.fork()
+if pid == 0:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os._exit(1)  # not reached: the handler exits 75
+_, status = os.waitpid(pid, 0)
+print("CHILD", os.waitstatus_to_exitcode(status), flush=True)
+time.sleep(guard.exit_grace_seconds * 2)
+print("PARENT ALIVE", flush=True)
+"""
+
+
+def test_a_forked_childs_signal_does_not_end_its_parent() -> None:
+    """A forked child's SIGTERM ends the child (75) and never wakes the parent's watcher."""
+    proc = _start(FORKED_CHILD_SIGNALLED)
+    assert proc.wait(60) == 0
+    assert proc.stdout is not None
+    assert proc.stdout.read().split("\n")[:2] == ["CHILD 75", "PARENT ALIVE"]
+
+
 @pytest.mark.slow
 def test_sigterm_to_a_rank_stuck_in_checkpoint_manager_init_exits_75(tmp_path: Path) -> None:
     """A rank blocked in C inside CheckpointManager.__init__ (its peer never joins) leaves with 75 on

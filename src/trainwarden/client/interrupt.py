@@ -156,6 +156,7 @@ class PlannedInterrupt:
 
     def should_stop(self) -> bool:
         """Local view of this rank: a signal arrived or a new stop request was seen (no agreement)."""
+        self._arm()  # a loop that polls this is running: a signal now waits for the loop to stop
         return self._signal is not None or self._new_request(self._last_control, "stop") is not None
 
     # --- the boundary -------------------------------------------------------------------------
@@ -166,11 +167,7 @@ class PlannedInterrupt:
         Between sync points (every `sync_every` steps) nothing is decided, so all ranks act at
         the same step. Request ids acted upon are marked handled before returning.
         """
-        if not self._armed:
-            self._armed = True
-            if self._watch is not None:
-                self._watch.stop()  # no longer needed: the loop itself will stop at a boundary
-                self._watch = None
+        self._arm()
         state = self._poll()
         if step % self.sync_every != 0:
             return Boundary(control=state)
@@ -187,6 +184,14 @@ class PlannedInterrupt:
         log.warning("step %d: %s", step, reason)
         stop = flags[0] or flags[1]
         return Boundary(checkpoint=True, stop=stop, reason=reason, control=state)
+
+    def _arm(self) -> None:
+        if self._armed:
+            return
+        self._armed = True
+        if self._watch is not None:
+            self._watch.stop()  # no longer needed: the loop itself stops at a boundary
+            self._watch = None
 
     def exit(self) -> NoReturn:
         """Leave with `exit_code` (raises SystemExit, so finally blocks and atexit still run)."""
@@ -308,6 +313,11 @@ class _SignalWatch:
             log.info("trainwarden: signal.set_wakeup_fd is in use; no signal watcher during setup")
             return None
         watch = cls(guard, reader, writer, old)
+        _WATCH_FDS.add(writer.fileno())
+        global _AT_FORK_REGISTERED  # noqa: PLW0603 - one registration per process
+        if not _AT_FORK_REGISTERED:
+            os.register_at_fork(after_in_child=_forget_wakeup_in_child)
+            _AT_FORK_REGISTERED = True
         watch._thread.start()
         return watch
 
@@ -334,12 +344,28 @@ class _SignalWatch:
     def stop(self) -> None:
         """Give the wakeup fd back and end the thread (callable from the main thread only)."""
         self._stopped.set()
+        mine = self._writer.fileno()
         with contextlib.suppress(ValueError):
-            signal.set_wakeup_fd(self._old)
+            current = signal.set_wakeup_fd(self._old)
+            if current != mine:  # set by someone else since: theirs stays
+                signal.set_wakeup_fd(current)
+        _WATCH_FDS.discard(mine)
         self._writer.close()  # the reader sees EOF
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=1.0)
         self._reader.close()
+
+
+_WATCH_FDS: set[int] = set()
+_AT_FORK_REGISTERED = False
+
+
+def _forget_wakeup_in_child() -> None:
+    """A forked child (a DataLoader worker) must not wake its parent's watcher with its own signals."""
+    with contextlib.suppress(ValueError, OSError):
+        current = signal.set_wakeup_fd(-1)
+        if current not in _WATCH_FDS:
+            signal.set_wakeup_fd(current)
 
 
 def _setup_distributed() -> tuple[bool, Any]:
