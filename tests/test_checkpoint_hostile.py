@@ -248,3 +248,11 @@ def test_async_save_also_refuses_and_a_buffer_with_inf_is_allowed(tmp_path: Path
     assert manager.wait() is None
     assert [p.name for p in manager.checkpoints()] == ["step_0000000001"]
     assert manager.validate(tmp_path / "step_0000000001").metric is None
+
+
+def test_large_finite_values_are_saved_even_when_their_norm_overflows(tmp_path: Path) -> None:
+    """Finite values whose norm overflows (1e20 in float32, 60000 in float16) are not mistaken for Inf."""
+    manager = CheckpointManager(tmp_path)
+    state = {"big": torch.full((4,), 1e20), "half": torch.full((3,), 60000.0, dtype=torch.float16)}
+    assert manager.save(1, state) == tmp_path / "step_0000000001"
+    assert manager.refused_saves == 0

@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import math
+import operator
 import os
 import re
 import shutil
@@ -188,15 +189,20 @@ class CheckpointManager:
         a thread; a previous save still in flight is waited for first (never two at once).
         `data_position`, `local` and `extras` must be JSON-able.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
-            raise ValueError(f"step={step!r} must be an integer in [0, {MAX_STEP}]")
+        given = step
+        try:  # numpy and 0-d integer tensors are fine; a bool or a float is a bug in the caller
+            step = -1 if isinstance(step, bool) else operator.index(step)
+        except TypeError:
+            step = -1
+        if not 0 <= step <= MAX_STEP:
+            raise ValueError(f"step={given!r} must be an integer in [0, {MAX_STEP}]")
+        self._join()  # first: the check below is a collective on the group the writer thread uses
         refusal = self._nonfinite_refusal(step, state)
         if refusal is not None:
             self.refused_saves += 1
             self.last_refusal = refusal
             log.error("checkpoint not saved: %s", refusal)
             return None
-        self._join()
         final = self.root / f"step_{step:010d}"
         with self._phase():
             started = time.monotonic()
