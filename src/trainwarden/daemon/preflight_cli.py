@@ -131,7 +131,7 @@ def preflight_main(options: PreflightOptions, *, as_json: bool, record: bool, dr
     """Run the preflight with `options`; 0 healthy, 1 not (reasons on stderr)."""
     from trainwarden.preflight.runner import run_preflight  # noqa: PLC0415 - lazy
 
-    logging.getLogger("trainwarden").setLevel(logging.ERROR)  # the report says it; no collector chatter
+    logging.getLogger("trainwarden").setLevel(logging.CRITICAL)  # the report says it all; no collector logs
     report = run_preflight(options)
     document = report.as_dict()
     if as_json:
