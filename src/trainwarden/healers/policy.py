@@ -2,14 +2,15 @@
 
 For each firing finding it classifies the interruption (transient: retry in place; persistent:
 the node or GPU is bad; planned: checkpoint and exit), picks the escalation ladder (a route for
-the rule, else the ladder of the class), and walks it: each rung gets `attempts_per_rung` tries
-on the same subject per budget window, then the next rung, and past the last rung the policy
-gives up and alerts instead of looping. Around that: a cooldown per subject, a global budget,
-a circuit breaker per healer (consecutive failures), dedupe (a finding key is acted on once per
-cooldown; an action key is never applied twice), and observe-only mode unless enabled.
-
-All of that state is read back from the journal each tick, never kept only in memory, so a
-restarted daemon continues where it stopped instead of repeating an action.
+the rule, else the ladder of the class), and walks it. One fault gets one action: a finding
+observed before the latest action on its job (or the node) took effect (`Healer.took_effect`)
+belongs to that action. Evidence observed after it (the same finding persisting, or the same
+rule again within `recurrence_seconds`) means the action did not work: the rung is retried up to
+`attempts_per_rung` tries, then the ladder climbed, and past the last rung the policy gives up
+and alerts instead of looping; the journal says why. Around that: a cooldown per action kind
+(healer and rule) and job, a global budget, a circuit breaker per healer and job (consecutive
+real failures; dry runs never count), an action key never applied twice, and observe-only mode
+unless enabled.
 """
 
 from __future__ import annotations
