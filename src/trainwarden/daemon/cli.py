@@ -370,6 +370,7 @@ def add_run(subparsers: Subparsers) -> None:
     parser.add_argument("--listen", type=_listen, metavar="HOST:PORT", help="HTTP address for /metrics")
     parser.add_argument("--runtime-dir", type=Path, metavar="DIR", help="socket and control files")
     parser.add_argument("--state-dir", type=Path, metavar="DIR", help="journal, findings, incidents")
+    parser.add_argument("--no-preflight", action="store_true", help="start without checking the node first")
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the job to run")
     parser.set_defaults(func=run_run)
 
@@ -402,6 +403,10 @@ def run_run(args: argparse.Namespace) -> int:
     def show(event: Any) -> None:
         print(f"trainwarden: {event.line()}", file=sys.stderr, flush=True)
 
+    from trainwarden.daemon.preflight_cli import preflight_before_run  # noqa: PLC0415
+
+    if not args.no_preflight and preflight_before_run(config) != 0:
+        return 1
     try:
         return run_job(private_dirs(config), command, on_event=show, job=args.job, handle_signals=True)
     except TrainwardenError as exc:

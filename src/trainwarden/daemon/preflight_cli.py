@@ -19,9 +19,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from trainwarden.preflight.model import GIB, MIB, PreflightOptions
+
+if TYPE_CHECKING:
+    from trainwarden.config import Config
 
 Subparsers = Any  # argparse's _SubParsersAction is private
 EX_UNHEALTHY = 1
@@ -84,35 +87,63 @@ def add_preflight_arguments(parser: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> PreflightOptions:
     """PreflightOptions from the daemon config (if any) and the flags; raises ConfigError."""
     from trainwarden.daemon.app import Overrides, load  # noqa: PLC0415 - lazy
-    from trainwarden.errors import ConfigError, ConfigProblem  # noqa: PLC0415
 
     config = load(args.config, Overrides(state_dir=args.state_dir, procfs=args.procfs, sysfs=args.sysfs))
-    paths = config.paths.host_paths()
-    if args.devfs is not None:
-        paths = replace(paths, devfs=args.devfs)
-    volumes = getattr(config.plugins.get("collectors", {}).get("disk_usage"), "volumes", {})
-    host, _, port = config.daemon.listen.rpartition(":")
-    host = "127.0.0.1" if host in ("", "0.0.0.0", "::", "[::]") else host  # noqa: S104 - we connect, not bind
-    options = PreflightOptions(
-        paths=paths,
-        state_dir=config.daemon.state_dir,
-        node_name=args.node or os.environ.get("SLURMD_NODENAME") or config.daemon.node_name,
+    options = options_from_config(config, node_name=args.node)
+    options = replace(
+        options,
+        paths=options.paths if args.devfs is None else replace(options.paths, devfs=args.devfs),
         timeout_seconds=args.timeout,
         expect_gpus=args.expect_gpus,
-        checkpoint_dir=args.checkpoint_dir or volumes.get("checkpoints"),
+        checkpoint_dir=args.checkpoint_dir or options.checkpoint_dir,
         min_free_bytes=int(args.min_free_gib * GIB),
         write_probe_bytes=int(args.write_probe_mib * MIB),
         min_write_bytes_per_second=args.min_write_mib_per_second * MIB,
         xid_lookback_seconds=args.xid_lookback,
         infiniband_min_rate_gbps=args.infiniband_min_rate_gbps,
-        daemon_url=args.daemon_url or f"http://{host}:{port}",
+        daemon_url=args.daemon_url or options.daemon_url,
     )
+    _check(options)
+    return options
+
+
+def options_from_config(config: Config, node_name: str | None = None) -> PreflightOptions:
+    """Defaults for a node run by `config`: its paths, state dir, daemon address, `checkpoints` volume."""
+    volumes = getattr(config.plugins.get("collectors", {}).get("disk_usage"), "volumes", {})
+    host, _, port = config.daemon.listen.rpartition(":")
+    host = "127.0.0.1" if host in ("", "0.0.0.0", "::", "[::]") else host  # noqa: S104 - we connect, not bind
+    return PreflightOptions(
+        paths=config.paths.host_paths(),
+        state_dir=config.daemon.state_dir,
+        node_name=node_name or os.environ.get("SLURMD_NODENAME") or config.daemon.node_name,
+        checkpoint_dir=volumes.get("checkpoints"),
+        daemon_url=f"http://{host}:{port}",
+    )
+
+
+def _check(options: PreflightOptions) -> None:
+    from trainwarden.errors import ConfigError, ConfigProblem  # noqa: PLC0415 - lazy
+
     problems = options.problems()
     if problems:
         raise ConfigError(
             [ConfigProblem("", f"--{name}", why) for name, why in problems], "trainwarden preflight"
         )
-    return options
+
+
+def preflight_before_run(config: Config) -> int:
+    """`trainwarden run`'s pre-start hook: the default preflight of this node, report on stderr.
+
+    Returns 0 to start the job, 1 to refuse (the reasons printed); skip it with --no-preflight.
+    """
+    options = options_from_config(config)
+    code = preflight_main(options, as_json=False, record=True, drain=False, out=sys.stderr)
+    if code:
+        print(
+            "trainwarden run: preflight failed, the job is not started (--no-preflight skips it)",
+            file=sys.stderr,
+        )
+    return code
 
 
 def run_preflight_command(args: argparse.Namespace) -> int:
@@ -127,18 +158,26 @@ def run_preflight_command(args: argparse.Namespace) -> int:
     return preflight_main(options, as_json=args.json, record=not args.no_record, drain=args.drain)
 
 
-def preflight_main(options: PreflightOptions, *, as_json: bool, record: bool, drain: bool) -> int:
-    """Run the preflight with `options`; 0 healthy, 1 not (reasons on stderr)."""
+def preflight_main(
+    options: PreflightOptions, *, as_json: bool, record: bool, drain: bool, out: TextIO | None = None
+) -> int:
+    """Run the preflight with `options`, report to `out` (stdout); 0 healthy, 1 not (reasons on stderr)."""
     from trainwarden.preflight.runner import run_preflight  # noqa: PLC0415 - lazy
 
-    logging.getLogger("trainwarden").setLevel(logging.CRITICAL)  # the report says it all; no collector logs
-    report = run_preflight(options)
+    logger = logging.getLogger("trainwarden")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)  # the report says it all; no collector logs
+    try:
+        report = run_preflight(options)
+    finally:
+        logger.setLevel(level)
     document = report.as_dict()
+    out = sys.stdout if out is None else out
     if as_json:
-        print(json.dumps(document, indent=2, sort_keys=True))
+        print(json.dumps(document, indent=2, sort_keys=True), file=out)
     else:
         for check in report.checks:
-            print(check.line())
+            print(f"preflight {check.line()}" if out is sys.stderr else check.line(), file=out)
     if record:
         _record(options, document)
     if report.healthy:
