@@ -42,17 +42,31 @@ def attempt_prefix(env: Mapping[str, str] | None = None) -> str:
     return f"{PREFIX}{int(value) if value.isdigit() else 0}"
 
 
+def launcher_rank(env: Mapping[str, str]) -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) from the launcher's environment; ValueError naming them when not integers."""
+    rank, world = env.get("RANK", ""), env.get("WORLD_SIZE", "")
+    if not (rank.isdigit() and world.isdigit() and int(world) > int(rank)):
+        raise ValueError(
+            f"torchrun's RANK and WORLD_SIZE must be integers, RANK < WORLD_SIZE: {rank=!r} {world=!r}"
+        )
+    return int(rank), int(world)
+
+
 def attempt_store(timeout: dt.timedelta | None = None, env: Mapping[str, str] | None = None) -> Any:
     """A client of the agent's store whose keys are prefixed by this attempt; None outside the agent."""
     env = os.environ if env is None else env
     if not uses_agent_store(env):
         return None
+    _, world_size = launcher_rank(env)
+    port = env.get("MASTER_PORT", "")
+    if not env.get("MASTER_ADDR") or not port.isdigit():
+        raise ValueError(f"torchrun's MASTER_ADDR and MASTER_PORT are needed for its store: {port=!r}")
     from torch._C._distributed_c10d import PrefixStore, TCPStore  # noqa: PLC0415 - torch only inside the job
 
     client = TCPStore(
         env["MASTER_ADDR"],
-        int(env["MASTER_PORT"]),
-        int(env["WORLD_SIZE"]),
+        int(port),
+        world_size,
         is_master=False,
         timeout=timeout or DEFAULT_STORE_TIMEOUT,
     )
@@ -69,7 +83,8 @@ def init_process_group(
     """`torch.distributed.init_process_group`, with a store of this attempt's own under torchrun.
 
     Rank and world size come from the launcher's `RANK` and `WORLD_SIZE`; `kwargs` are passed on
-    (e.g. `device_id`). Raises `ValueError` when the environment names no rank or world size.
+    (e.g. `device_id`). Raises `ValueError` naming the variable when the agent's environment lacks
+    a rank, world size or store address.
     """
     env = os.environ if env is None else env
     import torch.distributed as dist  # noqa: PLC0415 - torch only inside the job
@@ -78,8 +93,5 @@ def init_process_group(
     if store is None:
         dist.init_process_group(backend, timeout=timeout, **kwargs)
         return
-    try:
-        rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
-    except (KeyError, ValueError) as exc:
-        raise ValueError(f"torchrun's RANK and WORLD_SIZE must be integers: {exc}") from exc
+    rank, world_size = launcher_rank(env)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
