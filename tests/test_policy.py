@@ -297,6 +297,17 @@ def test_clip_never_acknowledged_escalates_after_the_cooldown(rig: Rig) -> None:
     assert [(o.healer, o.result) for o in outcomes] == [("checkpoint_restart", "applied")]
 
 
+def test_after_giving_up_another_rule_on_the_same_fault_does_not_start_over(rig: Rig) -> None:
+    """Once the policy gave up on a job's ladder (a crash loop seen by process_gone), the same crash
+    reported by another rule (process_exit when the job then exits) is not restarted again."""
+    policy = rig.policy(actions_enabled=True)
+    policy.tick(0.0, [stall(0.0, rule="process_gone")])
+    assert [o.result for o in policy.tick(25.0, [stall(25.0, rule="process_gone")])] == ["gave_up"]
+    exited = Finding("process_exit", {"job": "toy"}, Severity.CRITICAL, "exit 1", since=26.0)
+    assert policy.tick(26.0, [exited]) == []
+    assert len(rig.restart.calls) == 1
+
+
 def test_nan_recurring_after_its_restart_gives_up_with_the_reason(rig: Rig) -> None:
     """A NaN again after the restart that skipped its batch is not restarted again: the default nonfinite
     ladder has one rung, so the policy gives up and alerts, naming the evidence."""

@@ -308,11 +308,13 @@ class Policy:
             e.decision == Decision.GAVE_UP
             and e.dry_run == self._dry_run
             and e.time >= window_start
-            and e.rule == finding.rule
             and scope_of(parse_subject(e.subject)) == scope
+            and self._ladder_of_entry(e) == ladder
             for e in history
         ):
-            return None  # already gave up on this fault in this window, and alerted
+            # already gave up on this job's ladder in this window, and alerted: a crash seen again
+            # by another rule (process_exit after process_gone) must not start it over
+            return None
         plan = self._plan(finding, key, incident, ladder, now)
         if plan is None:
             return None  # one action per episode: nothing new since the last one took effect
