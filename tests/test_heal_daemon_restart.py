@@ -75,7 +75,8 @@ def _wait(what: str, check: Callable[[], object], timeout: float = 40.0, log: Pr
 
 def test_daemon_restarted_mid_action_does_not_repeat_it(tmp_path: Path) -> None:
     """Daemon 1 sees a job's NaN loss and starts a slow restart; killed mid-action and replaced by daemon 2
-    on the same state dir, the still-bad job is refused by the journaled cooldown: one restart command."""
+    on the same state dir, the still-bad job is refused as in progress (the journaled pending action):
+    one restart command."""
     record = tmp_path / "restart-calls"
     script = tmp_path / "restart-job"
     script.write_text(SLOW_RESTART.format(python=sys.executable, record=str(record)), encoding="utf-8")
@@ -103,9 +104,9 @@ def test_daemon_restarted_mid_action_does_not_repeat_it(tmp_path: Path) -> None:
         second = Proc(daemon_cmd, env)
 
         def refused() -> bool:
-            return any(e.result == "cooldown" for e in _journal(tmp_path))
+            return any(e.result == "in_progress" for e in _journal(tmp_path))
 
-        _wait("daemon 2 to see the still-bad job and refuse by cooldown", refused, 60, second)
+        _wait("daemon 2 to see the still-bad job and refuse it as in progress", refused, 60, second)
         entries = _journal(tmp_path)
         assert len([e for e in entries if e.decision == "taken"]) == 1
         assert len(record.read_text().splitlines()) == 1

@@ -436,6 +436,27 @@ def test_action_key_journaled_before_crash_is_not_applied(rig: Rig) -> None:
     assert rig.restart.calls == []
 
 
+def test_action_left_pending_by_a_dead_daemon_is_waited_for_one_cooldown(rig: Rig) -> None:
+    """A restart journaled as pending (the daemon died during it) covers the job's NaN for one cooldown;
+    a NaN still observed after that is evidence, and the one-rung nonfinite ladder gives up."""
+    rig.journal().record(
+        time=0.0,
+        rule="nonfinite",
+        subject="job=toy",
+        finding_key="nonfinite|job=toy|0.000",
+        healer="checkpoint_restart",
+        action_key="nonfinite|job=toy|0.000|checkpoint_restart|0",
+        decision=Decision.TAKEN,
+        result="pending",
+        dry_run=False,
+        reason="x",
+    )
+    policy = rig.policy(actions_enabled=True, cooldown_seconds=60)
+    assert [o.result for o in policy.tick(10.0, [nan(10.0)])] == ["in_progress"]
+    assert [o.result for o in policy.tick(70.0, [nan(65.0)])] == ["gave_up"]
+    assert rig.restart.calls == []
+
+
 def test_unknown_healer_in_config_is_a_config_error(rig: Rig) -> None:
     """Routing a rule to a healer that is not registered is rejected at load time, naming it."""
     with pytest.raises(ConfigError) as info:

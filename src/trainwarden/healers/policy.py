@@ -424,12 +424,13 @@ class Policy:
         """When a journaled action took effect (its healer says), None while pending or not yet.
 
         An action still not in effect `cooldown_seconds` after it was applied (clipping the job
-        never acknowledges) counts as in effect from then: a fault persisting past that bound
-        escalates instead of waiting for ever.
+        never acknowledges, a restart the daemon died during) counts as in effect from then: a
+        fault persisting past that bound escalates instead of waiting for ever.
         """
-        if entry.result == "pending":
-            return None
         done = entry.finished if entry.finished is not None else entry.time
+        bound = done + self.config.cooldown_seconds
+        if entry.result == "pending":  # under way, or the daemon died during it
+            return bound if now >= bound else None
         if entry.result != ActionOutcome.APPLIED.value:
             return done  # a failure, a no-op or a dry run changed nothing there is to wait for
         healer = self._healers.get(entry.healer)
@@ -447,7 +448,6 @@ class Policy:
         except Exception:
             log.exception("healer %s: took_effect failed on %s", entry.healer, action.key)
             return done
-        bound = done + self.config.cooldown_seconds
         if effect is None and now >= bound:
             return bound
         return effect
