@@ -86,9 +86,23 @@ def add_preflight_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> PreflightOptions:
     """PreflightOptions from the daemon config (if any) and the flags; raises ConfigError."""
-    from trainwarden.daemon.app import Overrides, load  # noqa: PLC0415 - lazy
+    if args.config is None:
+        # The defaults need no plugin registry: importing every collector, rule and healer (and
+        # the daemon) to validate an absent file would double a prolog's start-up time.
+        from trainwarden.config import Config  # noqa: PLC0415 - lazy
 
-    config = load(args.config, Overrides(state_dir=args.state_dir, procfs=args.procfs, sysfs=args.sysfs))
+        config = Config()
+    else:
+        from trainwarden.daemon.app import load  # noqa: PLC0415
+
+        config = load(args.config)
+    config = replace(
+        config,
+        daemon=replace(config.daemon, state_dir=args.state_dir or config.daemon.state_dir),
+        paths=replace(
+            config.paths, procfs=args.procfs or config.paths.procfs, sysfs=args.sysfs or config.paths.sysfs
+        ),
+    )
     options = options_from_config(config, node_name=args.node)
     options = replace(
         options,
