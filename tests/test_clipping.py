@@ -408,3 +408,42 @@ def test_fused_skip_step_never_reads_device_values_on_the_host(monkeypatch: pyte
         clipper.step(opt)
         monkeypatch.undo()
     assert clipper.stats().skipped_steps == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"step": -1},
+        {"warm": [1.0, 2.0]},
+        {"mean": float("nan")},
+        {"var": -1.0},
+        {"var": 10**400},
+        {"clipped": -5},
+        {"warm": ["x"]},
+    ],
+)
+def test_damaged_clipper_state_is_refused_before_anything_changes(change: dict[str, object]) -> None:
+    """A damaged clipper state from a checkpoint raises ClipSettingsError and leaves the clipper as it was."""
+    params = _params()
+    source = AdaptiveClipper(params, WARM)
+    _warm_up(source, params, [1.0, 1.1])
+    state = {**source.state_dict(), **change}
+    target = AdaptiveClipper(_params(), WARM)
+    with pytest.raises(ClipSettingsError, match="clipper state"):
+        target.load_state_dict(state)
+    assert target.stats().steps == 0
+
+
+def test_state_after_a_warmup_change_past_the_warmup_still_loads() -> None:
+    """A longer warm-up set after the warm-up ended restarts it safely: clip() works, the state loads."""
+    params = _params()
+    source = AdaptiveClipper(params, WARM)
+    _warm_up(source, params, [1.0, 1.1, 0.9, 1.05, 0.95, 1.0])
+    assert source.update(replace(WARM, warmup_steps=10))
+    _warm_up(source, params, [1.0, 1.1, 0.9, 1.05])
+    assert source.warming_up is False
+    assert math.isfinite(source.stats().mean)
+    target = AdaptiveClipper(_params(), WARM)
+    target.load_state_dict(source.state_dict())
+    assert target.stats().steps == 10
+    assert target.settings.warmup_steps == 10

@@ -274,10 +274,12 @@ class AdaptiveClipper:
             return False
         old = self._settings
         self._settings = settings
+        # Resize whenever the old or the new settings put this step inside the warm-up: clip() indexes
+        # the warm-up norms by step (a longer warm-up set after the old one ended restarts it).
         if (
             self._tensors_ready
             and settings.warmup_steps != old.warmup_steps
-            and self._step < old.warmup_steps
+            and self._step < max(old.warmup_steps, settings.warmup_steps)
         ):
             self._resize_warmup(settings.warmup_steps)
         log.info("clip settings changed: %s -> %s", old, settings)
@@ -340,8 +342,9 @@ class AdaptiveClipper:
             mean, var, clipped = float(state["mean"]), float(state["var"]), int(state["clipped"])
             # absent from states saved before skipping existed
             skipped, run = int(state.get("skipped", 0)), int(state.get("skip_run", 0))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ClipSettingsError(f"clipper state: malformed: {exc!r}") from exc
+            _check_state(settings, step, warm, mean=mean, var=var, counts=(clipped, skipped, run))
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise ClipSettingsError(f"clipper state: malformed: {exc!r}"[:500]) from exc
         device = self._params[0].device
         self._settings = replace(settings)
         self.mode = mode
@@ -355,3 +358,16 @@ class AdaptiveClipper:
         self._clipped = torch.tensor(clipped, dtype=torch.int64, device=device)
         self._skipped = torch.tensor(skipped, dtype=torch.int64, device=device)
         self._run = torch.tensor(run, dtype=torch.int64, device=device)
+
+
+def _check_state(
+    settings: ClipSettings, step: int, warm: list[float], *, mean: float, var: float, counts: tuple[int, ...]
+) -> None:
+    """Refuse a saved state that would make a later `clip()` fail or misbehave (ValueError)."""
+    if step < 0 or any(n < 0 or n >= 1 << 62 for n in counts):
+        raise ValueError(f"negative or huge step/counters: {step}, {counts}")
+    # clip() indexes the warm-up norms by step until the warm-up ends (after it, any length is fine)
+    if warm and step < settings.warmup_steps and len(warm) != settings.warmup_steps:
+        raise ValueError(f"{len(warm)} warm-up norms for warmup_steps={settings.warmup_steps}")
+    if not (math.isfinite(mean) and math.isfinite(var) and var >= 0):
+        raise ValueError(f"mean={mean!r}, var={var!r} must be finite, var >= 0")
