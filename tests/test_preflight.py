@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,13 +47,14 @@ def argv(node: FixtureNode, *extra: str) -> list[str]:
 
 
 def test_healthy_node_passes_every_check(node: FixtureNode) -> None:
-    """On a healthy node every check passes (only the absent daemon is skipped): the report is healthy."""
+    """On a healthy node every check passes (only the absent daemon and the opt-in collective skip)."""
     report = run_preflight(node.options())
     by_name = {c.check: c for c in report.checks}
     assert report.healthy
     assert {name for family in FAMILIES for name in family.names} == set(by_name)
-    assert {n for n, c in by_name.items() if c.status is not Status.PASS} == {"daemon"}
+    assert {n for n, c in by_name.items() if c.status is not Status.PASS} == {"daemon", "collective"}
     assert by_name["daemon"].status is Status.SKIPPED
+    assert by_name["collective"].status is Status.SKIPPED
     assert "8 GPU(s) answer NVML" in by_name["gpu_nvml"].reason
     assert "FAKE NVML" in by_name["gpu_nvml"].reason
     assert "4 port(s) active at 400 Gb/s" in by_name["infiniband_links"].reason
@@ -298,3 +300,16 @@ def test_free_space_floor_flag_is_in_gib(node: FixtureNode) -> None:
 
     args = cli.build_parser().parse_args(argv(node, "--min-free-gib=1000000000"))
     assert options_from_args(args).min_free_bytes == 1_000_000_000 * GIB
+
+
+def test_collective_check_measures_a_real_all_reduce_against_its_floor(node: FixtureNode) -> None:
+    """--collective runs a real gloo all-reduce over 2 local ranks: passes a low floor, fails a huge one."""
+    families = tuple(f for f in FAMILIES if f.names == ("collective",))
+    options = node.options(collective=True, collective_bytes=1 << 20, timeout_seconds=120.0)
+    passed = run_preflight(replace(options, min_collective_bytes_per_second=1.0), families).checks[0]
+    assert passed.status is Status.PASS, passed.reason
+    assert "gloo all-reduce of 1 MiB over 2 ranks" in passed.reason
+    assert float(passed.detail["bus_bytes_per_second"]) > 1.0
+    failed = run_preflight(replace(options, min_collective_bytes_per_second=1e15), families).checks[0]
+    assert failed.status is Status.FAIL
+    assert "MiB/s bus bandwidth (floor" in failed.reason

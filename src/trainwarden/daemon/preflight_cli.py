@@ -73,6 +73,17 @@ def add_preflight_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--xid-lookback", type=float, default=d.xid_lookback_seconds, metavar="SECONDS")
     parser.add_argument("--infiniband-min-rate-gbps", type=float, default=d.infiniband_min_rate_gbps)
     parser.add_argument("--daemon-url", metavar="URL", help="the node daemon (default: its listen address)")
+    parser.add_argument("--collective", action="store_true", help="also time an all-reduce among local ranks")
+    parser.add_argument("--collective-ranks", type=int, default=d.collective_ranks, metavar="N")
+    parser.add_argument(
+        "--collective-mib", type=float, default=d.collective_bytes / MIB, help="all-reduce size"
+    )
+    parser.add_argument(
+        "--min-collective-mib-per-second",
+        type=float,
+        default=d.min_collective_bytes_per_second / MIB,
+        help="bus-bandwidth floor",
+    )
     parser.add_argument("--state-dir", type=Path, metavar="DIR", help="where the result and journal go")
     parser.add_argument("--node", metavar="NAME", help="node name (default $SLURMD_NODENAME or the config's)")
     parser.add_argument("--no-record", action="store_true", help="write neither result file nor journal row")
@@ -116,6 +127,10 @@ def options_from_args(args: argparse.Namespace) -> PreflightOptions:
         xid_lookback_seconds=args.xid_lookback,
         infiniband_min_rate_gbps=args.infiniband_min_rate_gbps,
         daemon_url=args.daemon_url or options.daemon_url,
+        collective=args.collective,
+        collective_ranks=args.collective_ranks,
+        collective_bytes=int(args.collective_mib * MIB),
+        min_collective_bytes_per_second=args.min_collective_mib_per_second * MIB,
     )
     _check(options)
     return options

@@ -76,25 +76,20 @@ class PreflightOptions:
     min_collective_bytes_per_second: float = 50.0 * MIB
 
     def problems(self) -> list[tuple[str, str]]:
-        """Every out-of-range setting, with its name."""
-        found: list[tuple[str, str]] = []
-        if not 0 < self.timeout_seconds <= 3600:
-            found.append(("timeout", "must be > 0 and <= 3600 seconds"))
-        if self.expect_gpus < 0:
-            found.append(("expect-gpus", "must be >= 0"))
-        if self.min_free_bytes < 0:
-            found.append(("min-free-gib", "must be >= 0"))
-        if not MIB <= self.write_probe_bytes <= 4 * GIB:
-            found.append(("write-probe-mib", "must be between 1 and 4096"))
-        if self.min_write_bytes_per_second < 0:
-            found.append(("min-write-mib-per-second", "must be >= 0"))
-        if self.xid_lookback_seconds <= 0:
-            found.append(("xid-lookback", "must be > 0 seconds"))
-        if self.infiniband_min_rate_gbps < 0:
-            found.append(("infiniband-min-rate-gbps", "must be >= 0"))
-        if not 2 <= self.collective_ranks <= 64:
-            found.append(("collective-ranks", "must be between 2 and 64"))
-        return found
+        """Every out-of-range setting, with its (command-line) name."""
+        rules: tuple[tuple[str, bool, str], ...] = (
+            ("timeout", 0 < self.timeout_seconds <= 3600, "must be > 0 and <= 3600 seconds"),
+            ("expect-gpus", self.expect_gpus >= 0, "must be >= 0"),
+            ("min-free-gib", self.min_free_bytes >= 0, "must be >= 0"),
+            ("write-probe-mib", MIB <= self.write_probe_bytes <= 4 * GIB, "must be between 1 and 4096"),
+            ("min-write-mib-per-second", self.min_write_bytes_per_second >= 0, "must be >= 0"),
+            ("xid-lookback", self.xid_lookback_seconds > 0, "must be > 0 seconds"),
+            ("infiniband-min-rate-gbps", self.infiniband_min_rate_gbps >= 0, "must be >= 0"),
+            ("collective-ranks", 2 <= self.collective_ranks <= 64, "must be between 2 and 64"),
+            ("collective-mib", 4 <= self.collective_bytes <= 4 * GIB, "must be between 4 bytes and 4096 MiB"),
+            ("min-collective-mib-per-second", self.min_collective_bytes_per_second >= 0, "must be >= 0"),
+        )
+        return [(name, why) for name, ok, why in rules if not ok]
 
 
 Check = Callable[[PreflightOptions], list[CheckResult]]

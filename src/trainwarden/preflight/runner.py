@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainwarden.preflight import daemon_check, gpu, kernel_log, links, volume
+from trainwarden.preflight import collective, daemon_check, gpu, kernel_log, links, volume
 from trainwarden.preflight.model import Check, CheckResult, PreflightOptions, Status
 
 
@@ -30,6 +30,7 @@ FAMILIES: tuple[Family, ...] = (
     Family((links.LINKS,), links.check_links),
     Family((volume.SPACE, volume.WRITE), volume.check_volume),
     Family((daemon_check.DAEMON,), daemon_check.check_daemon),
+    Family((collective.COLLECTIVE,), collective.check_collective),
 )
 
 
