@@ -237,3 +237,14 @@ def test_dry_run_that_cannot_act_is_not_a_failure(tmp_path: Path) -> None:
     result = healer.apply(_action("nonfinite", first_step=3.0), dry_run=True)
     assert result.outcome is ActionOutcome.DRY_RUN
     assert "trainwarden run" in result.detail
+
+
+def test_a_rank_that_died_before_the_restart_is_not_restarted_again(tmp_path: Path) -> None:
+    """After a restart, a process_gone about any rank of the old run (also one that crashed on its own, so
+    the backend never killed it) is a no-op, not a second restart of the same crash."""
+    backend = RecordingBackend()
+    healer, _ = _healer(tmp_path, backend)
+    assert healer.apply(_action("process_exit"), dry_run=False).outcome is ActionOutcome.APPLIED
+    late = healer.apply(_action("process_gone", key="k2", pid=999_999.0), dry_run=False)
+    assert late.outcome is ActionOutcome.NOOP
+    assert len(backend.calls) == 1

@@ -138,6 +138,7 @@ def test_stall_leaves_dead_process_to_process_gone(store: Store, feed: TrainingF
     found = ProcessGoneRule(ProcessGoneRule.Options()).evaluate(view(store), last + 500)
     assert [f.subject for f in found] == [{"job": "toy", "rank": "0"}]
     assert found[0].evidence["pid"] == 1000
+    assert found[0].evidence["observed_at"] == last  # its last step: when it was last seen working
 
 
 # --- collective ------------------------------------------------------------------------------

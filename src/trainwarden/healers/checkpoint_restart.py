@@ -210,7 +210,10 @@ class CheckpointRestartHealer(Healer):
             return ActionResult(ActionOutcome.FAILED, f"control file of job {job!r} unusable: {exc}", data)
         except OSError as exc:
             return ActionResult(ActionOutcome.FAILED, f"cannot prepare restart of job {job}: {exc}", data)
+        known = [r.pid for r in self._processes(job) if r.pid > 0]  # before the restart forgets them
         result = backend.restart(job, action.reason, key=action.key)
+        if result.outcome is ActionOutcome.APPLIED:
+            backend.retire(known)  # a rank that died on its own is of the old run too (process_gone)
         if self.context.jobs is not None and result.outcome is ActionOutcome.APPLIED:
             # after the restart (the torchrun backend reads the ranks' pids), before the next rule tick
             self.context.jobs.forget(job)

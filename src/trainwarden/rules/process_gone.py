@@ -3,13 +3,15 @@
 A rank that said goodbye (`trainwarden_train_exited_cleanly` 1, exported once the training collector
 reports clean `bye` records) finished rather than crashed and is not a finding; without that series
 every vanished process counts, so a finished job is reported until the collector's retention forgets it.
+`observed_at` is the rank's last step: a process that died before a restart took effect is that
+restart's business, not a new crash (the policy compares it with when the restart took effect).
 """
 
 from __future__ import annotations
 
 from trainwarden.model import Finding, Severity
 from trainwarden.rules.base import Rule, RuleOptions, RuleView
-from trainwarden.rules.training import CLEAN_EXIT, PID, PROCESS_UP
+from trainwarden.rules.training import CLEAN_EXIT, LAST_STEP_TS, PID, PROCESS_UP
 
 
 class ProcessGoneRule(Rule):
@@ -31,6 +33,9 @@ class ProcessGoneRule(Rule):
             evidence: dict[str, float | str] = {"interruption": "transient"}
             if pid is not None:
                 evidence["pid"] = pid
+            last_step = view.value(LAST_STEP_TS, series.labels)
+            if last_step is not None:
+                evidence["observed_at"] = last_step
             summary = f"rank {rank} of job {job}: process {int(pid) if pid else '?'} is gone"
             findings.append(self.finding({"job": job, "rank": rank}, summary, evidence, Severity.CRITICAL))
         return findings
