@@ -181,6 +181,7 @@ def test_spike_fires_on_grad_norm_outlier_with_step(store: Store, feed: Training
     evidence = found[0].evidence
     assert (found[0].subject, evidence["metric"], evidence["rank"]) == ({"job": "toy"}, "grad_norm", "1")
     assert evidence["step"] == 61
+    assert evidence["observed_at"] == last + 1  # when the spike point arrived: the policy's evidence time
 
 
 def test_spike_quiet_on_jitter_and_during_warmup(store: Store, feed: TrainingFeed) -> None:
