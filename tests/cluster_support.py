@@ -468,6 +468,11 @@ while True:
     time.sleep(0.05 + (0.4 if (ctl / f"slow-{node}").exists() else 0.0))
     reporter.step(step, loss=float(loss))
     step += 1
+    if step % 100 == 0:
+        with reporter.phase("checkpoint"):
+            path = ctl / f"ckpt-{node}-{dist.get_rank()}.pt"
+            torch.save({"model": model.state_dict(), "step": step}, path)
+        reporter.checkpoint_saved(step, path)
     if step % 10 == 0:
         with reporter.phase("eval"):
             stall, stop = (ctl / "stall").exists(), (ctl / "stop").exists()

@@ -9,7 +9,10 @@ Daemon A is the primary actor, daemon B its standby.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,9 +36,14 @@ from cluster_support import (
     stop_job,
     stop_slurm,
 )
+from exported_metrics import fixture_daemon
 from support import free_port, wait_until
 from trainwarden.config import Config
 from trainwarden.daemon.app import Daemon
+
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # dashboards/ is at the repo root
+from dashboards.queries import all_panel_queries
+
 from trainwarden.journal import Journal
 
 pytestmark = pytest.mark.slow
@@ -52,6 +60,7 @@ class Cluster:
     urls: dict[str, str]
     token: Path
     ctl: Path
+    started: float
 
     def start_daemon(self, node: str) -> None:
         daemon = Daemon(self.configs[node])
@@ -72,7 +81,8 @@ class Cluster:
     def quiet(self) -> bool:
         """No straggler alert pending or firing, and every node within 1.2x of its job's median."""
         alerts = requests.get(self.prometheus.url + "/api/v1/alerts", timeout=10).json()["data"]["alerts"]
-        ratios = query(self.prometheus, "job_node:trainwarden_train_step_seconds:ratio_to_job_p50")
+        ratio = "job_node:trainwarden_train_step_seconds:ratio_to_job_p50{job='cluster'}"
+        ratios = query(self.prometheus, ratio)
         return (
             not any(a["labels"]["alertname"] == "TrainwardenStragglerNode" for a in alerts)
             and len(ratios) == 2
@@ -90,10 +100,15 @@ class Cluster:
         finally:
             journal.close()
 
-    def decisions(self, node: str, rule: str) -> list[Any]:
+    def decisions(self, node: str, rule: str, subject: str | None = None) -> list[Any]:
+        """Journal entries of `rule` (about `subject`; the fixture daemon's own job also stalls)."""
         journal = Journal.in_state_dir(self.configs[node].daemon.state_dir)
         try:
-            return [e for e in journal.recent(500) if e.rule == rule]
+            return [
+                e
+                for e in journal.recent(500)
+                if e.rule == rule and (subject is None or subject in e.subject.split(","))
+            ]
         finally:
             journal.close()
 
@@ -113,38 +128,40 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("cluster")
     token = root / "token"
     token.write_text("cluster-test-token\n", encoding="utf-8")
-    slurm = start_two_node_slurm(NODES)
-    ports = {node: free_port() for node in NODES}
-    urls = {node: f"http://{NODES[node]}:{ports[node]}" for node in NODES}
-    configs = {
-        node: cluster_daemon_config(root, node, ports[node], token, slurm.conf, urls["node-a"])
-        for node in NODES
-    }
-    am_ports = [free_port(), free_port()]
-    prometheus = start_prometheus(
-        root / "prometheus",
-        {node: f"{NODES[node]}:{ports[node]}" for node in NODES},
-        [f"127.0.0.1:{port}" for port in am_ports],
-    )
     ctl = root / "ctl"
-    state = Cluster(root, slurm, prometheus, am_ports, configs, {}, urls, token, ctl)
     jobs: list[Any] = []
-    try:
+    daemons: dict[str, Daemon] = {}
+    with contextlib.ExitStack() as stack:
+        slurm = start_two_node_slurm(NODES)
+        stack.callback(stop_slurm, slurm)
+        ports = {node: free_port() for node in NODES}
+        urls = {node: f"http://{NODES[node]}:{ports[node]}" for node in NODES}
+        configs = {
+            node: cluster_daemon_config(
+                root, node, ports[node], token, slurm.conf, urls["node-a"], local_stall=True
+            )
+            for node in NODES
+        }
+        am_ports = [free_port(), free_port()]
+        (root / "gpu-node").mkdir()
+        # A third daemon on the NVML and InfiniBand fixtures, for the GPU and fabric panels.
+        gpu_url = stack.enter_context(fixture_daemon(root / "gpu-node"))
+        targets = {node: f"{NODES[node]}:{ports[node]}" for node in NODES}
+        targets["node-gpu"] = gpu_url.removeprefix("http://")
+        prometheus = start_prometheus(root / "prometheus", targets, [f"127.0.0.1:{p}" for p in am_ports])
+        stack.callback(prometheus.stop)
+        state = Cluster(root, slurm, prometheus, am_ports, configs, daemons, urls, token, ctl, time.time())
+        stack.callback(lambda: [daemon.stop() for daemon in list(daemons.values())])
         for node in NODES:
             state.start_daemon(node)
         jobs = start_job_on_nodes(root, {n: configs[n].daemon.runtime_dir for n in NODES}, ctl)
+        stack.callback(stop_job, jobs, ctl)
         wait_until(
-            lambda: len(query(prometheus, "job_node:trainwarden_train_step_seconds:p50")) == 2,
+            lambda: len(query(prometheus, "job_node:trainwarden_train_step_seconds:p50{job='cluster'}")) == 2,
             180,
             "step times from both nodes in Prometheus",
         )
         yield state
-    finally:
-        stop_job(jobs, ctl)
-        for daemon in state.daemons.values():
-            daemon.stop()
-        prometheus.stop()
-        stop_slurm(slurm)
 
 
 def test_straggler_node_is_drained_once_and_its_recovery_resolves(cluster: Cluster) -> None:
@@ -182,13 +199,35 @@ def test_straggler_node_is_drained_once_and_its_recovery_resolves(cluster: Clust
             240,
             "the resolved straggler alert handled on node-a",
         )
-        assert cluster.daemons["node-a"].status()["webhook"]["firing"] == []
+        still = [
+            a
+            for a in cluster.daemons["node-a"].status()["webhook"]["firing"]
+            if a["alertname"] == "TrainwardenStragglerNode"
+        ]
+        assert still == []
         assert len(cluster.taken("node-a", "straggler_node")) == 1
         assert cluster.drain_updates() == 1
 
         (cluster.ctl / "stall").touch()
-        wait_until(lambda: firing(cluster.prometheus, "TrainwardenJobStalled"), 180, "stall alert firing")
-        wait_until(lambda: cluster.decisions("node-a", "job_stalled"), 120, "stall journaled on node-a")
+        wait_until(
+            lambda: [
+                a
+                for a in firing(cluster.prometheus, "TrainwardenJobStalled")
+                if a["labels"]["job"] == "cluster"
+            ],
+            180,
+            "the stall alert firing for job cluster (the fixture daemon's job stalls too)",
+        )
+        wait_until(
+            lambda: cluster.decisions("node-a", "job_stalled", "job=cluster"),
+            120,
+            "stall journaled on node-a",
+        )
+        wait_until(
+            lambda: cluster.decisions("node-a", "stall", "job=cluster"),
+            120,
+            "node-a's own stall rule fired too",
+        )
         (cluster.ctl / "stall").unlink()
 
         cluster.daemons.pop("node-b").stop()
@@ -236,3 +275,45 @@ def test_unclustered_alertmanagers_deliver_twice_and_node_b_is_drained_once(clus
         (cluster.ctl / "slow-node-b").unlink(missing_ok=True)
         for am in ams:
             am.stop()
+
+
+PROVIDED = {
+    "training",
+    "recording_rules",
+    "gpu",
+    "infiniband",
+    "checkpoints_volume",
+    "two_checkpoints",
+    "finding",
+}
+
+
+def test_every_dashboard_panel_has_data_after_the_scenario(cluster: Cluster) -> None:
+    """Each panel query of each shipped dashboard, run over the scenario's time range against its
+    Prometheus, returns data (GPU, InfiniBand and volume panels from a third daemon on the fixtures)."""
+    wait_until(
+        lambda: (
+            query(cluster.prometheus, "count(job:trainwarden_train_checkpoint_interval_seconds:observed) > 0")
+            != []
+        ),
+        60,
+        "a second checkpoint, so the job's interval is known",
+    )
+    empty = []
+    for panel in all_panel_queries():
+        if not panel.requires <= PROVIDED:
+            continue
+        answer = requests.get(
+            cluster.prometheus.url + "/api/v1/query_range",
+            params={
+                "query": panel.rendered(rate_interval="15s"),
+                "start": cluster.started,
+                "end": time.time(),
+                "step": 2,
+            },
+            timeout=30,
+        ).json()
+        assert answer["status"] == "success", (panel, answer)
+        if not answer["data"]["result"]:
+            empty.append(f"{panel.dashboard} / {panel.panel} / {panel.ref_id}")
+    assert empty == []
