@@ -389,7 +389,9 @@ def install_webhook(daemon: Daemon, healing: Healing) -> Webhook | None:
         clock=daemon.clock,
         on_event=healing.on_event,
     )
-    daemon.routes.add("POST", PATH, webhook.handle)
+    # The handler answers (and counts) a body over the limit; past twice the limit the server
+    # stops reading it at all (counted in trainwarden_http_requests_total).
+    daemon.routes.add("POST", PATH, webhook.handle, max_body_bytes=2 * config.max_body_bytes)
     daemon.status_sections["webhook"] = webhook.status
     webhook.start()
     webhook.publish()  # zero series exist before the first notification
