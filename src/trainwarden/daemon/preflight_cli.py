@@ -55,34 +55,58 @@ def add_preflight_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", type=Path, metavar="FILE", help="daemon config (state dir, paths, volumes)"
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--timeout", type=float, default=d.timeout_seconds, help="seconds for everything")
-    parser.add_argument("--checkpoint-dir", type=Path, metavar="DIR", help="the job's checkpoint directory")
     parser.add_argument(
-        "--expect-gpus", type=int, default=d.expect_gpus, metavar="N", help="GPUs that must answer"
+        "--timeout",
+        type=float,
+        default=d.timeout_seconds,
+        metavar="S",
+        help="bound on everything (%(default)s)",
     )
-    parser.add_argument("--min-free-gib", type=float, default=d.min_free_bytes / GIB, help="free-space floor")
+    parser.add_argument("--checkpoint-dir", type=Path, metavar="DIR", help="the job's checkpoint volume")
     parser.add_argument(
-        "--write-probe-mib", type=int, default=d.write_probe_bytes // MIB, help="bytes written"
+        "--expect-gpus",
+        type=int,
+        default=d.expect_gpus,
+        metavar="N",
+        help="fail with fewer GPUs (%(default)s)",
+    )
+    parser.add_argument(
+        "--min-free-gib", type=float, default=d.min_free_bytes / GIB, metavar="G", help="(%(default)s)"
+    )
+    parser.add_argument(
+        "--write-probe-mib", type=int, default=d.write_probe_bytes // MIB, metavar="M", help="(%(default)s)"
     )
     parser.add_argument(
         "--min-write-mib-per-second",
         type=float,
         default=d.min_write_bytes_per_second / MIB,
-        help="write floor",
+        metavar="M",
+        help="write throughput floor, fsync included (%(default)s)",
     )
-    parser.add_argument("--xid-lookback", type=float, default=d.xid_lookback_seconds, metavar="SECONDS")
-    parser.add_argument("--infiniband-min-rate-gbps", type=float, default=d.infiniband_min_rate_gbps)
+    parser.add_argument(
+        "--xid-lookback", type=float, default=d.xid_lookback_seconds, metavar="S", help="(%(default)s)"
+    )
+    parser.add_argument(
+        "--infiniband-min-rate-gbps",
+        type=float,
+        default=d.infiniband_min_rate_gbps,
+        metavar="G",
+        help="port rate floor (%(default)s: any)",
+    )
     parser.add_argument("--daemon-url", metavar="URL", help="the node daemon (default: its listen address)")
     parser.add_argument("--collective", action="store_true", help="also time an all-reduce among local ranks")
-    parser.add_argument("--collective-ranks", type=int, default=d.collective_ranks, metavar="N")
     parser.add_argument(
-        "--collective-mib", type=float, default=d.collective_bytes / MIB, help="all-reduce size"
+        "--collective-ranks", type=int, default=d.collective_ranks, metavar="N", help="(%(default)s)"
+    )
+    parser.add_argument(
+        "--collective-mib", type=float, default=d.collective_bytes / MIB, metavar="M", help="(%(default)s)"
     )
     parser.add_argument(
         "--min-collective-mib-per-second",
         type=float,
         default=d.min_collective_bytes_per_second / MIB,
-        help="bus-bandwidth floor",
+        metavar="M",
+        help="bus-bandwidth floor (%(default)s)",
     )
     parser.add_argument("--state-dir", type=Path, metavar="DIR", help="where the result and journal go")
     parser.add_argument("--node", metavar="NAME", help="node name (default $SLURMD_NODENAME or the config's)")
