@@ -3,8 +3,9 @@ r"""A user's own trainer, written from the documentation alone: the healing path
 It is deliberately *not* the demo's toy job and shares no code with it: a small conv net, DDP over
 gloo, AdamW with a linear warm-up then cosine decay (or a constant learning rate), and only the
 documented client API — `Reporter.from_env`, `AdaptiveClipper`, `CheckpointManager`,
-`ModelOptimizerState`, `PlannedInterrupt`, `ControlState.should_skip`. It never checks its own
-parameters for NaN and never refuses a checkpoint itself: whatever protects it must be the library's.
+`ModelOptimizerState`, `PlannedInterrupt`, `ControlState.should_skip`, `init_process_group`,
+`Reporter.clip_in_use`. It never checks its own parameters for NaN and never refuses a checkpoint
+itself: whatever protects it must be the library's.
 
 Faults come from outside: the test writes the data file (a batch of NaNs or of huge values is a
 poisoned batch), SIGSTOPs or SIGKILLs a rank, and reads the result. The batch index is the step, as
@@ -37,6 +38,7 @@ from torch import nn
 
 from trainwarden.client.checkpoint import CheckpointManager, ModelOptimizerState
 from trainwarden.client.clipping import AdaptiveClipper
+from trainwarden.client.distributed import init_process_group
 from trainwarden.client.interrupt import PlannedInterrupt
 from trainwarden.client.reporter import Reporter
 from trainwarden.control import ClipSettings
@@ -130,7 +132,7 @@ def main() -> int:  # noqa: C901 - a training loop, read top to bottom
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    init_process_group("gloo")
     rank = dist.get_rank()
     # After the process group, before anything slow: a SIGTERM from here on checkpoints and exits.
     reporter = Reporter.from_env(job=args.job)
@@ -162,6 +164,7 @@ def main() -> int:  # noqa: C901 - a training loop, read top to bottom
     control = reporter.poll_control()
     if control.clip is not None:
         clipper.update(control.clip)
+    reporter.clip_in_use(clipper.settings)
 
     loss_fn = nn.CrossEntropyLoss()
     for step in range(start, args.steps):
@@ -183,6 +186,7 @@ def main() -> int:  # noqa: C901 - a training loop, read top to bottom
         boundary = guard.at_boundary(step)
         if boundary.control is not None and boundary.control.clip is not None:
             clipper.update(boundary.control.clip)
+            reporter.clip_in_use(clipper.settings)
         periodic = (step + 1) % args.ckpt_every == 0
         if manager is not None and (periodic or boundary.checkpoint):
             manager.save(
