@@ -73,6 +73,12 @@ def test_daemonset_runs_the_daemon_read_only_with_probes_on_healthz() -> None:
     assert port["http"] == listen_port
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    # On the host's network, so the preflight init container's --daemon-url (the node IP) reaches it.
+    assert template["spec"]["hostNetwork"] is True
+    (init,) = one(documents("training-pod.yaml"), "Pod")["spec"]["initContainers"]
+    url = build_parser().parse_args(init["args"]).daemon_url
+    assert url == f"http://$(NODE_IP):{listen_port}"
+    assert {"name": "NODE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}} in init["env"]
 
 
 def test_every_path_the_config_reads_or_writes_is_mounted() -> None:
