@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -169,6 +170,7 @@ def run() -> dict[str, Any]:
             daemon.stop()
         prometheus.stop()
         stop_slurm(slurm)
+        shutil.rmtree(root, ignore_errors=True)
     return {
         "intervals": {
             "scrape_and_eval_s": 1,

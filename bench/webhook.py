@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -160,6 +161,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     duplicates = registry.get_sample_value(
         "trainwarden_webhook_alerts_total", {"status": "firing", "result": "duplicate"}
     )
+    journal.close()
+    shutil.rmtree(tmp, ignore_errors=True)
     return {
         "fresh": first,
         "paced_repeats": paced,
