@@ -387,8 +387,9 @@ class Policy:
         One action per fault: a finding observed before the incident's latest action took effect
         is that action's business (None when it is the very episode acted on, else a refusal).
         Observed after it: the same episode, or the same rule again within
-        `recurrence_seconds`, is evidence that the action did not work, and climbs one rung
-        (with the reason); anything else is a new fault and starts at the bottom.
+        `recurrence_seconds`, is evidence that the action did not work: the rung is tried again
+        until it had `attempts_per_rung` tries, then the next one (with the reason); anything
+        else is a new fault and starts at the bottom.
         """
         if not incident:
             return 0, ""
@@ -417,7 +418,6 @@ class Policy:
             if tries < self.config.attempts_per_rung:
                 return rung, f"retrying ({tries + 1}/{self.config.attempts_per_rung}): {evidence}"
             return rung + 1, f"escalating: {evidence}"
-        del now
         return 0, ""
 
     def _effect_time(self, entry: Entry, now: float) -> float | None:
