@@ -1,6 +1,6 @@
 """False spikes on healthy runs, and real ones caught: the `spike` rule with its DEFAULT options.
 
-A small conv net (two 3x3 conv layers, 16 channels, global pooling, a linear head; ~2.6 k
+A small conv net (two 3x3 conv layers of 8 and 16 channels, global pooling, a linear head; ~1.4 k
 parameters) learns a synthetic 10-class image task on CPU with AdamW, batch 32, under several LR
 schedules x seeds. Every step's loss and pre-clip grad norm is recorded, then fed, one record per
 step at `STEP_SECONDS` apart, into a real `Store` exactly as the training collector does, and the
@@ -8,7 +8,7 @@ real `SpikeRule` is evaluated at each tick (every `TICK_STEPS` steps, as the dae
 
 - clean run: the number of ticks at which the rule asserts a finding (must be 0);
 - bad run (same seed, same batches): at each of the `--bad-at` steps the batch is replaced by one
-  with inputs scaled by `--bad-scale` and labels permuted, a bad batch as a data bug makes it; the
+  with inputs scaled by `--bad-scale` and labels rotated, a bad batch as a data bug makes it; the
   table gives the grad-norm and loss jump it caused (x the previous step) and whether the rule
   flagged it within 3 ticks of the bad step.
 
