@@ -150,3 +150,25 @@ def test_health_check_program_drains_a_node_that_goes_bad_between_jobs(
     assert cluster.run("squeue", "-h").stdout.strip() == ""
     node.use_nvml("h100-sxm-8gpu")  # healthy again, so the teardown's resume is not drained anew
     write_env(cluster, node)
+
+
+def test_health_check_leaves_an_admins_drain_and_reason_alone(
+    cluster: SlurmCluster, node: FixtureNode
+) -> None:
+    """A node an admin drained for maintenance keeps that reason while a failing health check runs on it."""
+    if "HealthCheckProgram" not in cluster.conf.read_text():
+        with cluster.conf.open("a") as conf:
+            conf.write(f"HealthCheckProgram={cluster.root / 'prolog-wrapper.sh'}\nHealthCheckInterval=2\n")
+        cluster.scontrol("reconfigure")
+    cluster.scontrol("update", f"NodeName={cluster.node}", "State=DRAIN", "Reason=maintenance")
+    node.use_nvml("h100-lost-gpu")
+    write_env(cluster, node)
+    result = node.state_dir / "preflight.json"
+
+    def failing_check_ran() -> bool:
+        return result.is_file() and '"healthy": false' in result.read_text()
+
+    cluster.wait_for("a failing health check run", failing_check_ran, 60.0)
+    assert cluster.node_field("Reason").startswith("maintenance")
+    node.use_nvml("h100-sxm-8gpu")
+    write_env(cluster, node)

@@ -255,11 +255,20 @@ def _record(options: PreflightOptions, document: dict[str, Any]) -> None:
 
 
 def _drain(node: str, reason: str) -> None:
-    """Drain through the Slurm backend (argv only, reason sanitised, `trainwarden:` prefix)."""
+    """Drain through the Slurm backend (argv only, reason sanitised, `trainwarden:` prefix).
+
+    A node already drained, by anyone, is left as it is: an admin's reason is theirs, and a
+    health check repeating every few minutes must not rewrite trainwarden's own.
+    """
     from trainwarden.backends.slurm import Scontrol, SlurmError  # noqa: PLC0415 - lazy
 
+    scontrol = Scontrol()
     try:
-        Scontrol().drain(node, f"preflight {reason}")
+        state = scontrol.node(node)
+        if state is not None and state.drained:
+            print(f"trainwarden preflight: {node} is already drained ({state.reason})", file=sys.stderr)
+            return
+        scontrol.drain(node, f"preflight {reason}")
     except SlurmError as exc:
         print(f"trainwarden preflight: could not drain {node}: {exc}", file=sys.stderr)
     else:
