@@ -561,6 +561,16 @@ def test_clipping_relaxes_after_spikes_stop(rig: Rig) -> None:
     assert policy.tick(1000.0, []) == []
 
 
+def test_a_partial_batch_never_relaxes_clipping(rig: Rig) -> None:
+    """A batch that is not every active finding (a child's exit, an Alertmanager delivery) cannot show the
+    spikes stopped: clipping stays tightened until the engine's own tick sees no spike."""
+    policy = rig.policy(actions_enabled=True, relax_clip_after_seconds=100, cooldown_seconds=1000)
+    policy.tick(0.0, [spike(0.0)])
+    assert policy.tick(260.0, [], complete=False) == []
+    relaxed = policy.tick(270.0, [])
+    assert [(o.finding.rule, o.result) for o in relaxed] == [("clip_relax", "applied")]
+
+
 def test_relaxation_does_not_count_toward_escalation(rig: Rig) -> None:
     """Relax steps are recovery, not attempts: the next spike climbs one rung, not past the ladder's end."""
     policy = rig.policy(actions_enabled=True, relax_clip_after_seconds=100, attempts_per_rung=1)

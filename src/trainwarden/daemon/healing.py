@@ -198,12 +198,17 @@ class Healing:
         findings = self.engine.tick(now)
         findings += self.restarts.check(now, partial(last_step_at, self.store, self.context.jobs))
         self._finding_events(findings)
-        return self.decide(findings, now)
+        return self.decide(findings, now, complete=True)
 
-    def decide(self, findings: Sequence[Finding], now: float | None = None) -> list[Outcome]:
-        """Hand findings (from the engine, or the supervisor's own) to the policy; publish and report."""
+    def decide(
+        self, findings: Sequence[Finding], now: float | None = None, *, complete: bool = False
+    ) -> list[Outcome]:
+        """Hand findings (from the engine, the supervisor or the webhook) to the policy; publish and report.
+
+        `complete` only for the engine's tick, which holds every active finding (see `Policy.tick`).
+        """
         now = self.clock() if now is None else now
-        outcomes = self.policy.tick(now, findings)
+        outcomes = self.policy.tick(now, findings, complete=complete)
         for outcome in outcomes:
             if outcome.action_key is not None:
                 self._attach_stacks(outcome.action_key)

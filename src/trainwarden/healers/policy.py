@@ -181,15 +181,18 @@ class Policy:
             return route
         return self._ladders.get(classify(finding, self.config.classes), ())
 
-    def tick(self, now: float, findings: Sequence[Finding]) -> list[Outcome]:
+    def tick(self, now: float, findings: Sequence[Finding], *, complete: bool = True) -> list[Outcome]:
         """Decide on every firing finding; resolved and pending ones are only logged by the engine.
 
+        `complete` says `findings` is every finding active now (the rule engine's tick). A partial
+        batch (a child's exit, an Alertmanager delivery) is decided on, but cannot show that a job
+        has stopped spiking, so it never relaxes clipping.
         Thread-safe (one tick at a time); healers run inside the tick, so a slow healer delays the next.
         """
         with self._lock:
-            return self._tick(now, findings)
+            return self._tick(now, findings, complete=complete)
 
-    def _tick(self, now: float, findings: Sequence[Finding]) -> list[Outcome]:
+    def _tick(self, now: float, findings: Sequence[Finding], *, complete: bool) -> list[Outcome]:
         outcomes: list[Outcome] = []
         horizon = self.config.horizon_seconds()
         try:
@@ -224,7 +227,8 @@ class Policy:
                 break
         else:
             try:
-                outcomes.extend(self._relax_clipping(findings, history, now))
+                if complete:
+                    outcomes.extend(self._relax_clipping(findings, history, now))
             except JournalError:
                 self._journal_errors += 1
                 log.exception("policy: cannot journal a clipping relaxation")
