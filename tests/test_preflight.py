@@ -269,10 +269,11 @@ def test_bad_options_are_a_config_error_naming_each(
     node: FixtureNode, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Out-of-range flags exit 78 and name every bad flag, running no check."""
-    assert cli.main(argv(node, "--timeout=0", "--write-probe-mib=0")) == 78
+    assert cli.main(argv(node, "--timeout=0", "--write-probe-mib=0", "--after-job=12;reboot")) == 78
     err = capsys.readouterr().err
     assert "--timeout" in err
     assert "--write-probe-mib" in err
+    assert "--after-job" in err
     assert not node.state_dir.exists()
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from preflight_support import KMSG_CAPTURE, FixtureNode, healthy_node
 from slurm_cluster import SlurmCluster, cluster_for_tests
+from trainwarden.journal import JOURNAL_NAME, Entry, Journal
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "deploy" / "slurm" / "trainwarden-preflight.sh"
@@ -38,7 +39,7 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[SlurmCluster]:
         )
         wrapper.chmod(0o755)
         with started.conf.open("a") as conf:
-            conf.write(f"Prolog={wrapper}\n")
+            conf.write(f"Prolog={wrapper}\nEpilog={wrapper}\n")
         started.scontrol("reconfigure")
         yield started
 
@@ -51,6 +52,10 @@ def node(cluster: SlurmCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     write_env(cluster, fixture)
     cluster.wait_idle()
     yield fixture
+    # Healthy again before the resume, so no epilog or health check still running drains it anew.
+    fixture.use_nvml("h100-sxm-8gpu")
+    fixture.kmsg.write_text("")
+    write_env(cluster, fixture)
     cluster.reset()
 
 
@@ -104,6 +109,28 @@ def test_healthy_node_runs_the_job(cluster: SlurmCluster, node: FixtureNode) -> 
     assert "job-ran-here" in run_to_end(cluster)
     assert "DRAIN" not in cluster.node_field("State")
     assert (node.state_dir / "preflight.json").is_file()
+
+
+def test_epilog_records_the_end_of_the_job(cluster: SlurmCluster, node: FixtureNode) -> None:
+    """As the Epilog, the node is checked again and the journal holds a row naming the job that ended."""
+    job = cluster.submit("echo job-ran-here")
+    cluster.wait_for(f"job {job} COMPLETED", lambda: cluster.job_field(job, "JobState") == "COMPLETED", 60.0)
+
+    def epilog_row() -> list[Entry]:
+        if not (node.state_dir / JOURNAL_NAME).exists():
+            return []
+        journal = Journal(node.state_dir / JOURNAL_NAME)
+        try:
+            return [e for e in journal.recent() if e.subject.endswith(f",job={job}")]
+        finally:
+            journal.close()
+
+    cluster.wait_for("the epilog's journal row", lambda: bool(epilog_row()), 60.0)
+    (row,) = epilog_row()
+    assert row.rule == "preflight"
+    assert row.result == "healthy"
+    assert row.reason.startswith(f"after job {job} ended: ")
+    assert "DRAIN" not in cluster.node_field("State")
 
 
 def test_lost_gpu_drains_the_node_and_the_job_does_not_run(cluster: SlurmCluster, node: FixtureNode) -> None:

@@ -29,6 +29,10 @@ set -- preflight --drain --node "$node"
 if [ -r "$TRAINWARDEN_CONFIG" ]; then
     set -- "$@" --config "$TRAINWARDEN_CONFIG"
 fi
+# As the Epilog: the run is journaled as the end of the job that just left the node.
+if [ "${SLURM_SCRIPT_CONTEXT:-}" = epilog_slurmd ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    set -- "$@" --after-job "$SLURM_JOB_ID"
+fi
 # Word-split on purpose: TRAINWARDEN_PREFLIGHT_ARGS is the admin's own flag list.
 # shellcheck disable=SC2086
 exec "${TRAINWARDEN_BIN:-trainwarden}" "$@" ${TRAINWARDEN_PREFLIGHT_ARGS:-}

@@ -112,6 +112,9 @@ def add_preflight_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node", metavar="NAME", help="node name (default $SLURMD_NODENAME or the config's)")
     parser.add_argument("--no-record", action="store_true", help="write neither result file nor journal row")
     parser.add_argument(
+        "--after-job", default="", metavar="JOB", help="record the run as the end of this job"
+    )
+    parser.add_argument(
         "--drain", action="store_true", help="on failure, drain this node in Slurm (scontrol)"
     )
     parser.add_argument("--path.procfs", dest="procfs", type=Path, metavar="DIR", help="procfs mount point")
@@ -155,6 +158,7 @@ def options_from_args(args: argparse.Namespace) -> PreflightOptions:
         collective_ranks=args.collective_ranks,
         collective_bytes=int(args.collective_mib * MIB),
         min_collective_bytes_per_second=args.min_collective_mib_per_second * MIB,
+        after_job=args.after_job,
     )
     _check(options)
     return options

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainwarden.commands import JOB_ID
 from trainwarden.paths import HostPaths
 
 
@@ -74,6 +75,8 @@ class PreflightOptions:
     collective_ranks: int = 2
     collective_bytes: int = 4 * MIB
     min_collective_bytes_per_second: float = 50.0 * MIB
+    after_job: str = ""
+    """The job that just ended on this node (a Slurm Epilog), recorded with the result."""
 
     def problems(self) -> list[tuple[str, str]]:
         """Every out-of-range setting, with its (command-line) name."""
@@ -88,6 +91,11 @@ class PreflightOptions:
             ("collective-ranks", 2 <= self.collective_ranks <= 64, "must be between 2 and 64"),
             ("collective-mib", 4 <= self.collective_bytes <= 4 * GIB, "must be between 4 bytes and 4096 MiB"),
             ("min-collective-mib-per-second", self.min_collective_bytes_per_second >= 0, "must be >= 0"),
+            (
+                "after-job",
+                not self.after_job or bool(JOB_ID.match(self.after_job)),
+                f"must match {JOB_ID.pattern}",
+            ),
         )
         return [(name, why) for name, ok, why in rules if not ok]
 

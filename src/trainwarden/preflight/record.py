@@ -154,12 +154,16 @@ def journal_run(state_dir: Path, document: Mapping[str, Any]) -> None:
     """One `preflight` row in the decision journal (never a taken action, so no policy counts it)."""
     failed = [c for c in document["checks"] if c["status"] == "fail"]
     reason = "; ".join(f"{c['check']}: {c['reason']}" for c in failed) or "all checks passed or skipped"
+    job = str(document.get("after_job") or "")
+    subject = f"node={document['node']}" + (f",job={job}" if job else "")
+    if job:
+        reason = f"after job {job} ended: {reason}"
     journal = Journal(state_dir / JOURNAL_NAME)
     try:
         journal.record(
             time=float(document["finished_at"]),
             rule="preflight",
-            subject=f"node={document['node']}",
+            subject=subject,
             finding_key=f"preflight:{document['node']}:{document['finished_at']}",
             healer="preflight",
             decision="checked",

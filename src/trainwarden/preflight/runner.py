@@ -44,6 +44,7 @@ class Report:
     duration_seconds: float
     timeout_seconds: float
     checks: list[CheckResult] = field(default_factory=list)
+    after_job: str = ""
 
     @property
     def healthy(self) -> bool:
@@ -65,6 +66,7 @@ class Report:
             "timeout_seconds": self.timeout_seconds,
             "healthy": self.healthy,
             "checks": [c.as_dict() for c in self.checks],
+            "after_job": self.after_job,
         }
 
 
@@ -90,7 +92,13 @@ def run_preflight(options: PreflightOptions, families: tuple[Family, ...] = FAMI
             checks += box
     duration = time.monotonic() - started
     return Report(
-        options.node_name, started_at, started_at + duration, duration, options.timeout_seconds, checks
+        node=options.node_name,
+        started_at=started_at,
+        finished_at=started_at + duration,
+        duration_seconds=duration,
+        timeout_seconds=options.timeout_seconds,
+        checks=checks,
+        after_job=options.after_job,
     )
 
 
