@@ -321,13 +321,13 @@ class Server:
 
 
 def shortened_rules(root: Path) -> list[Path]:
-    """The shipped rule files with the test's short intervals: `for:` 3 s, 2 m rate windows 15 s,
+    """The shipped rule files with the test's short intervals: `for:` 3 s, 2 m rate windows and offsets 15 s,
     the stall floor 5 s instead of 60 s. The expressions are otherwise the shipped ones."""
     out = []
     for source in sorted(PROMETHEUS_DIR.glob("*.rules.yml")):
         text = source.read_text(encoding="utf-8")
         text = re.sub(r"for: \d+[mh]", "for: 3s", text)
-        text = text.replace("[2m]", "[15s]").replace("), 60)", "), 5)")
+        text = text.replace("[2m]", "[15s]").replace("offset 2m", "offset 15s").replace("), 60)", "), 5)")
         target = root / source.name
         target.write_text(text, encoding="utf-8")
         out.append(target)
