@@ -107,6 +107,18 @@ def _json(evidence: Mapping[str, Any]) -> str:
     return json.dumps(safe, sort_keys=True, default=str)
 
 
+def open_database(path: Path) -> sqlite3.Connection:
+    """The journal's SQLite file as every user of it opens it: WAL, autocommit, shared across threads.
+
+    The webhook's dedupe table lives in the same file, so both must agree on these settings.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10.0)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
+
+
 class Journal:
     """Thread-safe access to the journal database at `path` (created with its directory if absent)."""
 
@@ -114,10 +126,7 @@ class Journal:
         self.path = path
         self._lock = threading.Lock()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db = open_database(path)
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 why = f"journal schema {version} is newer than this trainwarden ({SCHEMA_VERSION})"

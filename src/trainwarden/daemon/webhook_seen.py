@@ -16,6 +16,7 @@ from pathlib import Path
 
 from trainwarden.daemon.webhook_payload import Alert
 from trainwarden.errors import TrainwardenError
+from trainwarden.journal import open_database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS webhook_alerts (
@@ -42,10 +43,7 @@ class SeenAlerts:
         self.path = path
         self._lock = threading.Lock()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db = open_database(path)
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise SeenAlertsError(f"{path}: cannot open the webhook's table: {exc}") from exc
