@@ -79,6 +79,16 @@ class Outcome:
     action_key: str | None = None
 
 
+FAULT_FAMILIES = {"process_gone": "process_ended", "process_exit": "process_ended"}
+"""Rules that see one fault from two sides: a rank's process gone and the job's command exiting are
+the same crash, whichever the daemon noticed first, so they share one count of attempts."""
+
+
+def fault_family(rule: str) -> str:
+    """The fault a rule's finding is evidence of, for counting attempts and recurrences."""
+    return FAULT_FAMILIES.get(rule, rule)
+
+
 def finding_key(finding: Finding) -> str:
     """Identity of one occurrence of a finding: rule, subject and when it started firing."""
     return f"{finding.rule}|{finding.subject_key}|{finding.since:.3f}"
@@ -406,7 +416,8 @@ class Policy:
             if effect is None:
                 return f"{latest.healer} acted on {latest.subject} at {latest.time:.0f}; not in effect yet"
             return f"observed before {latest.healer} (acted at {latest.time:.0f}) took effect"
-        same = [e for e in incident if e.finding_key == key or e.rule == finding.rule]
+        family = fault_family(finding.rule)
+        same = [e for e in incident if e.finding_key == key or fault_family(e.rule) == family]
         for entry in reversed(same):
             entry_effect = self._effect_time(entry, now)
             if entry_effect is None:
