@@ -13,20 +13,13 @@ points that arrived since the last `collect()` are emitted in order before the l
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import os
-import selectors
-import socket
-import stat
-import struct
 import threading
-import time
-from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,139 +27,94 @@ from trainwarden import control
 from trainwarden.backends.base import RankProcess
 from trainwarden.collectors import training_limits
 from trainwarden.collectors.base import Collector, CollectorContext, RankIdentity
+from trainwarden.collectors.training_metrics import (
+    ALL_PHASES,
+    CLIP_Z_THRESHOLD,
+    COLLECTIVE_BUCKETS,
+    COLLECTIVE_DURATION,
+    COLLECTIVE_IN_FLIGHT,
+    DROPPED,
+    EXITED_CLEANLY,
+    GRAD_NORM,
+    LAST_CHECKPOINT_STEP,
+    LAST_CHECKPOINT_TS,
+    LAST_STEP_TS,
+    LEARNING_RATE,
+    LOSS,
+    PHASE,
+    PHASE_SECONDS,
+    PHASE_STARTED,
+    PID,
+    PROCESS_UP,
+    RECEIVED,
+    REJECTED,
+    RESTART_COUNT,
+    SAMPLES_PER_SECOND,
+    STEP_BUCKETS,
+    STEP_DURATION,
+    STEP_SECONDS,
+    TOKENS_PER_SECOND,
+    TRAIN_STEP,
+)
+from trainwarden.collectors.training_server import Connection, TrainingSocketServer
+from trainwarden.collectors.training_state import (
+    MAX_IN_FLIGHT,
+    Histogram,
+    RankState,
+    on_phase,
+    on_report,
+    on_step,
+)
 from trainwarden.config import CollectorOptions
-from trainwarden.errors import CollectorError
-from trainwarden.model import MetricKind, MetricSpec, Sample
+from trainwarden.model import Sample
 from trainwarden.protocol import (
-    PHASES,
     ByeRecord,
     CheckpointRecord,
     ClipRecord,
     CollectiveRecord,
-    FrameDecoder,
     Hello,
     PhaseRecord,
     Reason,
     Record,
-    RecordError,
     StepRecord,
     default_control_dir,
     default_socket_path,
-    parse,
 )
+
+__all__ = [
+    "ALL_PHASES",
+    "CLIP_Z_THRESHOLD",
+    "COLLECTIVE_BUCKETS",
+    "COLLECTIVE_DURATION",
+    "COLLECTIVE_IN_FLIGHT",
+    "COLLECTOR",
+    "DROPPED",
+    "EXITED_CLEANLY",
+    "GRAD_NORM",
+    "LAST_CHECKPOINT_STEP",
+    "LAST_CHECKPOINT_TS",
+    "LAST_STEP_TS",
+    "LEARNING_RATE",
+    "LOSS",
+    "PHASE",
+    "PHASE_SECONDS",
+    "PHASE_STARTED",
+    "PID",
+    "PROCESS_UP",
+    "RECEIVED",
+    "REJECTED",
+    "RESTART_COUNT",
+    "SAMPLES_PER_SECOND",
+    "STEP_BUCKETS",
+    "STEP_DURATION",
+    "STEP_SECONDS",
+    "TOKENS_PER_SECOND",
+    "TRAIN_STEP",
+    "TrainingCollector",
+    "TrainingOptions",
+]
 
 log = logging.getLogger(__name__)
-
-_RANK = ("job", "rank")
-_G = MetricKind.GAUGE
-
-TRAIN_STEP = MetricSpec("trainwarden_train_step", "Last reported training step.", _G, _RANK, window=True)
-LAST_STEP_TS = MetricSpec(
-    "trainwarden_train_last_step_timestamp_seconds",
-    "When the daemon received the last step record.",
-    _G,
-    _RANK,
-)
-STEP_SECONDS = MetricSpec(
-    "trainwarden_train_step_seconds",
-    "Duration of each step as measured by the client (one windowed point per step).",
-    _G,
-    _RANK,
-    window=True,
-)
-STEP_DURATION = MetricSpec(
-    "trainwarden_train_step_duration_seconds", "Distribution of step durations.", MetricKind.HISTOGRAM, _RANK
-)
-LOSS = MetricSpec(
-    "trainwarden_train_loss", "Last reported loss (NaN/Inf passed through).", _G, _RANK, window=True
-)
-GRAD_NORM = MetricSpec(
-    "trainwarden_train_grad_norm", "Last reported pre-clip gradient norm.", _G, _RANK, window=True
-)
-LEARNING_RATE = MetricSpec("trainwarden_train_learning_rate", "Last reported learning rate.", _G, _RANK)
-SAMPLES_PER_SECOND = MetricSpec(
-    "trainwarden_train_samples_per_second", "Samples of the last step divided by its duration.", _G, _RANK
-)
-TOKENS_PER_SECOND = MetricSpec(
-    "trainwarden_train_tokens_per_second", "Tokens of the last step divided by its duration.", _G, _RANK
-)
-PHASE = MetricSpec(
-    "trainwarden_train_phase", "1 for the rank's current phase, 0 for the others.", _G, (*_RANK, "phase")
-)
-PHASE_STARTED = MetricSpec(
-    "trainwarden_train_phase_started_timestamp_seconds", "When the rank's current phase began.", _G, _RANK
-)
-PHASE_SECONDS = MetricSpec(
-    "trainwarden_train_phase_seconds",
-    "Duration of each completed non-step phase (one windowed point per phase).",
-    _G,
-    (*_RANK, "phase"),
-    window=True,
-)
-RESTART_COUNT = MetricSpec(
-    "trainwarden_train_launcher_restarts", "Restarts of the job as the launcher counts them.", _G, _RANK
-)
-CLIP_Z_THRESHOLD = MetricSpec(
-    "trainwarden_train_clip_z_threshold",
-    "Clipping z-threshold the rank reports running with (its acknowledgement of a clip action).",
-    _G,
-    _RANK,
-)
-EXITED_CLEANLY = MetricSpec(
-    "trainwarden_train_exited_cleanly",
-    "1 once the rank's process said goodbye (a finished rank, not a crash); 0 while it runs.",
-    _G,
-    _RANK,
-)
-PID = MetricSpec("trainwarden_train_pid", "Process id of the rank (as the daemon sees it).", _G, _RANK)
-PROCESS_UP = MetricSpec("trainwarden_train_process_up", "1 while the rank's process exists.", _G, _RANK)
-COLLECTIVE_IN_FLIGHT = MetricSpec(
-    "trainwarden_train_collective_in_flight_seconds",
-    "Age of the oldest collective begun and not ended, 0 if none.",
-    _G,
-    _RANK,
-)
-COLLECTIVE_DURATION = MetricSpec(
-    "trainwarden_train_collective_duration_seconds",
-    "Distribution of collective durations as timed by the client.",
-    MetricKind.HISTOGRAM,
-    ("job", "op"),
-)
-LAST_CHECKPOINT_STEP = MetricSpec(
-    "trainwarden_train_last_checkpoint_step", "Step of the last checkpoint the rank reported.", _G, _RANK
-)
-LAST_CHECKPOINT_TS = MetricSpec(
-    "trainwarden_train_last_checkpoint_timestamp_seconds",
-    "When the last checkpoint record arrived.",
-    _G,
-    _RANK,
-)
-RECEIVED = MetricSpec(
-    "trainwarden_client_records_received_total",
-    "Client records accepted (valid and applied).",
-    MetricKind.COUNTER,
-)
-REJECTED = MetricSpec(
-    "trainwarden_client_records_rejected_total",
-    "Client records or connections refused, by reason.",
-    MetricKind.COUNTER,
-    ("reason",),
-)
-DROPPED = MetricSpec(
-    "trainwarden_client_records_dropped_total",
-    "Records the client itself dropped (daemon absent or slow), as it reported them.",
-    MetricKind.COUNTER,
-    _RANK,
-)
-
-STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 600.0)
-COLLECTIVE_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0)
-ALL_PHASES = ("step", *PHASES)
-_PENDING_POINTS = 4096  # per windowed series between two collections; older ones are dropped
-_MAX_IN_FLIGHT = 1024  # collectives begun and not ended per rank; a leak must not grow forever
-_READ_CHUNK = 256 * 1024
-_READ_BUDGET = 1024 * 1024  # bytes per connection per turn, so one flood cannot starve the others
-_PEERCRED = struct.Struct("3i")
 
 
 @dataclass(frozen=True)
@@ -210,108 +158,7 @@ class TrainingOptions(CollectorOptions):
         return found
 
 
-class _Histogram:
-    """Cumulative-on-render bucket counts."""
-
-    __slots__ = ("buckets", "count", "counts", "total")
-
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * len(buckets)
-        self.count = 0
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-                break
-        self.count += 1
-        self.total += value
-
-    def samples(self, spec: MetricSpec, **labels: str) -> Iterable[Sample]:
-        running = 0
-        for bound, n in zip(self.buckets, self.counts, strict=True):
-            running += n
-            yield spec.sample(running, None, "_bucket", le=_le(bound), **labels)
-        yield spec.sample(self.count, None, "_bucket", le="+Inf", **labels)
-        yield spec.sample(self.total, None, "_sum", **labels)
-        yield spec.sample(self.count, None, "_count", **labels)
-
-
-def _le(bound: float) -> str:
-    return repr(float(bound))
-
-
-class _Series:
-    """Latest (timestamp, value) plus the points not yet handed to the store."""
-
-    __slots__ = ("latest", "pending")
-
-    def __init__(self) -> None:
-        self.latest: tuple[float, float] | None = None
-        self.pending: deque[tuple[float, float]] = deque(maxlen=_PENDING_POINTS)
-
-    def add(self, timestamp: float, value: float) -> None:
-        self.latest = (timestamp, value)
-        self.pending.append((timestamp, value))
-
-    def samples(self, spec: MetricSpec, **labels: str) -> Iterable[Sample]:
-        while self.pending:
-            ts, value = self.pending.popleft()
-            yield spec.sample(value, ts, "", **labels)
-        if self.latest is not None:
-            # Same (time, value) as the last point: the store does not append it twice.
-            yield spec.sample(self.latest[1], self.latest[0], "", **labels)
-
-
-@dataclass
-class _RankState:
-    """Everything the daemon knows about one rank."""
-
-    job: str
-    rank: int
-    local_rank: int = 0
-    world_size: int = 1
-    pid: int = 0
-    restart_count: int = 0
-    last_seen: float = 0.0
-    last_step_ts: float | None = None
-    step: _Series = field(default_factory=_Series)
-    step_seconds: _Series = field(default_factory=_Series)
-    loss: _Series = field(default_factory=_Series)
-    grad_norm: _Series = field(default_factory=_Series)
-    phase_seconds: dict[str, _Series] = field(default_factory=dict)
-    step_hist: _Histogram = field(default_factory=lambda: _Histogram(STEP_BUCKETS))
-    lr: float | None = None
-    samples_per_second: float | None = None
-    tokens_per_second: float | None = None
-    phase: str = "step"
-    phase_started: float = 0.0
-    in_flight: dict[int, float] = field(default_factory=dict)
-    last_checkpoint_step: int | None = None
-    last_checkpoint_ts: float | None = None
-    last_checkpoint_path: str = ""
-    clip_z_threshold: float | None = None
-    dropped_base: int = 0  # drops reported by earlier processes of this rank
-    dropped_reported: int = 0
-    connected: bool = False
-    stack_file: str = ""
-    exited_cleanly: bool = False
-
-
-@dataclass
-class _Connection:
-    sock: socket.socket
-    pid: int
-    uid: int
-    decoder: FrameDecoder = field(default_factory=FrameDecoder)
-    key: tuple[str, int] | None = None
-    opened: float = 0.0  # time.monotonic(), like last_active
-    last_active: float = 0.0
-
-
-class TrainingCollector(Collector):
+class TrainingCollector(TrainingSocketServer, Collector):
     """Receives client records over a Unix socket and exports the training metrics."""
 
     name: ClassVar[str] = "training"
@@ -329,207 +176,26 @@ class TrainingCollector(Collector):
         )
         self.allowed_uids = frozenset(opts.allowed_uids or (os.getuid(), 0))
         self._lock = threading.Lock()
-        self._ranks: dict[tuple[str, int], _RankState] = {}
-        self._collective_hists: dict[tuple[str, str], _Histogram] = {}
+        self._ranks: dict[tuple[str, int], RankState] = {}
+        self._collective_hists: dict[tuple[str, str], Histogram] = {}
         self._received = 0
         self._rejected = dict.fromkeys(Reason.ALL, 0)
         self._last_error: dict[str, str] = {}
         self._last_arrival = 0.0
-        self._conns: dict[int, _Connection] = {}
-        self._limits = training_limits.Limits(
+        limits = training_limits.Limits(
             opts.max_connections,
             opts.max_connections_per_uid,
             opts.hello_timeout_seconds,
             opts.idle_timeout_seconds,
             opts.evict_idle_seconds,
         )
-        self._next_sweep = 0.0
-        self._listener: socket.socket | None = None
-        self._selector: selectors.BaseSelector | None = None
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
+        self._init_server(opts.socket_mode, limits)
 
-    # --- lifecycle ----------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Bind the socket (replacing a stale one, never a live one or a non-socket) and serve."""
-        listener = self._bind()
-        self._listener = listener
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)  # noqa: FBT003 - stdlib signature
-        self._selector.register(listener, selectors.EVENT_READ, "listen")
-        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self._thread = threading.Thread(target=self._serve, name="trainwarden-training", daemon=True)
-        self._thread.start()
-
-    def _bind(self) -> socket.socket:
-        path = self.socket_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise CollectorError(f"{path}: exists and is not a socket; refusing to replace it")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.settimeout(1.0)
-                probe.connect(str(path))
-            except OSError:
-                path.unlink(missing_ok=True)  # stale socket of a dead daemon
-            else:
-                raise CollectorError(f"{path}: another process is listening on this socket")
-            finally:
-                probe.close()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(str(path))
-            # chmod before listen(): until then nobody can connect, so the mode is never too open.
-            path.chmod(self.opts.socket_mode)
-            listener.listen(512)
-            listener.setblocking(False)  # noqa: FBT003 - stdlib signature
-        except OSError as exc:
-            listener.close()
-            raise CollectorError(f"{path}: cannot listen: {exc.strerror or exc}") from exc
-        return listener
-
-    def close(self) -> None:
-        """Stop the server thread, close every connection and remove the socket file."""
-        self._stopping.set()
-        if self._wake_w is not None:
-            with contextlib.suppress(OSError):
-                self._wake_w.send(b"x")
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-        for conn in list(self._conns.values()):
-            conn.sock.close()
-        self._conns.clear()
-        for sock in (self._listener, self._wake_r, self._wake_w):
-            if sock is not None:
-                sock.close()
-        if self._selector is not None:
-            self._selector.close()
-        if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self.socket_path.unlink()
-        self._listener = None
-
-    # --- server thread ------------------------------------------------------------------------
-
-    def _serve(self) -> None:
-        assert self._selector is not None
-        while not self._stopping.is_set():
-            try:
-                events = self._selector.select(timeout=1.0)
-            except OSError:
-                log.exception("training collector: select failed")
-                self._stopping.wait(0.5)  # do not spin on a persistent error
-                continue
-            for key, _mask in events:
-                try:
-                    if key.data == "listen":
-                        self._accept()
-                    elif key.data == "wake":
-                        return
-                    else:
-                        self._read(key.data)
-                except Exception:  # a bug must not take the server down with it
-                    log.exception("training collector: error while serving")
-                    if isinstance(key.data, _Connection):
-                        self._drop_connection(key.data)
-            self._sweep()
-
-    def _sweep(self) -> None:
-        """Close connections without a hello in time or silent too long (at most twice a second)."""
-        now = time.monotonic()
-        if now < self._next_sweep:
-            return
-        self._next_sweep = now + 0.5
-        for conn in training_limits.timed_out(list(self._conns.values()), now, self._limits):
-            what = "sent no hello" if conn.key is None else "was silent"
-            self._reject(Reason.IDLE_TIMEOUT, f"pid {conn.pid} {what} too long; connection closed")
-            self._drop_connection(conn)
-
-    def _accept(self) -> None:
-        assert self._listener is not None
-        assert self._selector is not None
-        for _ in range(64):
-            try:
-                sock, _addr = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # e.g. EMFILE: refuse politely, keep serving
-                log.warning("training collector: accept failed: %s", exc)
-                return
-            pid, uid, _gid = _PEERCRED.unpack(
-                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-            )
-            if uid not in self.allowed_uids:
-                self._reject(Reason.UID_DENIED, f"connection from uid {uid} (pid {pid}) not in allowed_uids")
-                sock.close()
-                continue
-            now = time.monotonic()
-            admitted, victim = training_limits.admit(list(self._conns.values()), uid, now, self._limits)
-            if not admitted:
-                self._reject(
-                    Reason.CONNECTION_LIMIT, f"already {len(self._conns)} connections; pid {pid} refused"
-                )
-                sock.close()
-                continue
-            if victim is not None:
-                self._reject(Reason.EVICTED, f"connection of pid {victim.pid} closed to admit pid {pid}")
-                self._drop_connection(victim)
-            sock.setblocking(False)  # noqa: FBT003 - stdlib signature
-            conn = _Connection(sock=sock, pid=pid, uid=uid, opened=now, last_active=now)
-            self._conns[sock.fileno()] = conn
-            self._selector.register(sock, selectors.EVENT_READ, conn)
-
-    def _read(self, conn: _Connection) -> None:
-        budget = _READ_BUDGET
-        while budget > 0:
-            try:
-                data = conn.sock.recv(_READ_CHUNK)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self._drop_connection(conn)
-                return
-            if not data:
-                self._drop_connection(conn)
-                return
-            conn.last_active = time.monotonic()
-            budget -= len(data)
-            for payload in conn.decoder.feed(data):
-                try:
-                    record = parse(payload)
-                except RecordError as exc:
-                    self._reject(exc.reason, f"pid {conn.pid}: {exc}")
-                    continue
-                if not self._apply(conn, record):
-                    self._drop_connection(conn)
-                    return
-            error = conn.decoder.error
-            if error is not None:
-                self._reject(error.reason, f"pid {conn.pid}: {error}")
-                self._drop_connection(conn)
-                return
-
-    def _drop_connection(self, conn: _Connection) -> None:
-        fd = conn.sock.fileno()
-        if fd >= 0 and self._selector is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self._selector.unregister(conn.sock)
-        self._conns.pop(fd, None)
-        conn.sock.close()
-        if conn.key is not None:
-            with self._lock:
-                state = self._ranks.get(conn.key)
-                if state is not None and state.pid == conn.pid:
-                    state.connected = False
+    def _connection_closed(self, conn: Connection) -> None:
+        with self._lock:
+            state = self._ranks.get(conn.key) if conn.key is not None else None
+            if state is not None and state.pid == conn.pid:
+                state.connected = False
 
     def _reject(self, reason: str, message: str) -> None:
         with self._lock:
@@ -547,7 +213,7 @@ class TrainingCollector(Collector):
         self._last_arrival = now
         return now
 
-    def _apply(self, conn: _Connection, record: Record) -> bool:
+    def _apply(self, conn: Connection, record: Record) -> bool:
         """Apply one valid record; False means the connection must be closed."""
         if isinstance(record, Hello):
             return self._hello(conn, record)
@@ -564,11 +230,11 @@ class TrainingCollector(Collector):
             state.last_seen = now
             self._received += 1
             if isinstance(record, StepRecord):
-                _on_step(state, record, now)
+                on_step(state, record, now)
             elif isinstance(record, PhaseRecord):
-                _on_phase(state, record, now)
+                on_phase(state, record, now)
             elif isinstance(record, CheckpointRecord | ClipRecord):
-                _on_report(state, record, now)
+                on_report(state, record, now)
             elif isinstance(record, CollectiveRecord):
                 self._on_collective(state, record, now)
             elif isinstance(record, ByeRecord):
@@ -577,7 +243,7 @@ class TrainingCollector(Collector):
                     state.dropped_reported = record.dropped
         return True
 
-    def _hello(self, conn: _Connection, hello: Hello) -> bool:
+    def _hello(self, conn: Connection, hello: Hello) -> bool:
         if conn.key is not None:
             self._reject(Reason.DUPLICATE_HELLO, f"pid {conn.pid}: second hello on one connection")
             return True
@@ -596,7 +262,7 @@ class TrainingCollector(Collector):
                         self._last_error[Reason.RANK_LIMIT] = message
                         return False
                     self._evict_rank(evicted, key)
-                state = self._ranks[key] = _RankState(job=hello.job, rank=hello.rank)
+                state = self._ranks[key] = RankState(job=hello.job, rank=hello.rank)
             now = self._arrival()
             if state.pid and state.pid != pid:  # a new process for this rank (restart)
                 self.context.pid_owners.forget(state.pid)
@@ -629,9 +295,9 @@ class TrainingCollector(Collector):
         self._rejected[Reason.EVICTED] += 1
         self._last_error[Reason.EVICTED] = f"rank entry {victim} dropped to make room for {newcomer}"
 
-    def _on_collective(self, state: _RankState, record: CollectiveRecord, now: float) -> None:
+    def _on_collective(self, state: RankState, record: CollectiveRecord, now: float) -> None:
         if record.event == "begin":
-            if len(state.in_flight) >= _MAX_IN_FLIGHT:
+            if len(state.in_flight) >= MAX_IN_FLIGHT:
                 state.in_flight.pop(next(iter(state.in_flight)))
             state.in_flight[record.seq] = now
             return
@@ -644,7 +310,7 @@ class TrainingCollector(Collector):
         hist_key = (state.job, record.op)
         hist = self._collective_hists.get(hist_key)
         if hist is None:
-            hist = self._collective_hists[hist_key] = _Histogram(COLLECTIVE_BUCKETS)
+            hist = self._collective_hists[hist_key] = Histogram(COLLECTIVE_BUCKETS)
         hist.observe(seconds)
 
     # --- control files ------------------------------------------------------------------------
@@ -724,7 +390,7 @@ class TrainingCollector(Collector):
             del self._collective_hists[hist_key]
         log.info("training collector: forgot silent job(s) %s", ", ".join(sorted(dead)))
 
-    def _rank_samples(self, state: _RankState, now: float) -> Iterable[Sample]:
+    def _rank_samples(self, state: RankState, now: float) -> Iterable[Sample]:
         job, rank = state.job, str(state.rank)
         labels = {"job": job, "rank": rank}
         yield from state.step.samples(TRAIN_STEP, **labels)
@@ -782,55 +448,6 @@ class TrainingCollector(Collector):
                 "rejected": {k: v for k, v in self._rejected.items() if v},
                 "last_rejection": dict(self._last_error),
             }
-
-
-def _on_step(state: _RankState, record: StepRecord, now: float) -> None:
-    state.last_step_ts = now
-    state.step.add(now, float(record.step))
-    if record.step_seconds is not None:
-        state.step_seconds.add(now, record.step_seconds)
-        state.step_hist.observe(record.step_seconds)
-    if record.loss is not None:
-        state.loss.add(now, record.loss)
-    if record.grad_norm is not None:
-        state.grad_norm.add(now, record.grad_norm)
-    if record.lr is not None:
-        state.lr = record.lr
-    seconds = record.step_seconds
-    if seconds is not None and seconds > 0:
-        if record.samples is not None:
-            state.samples_per_second = record.samples / seconds
-        if record.tokens is not None:
-            state.tokens_per_second = record.tokens / seconds
-    if record.dropped is not None:
-        state.dropped_reported = record.dropped
-
-
-def _on_report(state: _RankState, record: CheckpointRecord | ClipRecord, now: float) -> None:
-    """A checkpoint saved, or the clip settings the rank runs with."""
-    if isinstance(record, ClipRecord):
-        state.clip_z_threshold = record.z_threshold
-        return
-    state.last_checkpoint_step = record.step
-    state.last_checkpoint_ts = now
-    state.last_checkpoint_path = record.path
-
-
-def _on_phase(state: _RankState, record: PhaseRecord, now: float) -> None:
-    if record.event == "begin":
-        state.phase = record.phase
-        state.phase_started = now
-        return
-    seconds = record.seconds
-    if seconds is None and state.phase == record.phase:
-        seconds = now - state.phase_started
-    if seconds is not None and math.isfinite(seconds):
-        series = state.phase_seconds.get(record.phase)
-        if series is None:
-            series = state.phase_seconds[record.phase] = _Series()
-        series.add(now, seconds)
-    state.phase = "step"
-    state.phase_started = now
 
 
 COLLECTOR = TrainingCollector
