@@ -18,7 +18,11 @@ from typing import Any, ClassVar
 from trainwarden.config import CollectorOptions
 from trainwarden.model import Sample
 from trainwarden.paths import HostPaths
+from trainwarden.protocol import Record
 from trainwarden.xid_ledger import XidLedger
+
+RecordListener = Callable[[float, str, int, int, Record], None]
+"""Told of every client record the training collector applied: (arrival time, job, rank, pid, record)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +79,7 @@ class CollectorContext:
     clock: Callable[[], float] = time.time
     pid_owners: PidOwners = field(default_factory=PidOwners)
     xid_ledger: XidLedger = field(default_factory=XidLedger)
+    record_listeners: tuple[RecordListener, ...] = ()  # e.g. the goodput accountant
 
 
 class Collector(abc.ABC):

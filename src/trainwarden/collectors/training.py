@@ -241,7 +241,16 @@ class TrainingCollector(TrainingSocketServer, Collector):
                 state.exited_cleanly = True
                 if record.dropped is not None:
                     state.dropped_reported = record.dropped
+            self._tell(now, state, conn.pid if conn.pid > 0 else state.pid, record)
         return True
+
+    def _tell(self, now: float, state: RankState, pid: int, record: Record) -> None:
+        """Hand an applied record to the context's listeners (lock held, so they see arrival order)."""
+        for listener in self.context.record_listeners:
+            try:
+                listener(now, state.job, state.rank, pid, record)
+            except Exception:  # a listener's bug must not cost this rank its connection
+                log.exception("training collector: a record listener failed")
 
     def _hello(self, conn: Connection, hello: Hello) -> bool:
         if conn.key is not None:
@@ -280,6 +289,7 @@ class TrainingCollector(TrainingSocketServer, Collector):
             state.phase_started = now
             state.connected = True
             self._received += 1
+            self._tell(now, state, pid, hello)
         conn.key = key
         self.context.pid_owners.set(pid, RankIdentity(hello.job, hello.rank, hello.local_rank))
         if evicted is not None:  # its client must hello again, on a new connection

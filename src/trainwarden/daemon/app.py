@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from trainwarden import __version__
 from trainwarden.collectors import collector_classes
-from trainwarden.collectors.base import Collector, CollectorContext, PidOwners
+from trainwarden.collectors.base import Collector, CollectorContext, PidOwners, RecordListener
 from trainwarden.config import (
     CollectorOptions,
     Config,
@@ -133,6 +133,7 @@ class Daemon:
         self.store = Store(window_seconds=config.daemon.window_seconds)
         self.registry = make_registry(self.store)
         self.pid_owners = PidOwners()
+        self.record_listeners: list[RecordListener] = []  # told of every client record (goodput)
         self.ready = threading.Event()
         self.started_at = clock()
         # Later features hook in here: a status section ("findings", "actions") and periodic jobs
@@ -177,6 +178,9 @@ class Daemon:
         _prepare_dirs(self.config)
         self._publish_daemon_series()
         self._install_healing()
+        from trainwarden.daemon.goodput import install_goodput  # noqa: PLC0415 - keeps `import app` light
+
+        install_goodput(self)  # after the healing (its outcomes), before the collectors (their records)
         self._start_collectors()
 
     def _install_healing(self) -> None:
@@ -266,6 +270,7 @@ class Daemon:
             state_dir=config.daemon.state_dir,
             clock=self.clock,
             pid_owners=self.pid_owners,
+            record_listeners=tuple(self.record_listeners),
         )
         collectors: list[Collector] = []
         unavailable: dict[str, str] = {}

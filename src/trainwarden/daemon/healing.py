@@ -122,6 +122,8 @@ class Healing:
         self._lock = threading.Lock()
         self._severities_seen: set[tuple[str, str]] = set()
         self.restarts = RestartWatch()  # every applied restart must be answered by a step (H4b)
+        # Told of every outcome after its healer ran, with the decision time (goodput accounting).
+        self.outcome_listeners: list[Callable[[Outcome, float], None]] = []
 
     def install(self, daemon: Daemon) -> None:
         """Add the tick to the daemon's scheduler jobs and the engine/policy state to /status."""
@@ -217,6 +219,11 @@ class Healing:
                     self.restarts.options = options_from(self.healers.get(outcome.healer))
                     self.restarts.expect(job, now, action_key=outcome.action_key, healer=outcome.healer)
             emit(self.on_event, outcome_event(outcome, now))
+            for listener in self.outcome_listeners:
+                try:
+                    listener(outcome, now)
+                except Exception:
+                    log.exception("an outcome listener failed")
         self._publish(now)
         return outcomes
 
