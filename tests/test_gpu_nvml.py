@@ -14,6 +14,7 @@ from gpu_support import collect_into, exposition
 from trainwarden import nvml
 from trainwarden.collectors.base import CollectorContext
 from trainwarden.collectors.gpu import GpuCollector, GpuOptions
+from trainwarden.fixture_switch import load_nvml
 from trainwarden.testing import FakeNvml, FixtureError, capture_snapshot, main
 
 
@@ -126,11 +127,11 @@ def test_load_nvml_takes_a_path(tmp_path: Path) -> None:
     """TRAINWARDEN_NVML_FIXTURE may name any JSON file, e.g. a snapshot kept from a real node."""
     path = tmp_path / "mine.json"
     path.write_text(json.dumps({"driver_version": "999.1", "gpus": []}))
-    api = nvml.load_nvml({nvml.FIXTURE_ENV: str(path)})
+    api = load_nvml({nvml.FIXTURE_ENV: str(path)})
     assert isinstance(api, FakeNvml)
     api.init()
     assert api.system_get_driver_version() == "999.1"
-    assert isinstance(nvml.load_nvml({}), nvml.PynvmlBinding)
+    assert isinstance(load_nvml({}), nvml.PynvmlBinding)
 
 
 def test_shipped_fixtures_are_package_data() -> None:

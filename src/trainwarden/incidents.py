@@ -19,8 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from trainwarden.healers.base import Action, ActionResult
-from trainwarden.model import Finding
+from trainwarden.model import Action, ActionResult, Finding
 from trainwarden.store import Point
 
 INCIDENTS_DIR = "incidents"

@@ -1,15 +1,18 @@
-"""The neutral data types every stage shares: metric specs, samples and findings.
+"""The neutral data types every stage shares: metric specs, samples, findings, actions, job processes.
 
 Collectors produce `Sample`s, the store keeps them, the exporter renders them and rules read
-them; none of these stages needs to know about the others' internals.
+them; the policy turns `Finding`s into `Action`s, healers and restart backends answer with an
+`ActionResult`, and both read the daemon's `JobView` of a job's rank processes. The types live here,
+at the bottom, so that every stage imports them downward and none needs another's internals.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Protocol
 
 Labels = tuple[tuple[str, str], ...]
 """Label pairs, sorted by name: hashable so they can key the store."""
@@ -126,3 +129,59 @@ class Finding:
     def subject_key(self) -> str:
         """Stable text form of the subject, e.g. `job=toy,rank=1`."""
         return ",".join(f"{k}={v}" for k, v in sorted(self.subject.items()))
+
+
+class ActionOutcome(enum.StrEnum):
+    """What happened when a healer (or a restart backend) was asked to act."""
+
+    APPLIED = "applied"  # the change was made
+    NOOP = "noop"  # state already as wanted (idempotence)
+    DRY_RUN = "dry_run"  # would have acted; observe-only
+    FAILED = "failed"  # tried and failed
+
+
+@dataclass(frozen=True)
+class Action:
+    """A request to a healer. `key` identifies it for dedupe/idempotence across daemon restarts."""
+
+    healer: str
+    key: str
+    reason: str
+    subject: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, str | float | int | bool] = field(default_factory=dict)
+    evidence: Mapping[str, str | float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    """The outcome, with a human-readable detail an on-call can act on."""
+
+    outcome: ActionOutcome
+    detail: str
+    data: Mapping[str, str | float | int | bool] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RankProcess:
+    """One local rank of a job as the daemon knows it (from the training socket's hello)."""
+
+    job: str
+    rank: int
+    local_rank: int
+    pid: int
+    stack_file: str = ""
+    connected: bool = True  # False once its connection closed (the daemon read all it sent)
+    exited_cleanly: bool = False  # it said goodbye
+    checkpoint_at: float | None = None  # when its last checkpoint record arrived (daemon clock)
+
+
+class JobView(Protocol):
+    """The daemon's view of the training processes on this node (the training collector)."""
+
+    def processes(self, job: str) -> Sequence[RankProcess]:
+        """Every known local rank of `job`, its current pid and stack file."""
+        ...
+
+    def forget(self, job: str) -> None:
+        """Drop the ranks of `job` after a restart, so its vanished pids do not read as crashes."""
+        ...

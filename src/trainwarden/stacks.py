@@ -36,8 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainwarden.backends.base import RankProcess
 from trainwarden.commands import CommandRunner
+from trainwarden.model import RankProcess
 from trainwarden.paths import HostPaths
 
 log = logging.getLogger(__name__)

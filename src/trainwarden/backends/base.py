@@ -10,40 +10,16 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from collections.abc import Iterable
+from typing import ClassVar
 
-from trainwarden.healers.base import ActionOutcome, ActionResult
-from trainwarden.model import Sample
+from trainwarden.model import ActionOutcome, ActionResult, JobView, RankProcess, Sample
+
+# `RankProcess` and `JobView` live in the shared model (the training collector, below the backends,
+# builds them); they are re-exported here, where backends and healers have always imported them from.
+__all__ = ["MAX_RETIRED", "JobView", "RankProcess", "RestartBackend"]
 
 MAX_RETIRED = 4096
-
-
-@dataclass(frozen=True)
-class RankProcess:
-    """One local rank of a job as the daemon knows it (from the training socket's hello)."""
-
-    job: str
-    rank: int
-    local_rank: int
-    pid: int
-    stack_file: str = ""
-    connected: bool = True  # False once its connection closed (the daemon read all it sent)
-    exited_cleanly: bool = False  # it said goodbye
-    checkpoint_at: float | None = None  # when its last checkpoint record arrived (daemon clock)
-
-
-class JobView(Protocol):
-    """The daemon's view of the training processes on this node (the training collector)."""
-
-    def processes(self, job: str) -> Sequence[RankProcess]:
-        """Every known local rank of `job`, its current pid and stack file."""
-        ...
-
-    def forget(self, job: str) -> None:
-        """Drop the ranks of `job` after a restart, so its vanished pids do not read as crashes."""
-        ...
 
 
 class RestartBackend(abc.ABC):

@@ -20,8 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from trainwarden.backends.base import RankProcess
-from trainwarden.model import Finding, FindingState, Severity
+from trainwarden.model import Finding, FindingState, RankProcess, Severity
 
 RULE = "restart_unanswered"
 MAX_JOBS = 256  # jobs with a start-up history; a node runs a handful

@@ -10,8 +10,7 @@ from collections.abc import Sequence
 
 from trainwarden.backends.base import RestartBackend
 from trainwarden.commands import CommandRunner, CommandTemplate
-from trainwarden.healers.base import ActionOutcome, ActionResult
-from trainwarden.model import Sample
+from trainwarden.model import ActionOutcome, ActionResult, Sample
 
 
 class CommandBackend(RestartBackend):

@@ -15,7 +15,7 @@ from types import MappingProxyType
 
 from trainwarden.commands import JOB_ID, NODE_NAME, CommandResult, CommandRunner, sanitize_reason
 from trainwarden.errors import TrainwardenError
-from trainwarden.healers.base import ActionOutcome, ActionResult
+from trainwarden.model import ActionOutcome, ActionResult
 
 REASON_PREFIX = "trainwarden:"
 """Every drain reason trainwarden sets starts with this; only such drains are ever undone."""

@@ -6,8 +6,7 @@ import re
 
 from trainwarden.backends.base import RestartBackend
 from trainwarden.backends.slurm import Scontrol, requeue_job
-from trainwarden.healers.base import ActionOutcome, ActionResult
-from trainwarden.model import Sample
+from trainwarden.model import ActionOutcome, ActionResult, Sample
 
 _SLURM_JOB = re.compile(r"^slurm-(\d+)$")
 

@@ -30,10 +30,10 @@ import psutil
 
 from trainwarden.backends.base import RankProcess, RestartBackend
 from trainwarden.backends.lineage import descends_from
-from trainwarden.daemon.timeline import EventKind, EventSink, TimelineEvent, emit
 from trainwarden.errors import TrainwardenError
-from trainwarden.healers.base import ActionOutcome, ActionResult
+from trainwarden.model import ActionOutcome, ActionResult
 from trainwarden.paths import HostPaths
+from trainwarden.timeline import EventKind, EventSink, TimelineEvent, emit
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,7 @@ import re
 
 from trainwarden.backends.base import RestartBackend
 from trainwarden.commands import CommandRunner
-from trainwarden.healers.base import ActionOutcome, ActionResult
-from trainwarden.model import Sample
+from trainwarden.model import ActionOutcome, ActionResult, Sample
 
 UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.@\\-]{1,255}\.(service|scope|target)$")
 

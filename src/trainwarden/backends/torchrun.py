@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import psutil
 
 from trainwarden.backends.base import RankProcess, RestartBackend
-from trainwarden.healers.base import ActionOutcome, ActionResult
+from trainwarden.model import ActionOutcome, ActionResult
 
 _AGENT_MARKERS = ("torch.distributed.run", "torchrun", "torch.distributed.launch")
 

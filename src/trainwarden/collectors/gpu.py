@@ -28,164 +28,94 @@ from typing import Any, ClassVar, TypeVar
 from trainwarden import nvml
 from trainwarden.collectors.base import Collector, CollectorContext
 from trainwarden.collectors.gpu_events import EVENT_TYPES, NvmlEventWatcher
+from trainwarden.collectors.gpu_metrics import (
+    CLOCK,
+    CLOCK_EVENT,
+    ECC,
+    ENERGY,
+    EVENT_WAIT_ERRORS,
+    EVENT_WATCHER_UP,
+    EVENTS,
+    FIELD_NAMES,
+    FIELD_SERIES,
+    GPU_LABELS,
+    INFO,
+    MEMORY_TOTAL,
+    MEMORY_USED,
+    MEMORY_UTILIZATION,
+    NVLINK_ERRORS,
+    NVML_FAKE,
+    PCIE_BYTES,
+    PCIE_REPLAYS,
+    PCIE_THROUGHPUT,
+    POWER,
+    PROCESS_MEMORY,
+    PROCESSES,
+    QUERY_ERRORS,
+    RECOVERY_ACTION,
+    REMAP_FAILURE,
+    REMAP_PENDING,
+    REMAPPED_ROWS,
+    RETIRED_PAGES,
+    RETIRED_PENDING,
+    TEMPERATURE,
+    UNOWNED_MEMORY,
+    UP,
+    UTILIZATION,
+)
 from trainwarden.collectors.labelled import labelled
 from trainwarden.config import CollectorOptions
 from trainwarden.errors import CollectorUnavailableError, TrainwardenError
-from trainwarden.model import MetricKind, MetricSpec, Sample
+from trainwarden.fixture_switch import load_nvml
+from trainwarden.model import Sample
 from trainwarden.nvml import Nvml, NvmlError
+from trainwarden.nvml_codes import FIELD_IDS, PCIE_BYTE_FIELDS
+
+# The series moved to `gpu_metrics.py`; re-exported here, where the preflight check reads them.
+__all__ = [
+    "CLOCK",
+    "CLOCK_EVENT",
+    "COLLECTOR",
+    "ECC",
+    "ENERGY",
+    "EVENTS",
+    "EVENT_WAIT_ERRORS",
+    "EVENT_WATCHER_UP",
+    "FIELD_IDS",
+    "FIELD_NAMES",
+    "FIELD_SERIES",
+    "GPU_LABELS",
+    "INFO",
+    "MEMORY_TOTAL",
+    "MEMORY_USED",
+    "MEMORY_UTILIZATION",
+    "NVLINK_ERRORS",
+    "NVML_FAKE",
+    "PCIE_BYTES",
+    "PCIE_REPLAYS",
+    "PCIE_THROUGHPUT",
+    "POWER",
+    "PROCESSES",
+    "PROCESS_MEMORY",
+    "QUERY_ERRORS",
+    "RECOVERY_ACTION",
+    "REMAPPED_ROWS",
+    "REMAP_FAILURE",
+    "REMAP_PENDING",
+    "RETIRED_PAGES",
+    "RETIRED_PENDING",
+    "TEMPERATURE",
+    "UNOWNED_MEMORY",
+    "UP",
+    "UTILIZATION",
+    "GpuCollector",
+    "GpuOptions",
+]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-GPU_LABELS = ("gpu", "uuid", "model")
-_C = MetricKind.COUNTER
-_G = MetricKind.GAUGE
-
-
-def _spec(
-    name: str, help_text: str, kind: MetricKind = _G, extra: tuple[str, ...] = (), window: bool = False
-) -> MetricSpec:
-    return MetricSpec(f"trainwarden_gpu_{name}", help_text, kind, GPU_LABELS + extra, window)
-
-
-NVML_FAKE = MetricSpec(
-    "trainwarden_nvml_fake",
-    "1 when the GPU series come from an NVML fixture (TRAINWARDEN_NVML_FIXTURE), not from real GPUs.",
-)
-UP = _spec(
-    "up", "1 while NVML answers for this GPU; 0 once it is lost (fell off the bus, needs reset).", window=True
-)
-INFO = MetricSpec(
-    "trainwarden_gpu_info",
-    "Identity of each GPU: PCI bus id and driver version.",
-    MetricKind.INFO,
-    (*GPU_LABELS, "pci_bus_id", "driver_version"),
-)
-UTILIZATION = _spec(
-    "utilization_ratio", "Fraction of the last sample period a kernel ran (0-1).", window=True
-)
-MEMORY_UTILIZATION = _spec(
-    "memory_utilization_ratio", "Fraction of the last sample period memory was read/written."
-)
-MEMORY_USED = _spec("memory_used_bytes", "Framebuffer memory in use.", window=True)
-MEMORY_TOTAL = _spec("memory_total_bytes", "Framebuffer memory size.")
-TEMPERATURE = _spec(
-    "temperature_celsius", "Temperature of the GPU die or of its memory.", extra=("sensor",), window=True
-)
-POWER = _spec("power_watts", "Power draw of the board.", window=True)
-ENERGY = _spec("energy_joules_total", "Energy used since the driver loaded.", _C)
-CLOCK = _spec("clock_hertz", "Current SM or memory clock.", extra=("clock",))
-CLOCK_EVENT = _spec(
-    "clock_event_reason_active",
-    "1 while this reason holds clocks down (throttling: power cap, thermal, HW slowdown...).",
-    extra=("reason",),
-)
-ECC = _spec(
-    "ecc_errors_total",
-    "ECC errors: corrected (single-bit) or uncorrected (double-bit); volatile (since driver load) "
-    "or aggregate (lifetime).",
-    _C,
-    ("type", "counter"),
-)
-REMAPPED_ROWS = _spec(
-    "remapped_rows_total", "Memory rows remapped, by the error that caused it.", _C, ("cause",)
-)
-REMAP_PENDING = _spec("row_remap_pending", "1 when a row remap waits for a GPU reset to take effect.")
-REMAP_FAILURE = _spec("row_remap_failure", "1 when a row could not be remapped: the GPU needs service.")
-RETIRED_PAGES = _spec(
-    "retired_pages_total", "Memory pages retired (pre-Ampere GPUs), by cause.", _C, ("cause",)
-)
-RETIRED_PENDING = _spec("retired_pages_pending", "1 when page retirement waits for a driver reload.")
-PCIE_REPLAYS = _spec(
-    "pcie_replays_total", "PCIe replays (link-level retransmissions): a flaky slot or riser.", _C
-)
-PCIE_BYTES = _spec("pcie_bytes_total", "Bytes moved over PCIe by the GPU.", _C, ("direction",))
-PCIE_THROUGHPUT = _spec(
-    "pcie_throughput_bytes_per_second",
-    "PCIe throughput over NVML's 20 ms sample, where the GPU has no byte counters.",
-    extra=("direction",),
-)
-NVLINK_ERRORS = _spec("nvlink_errors_total", "NVLink errors summed over all links, by kind.", _C, ("type",))
-RECOVERY_ACTION = _spec(
-    "recovery_action",
-    "The driver's recommended recovery: 0 none, 1 GPU reset, 2 node reboot, 3 drain P2P, 4 drain and reset, "
-    "5 recover IMEX domain, 6 bus reset, 7 system reboot (see xid_catalog.action_for_recovery).",
-)
-PROCESS_MEMORY = _spec(
-    "process_memory_bytes", "GPU memory used by the processes of one training rank.", extra=("job", "rank")
-)
-UNOWNED_MEMORY = _spec(
-    "unowned_process_memory_bytes", "GPU memory used by processes that are not a known training rank."
-)
-PROCESSES = _spec("processes", "Compute processes on the GPU.")
-QUERY_ERRORS = MetricSpec(
-    "trainwarden_gpu_query_errors_total",
-    "NVML queries that failed for a reason other than 'not supported', by GPU and NVML error.",
-    MetricKind.COUNTER,
-    ("gpu", "error"),
-)
-EVENTS = MetricSpec(
-    "trainwarden_gpu_events_total",
-    "NVML events received (xid, single/double-bit ECC, gpu_unavailable, recovery_action) per GPU.",
-    MetricKind.COUNTER,
-    ("gpu", "type"),
-)
-EVENT_WAIT_ERRORS = MetricSpec(
-    "trainwarden_gpu_event_wait_errors_total",
-    "nvmlEventSetWait failures other than timeouts (the thread backs off 1 s after each).",
-    MetricKind.COUNTER,
-)
-EVENT_WATCHER_UP = MetricSpec(
-    "trainwarden_gpu_event_watcher_up", "1 while the NVML event thread is running (0: only polling and kmsg)."
-)
-
-# Field ids read in one nvmlDeviceGetFieldValues call per GPU, and what each becomes.
-_ECC_FIELDS = {
-    nvml.FI_ECC_SBE_VOL_TOTAL: ("corrected", "volatile"),
-    nvml.FI_ECC_DBE_VOL_TOTAL: ("uncorrected", "volatile"),
-    nvml.FI_ECC_SBE_AGG_TOTAL: ("corrected", "aggregate"),
-    nvml.FI_ECC_DBE_AGG_TOTAL: ("uncorrected", "aggregate"),
-}
-_NVLINK_FIELDS = {
-    nvml.FI_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL: "crc_flit",
-    nvml.FI_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL: "crc_data",
-    nvml.FI_NVLINK_REPLAY_ERROR_COUNT_TOTAL: "replay",
-    nvml.FI_NVLINK_RECOVERY_ERROR_COUNT_TOTAL: "recovery",
-}
-_RETIRED_FIELDS = {nvml.FI_RETIRED_SBE: "single_bit_ecc", nvml.FI_RETIRED_DBE: "double_bit_ecc"}
-_PCIE_BYTE_FIELDS = {nvml.FI_PCIE_COUNT_TX_BYTES: "tx", nvml.FI_PCIE_COUNT_RX_BYTES: "rx"}
-FIELD_IDS: tuple[int, ...] = (
-    *_ECC_FIELDS,
-    *_NVLINK_FIELDS,
-    *_RETIRED_FIELDS,
-    nvml.FI_RETIRED_PENDING,
-    nvml.FI_MEMORY_TEMP,
-    nvml.FI_PCIE_REPLAY_COUNTER,
-    *_PCIE_BYTE_FIELDS,
-    nvml.FI_GET_GPU_RECOVERY_ACTION,
-)
-_FIELD_NAMES = {
-    **{k: f"ECC {t} {c}" for k, (t, c) in _ECC_FIELDS.items()},
-    **{k: f"NVLink {v} errors" for k, v in _NVLINK_FIELDS.items()},
-    **{k: f"retired pages ({v})" for k, v in _RETIRED_FIELDS.items()},
-    nvml.FI_RETIRED_PENDING: "retired pages pending",
-    nvml.FI_MEMORY_TEMP: "memory temperature",
-    nvml.FI_PCIE_REPLAY_COUNTER: "PCIe replay counter",
-    **{k: f"PCIe {v} byte counter" for k, v in _PCIE_BYTE_FIELDS.items()},
-    nvml.FI_GET_GPU_RECOVERY_ACTION: "GPU recovery action",
-}
-# What each field becomes: spec, its extra labels, and whether the value is a 0/1 flag.
-_FIELD_SERIES: dict[int, tuple[MetricSpec, dict[str, str], bool]] = {
-    **{k: (ECC, {"type": t, "counter": c}, False) for k, (t, c) in _ECC_FIELDS.items()},
-    **{k: (NVLINK_ERRORS, {"type": v}, False) for k, v in _NVLINK_FIELDS.items()},
-    **{k: (RETIRED_PAGES, {"cause": v}, False) for k, v in _RETIRED_FIELDS.items()},
-    nvml.FI_RETIRED_PENDING: (RETIRED_PENDING, {}, True),
-    nvml.FI_MEMORY_TEMP: (TEMPERATURE, {"sensor": "memory"}, False),
-    nvml.FI_PCIE_REPLAY_COUNTER: (PCIE_REPLAYS, {}, False),
-    **{k: (PCIE_BYTES, {"direction": v}, False) for k, v in _PCIE_BYTE_FIELDS.items()},
-    nvml.FI_GET_GPU_RECOVERY_ACTION: (RECOVERY_ACTION, {}, False),
-}
 _KB = 1000  # nvmlDeviceGetPcieThroughput reports KB/s (1 KB = 1000 B, nvml.h)
 
 
@@ -256,7 +186,7 @@ class GpuCollector(Collector):
     def start(self) -> None:
         """Initialise NVML and learn each GPU's identity; no NVML means unavailable, not failed."""
         try:
-            api = self._api_given if self._api_given is not None else nvml.load_nvml()
+            api = self._api_given if self._api_given is not None else load_nvml()
             api.init()
         except TrainwardenError as exc:  # NvmlError, or an unusable TRAINWARDEN_NVML_FIXTURE
             raise CollectorUnavailableError(f"NVML unavailable ({exc}); GPU metrics disabled") from exc
@@ -471,7 +401,7 @@ class GpuCollector(Collector):
             lambda v: self._fields(gpu, v, fields),
         )
         out.extend(self._field_samples(fields, labels))
-        if not set(_PCIE_BYTE_FIELDS) <= fields.keys() and self._opts.pcie_throughput_fallback:
+        if not set(PCIE_BYTE_FIELDS) <= fields.keys() and self._opts.pcie_throughput_fallback:
             attempt(
                 "PCIe tx throughput",
                 lambda: api.device_get_pcie_throughput(h, nvml.PCIE_UTIL_TX_BYTES),
@@ -495,7 +425,7 @@ class GpuCollector(Collector):
             if item.error is None and item.value is not None:
                 into[item.field_id] = item.value
                 continue
-            what = _FIELD_NAMES.get(item.field_id, f"field {item.field_id}")
+            what = FIELD_NAMES.get(item.field_id, f"field {item.field_id}")
             if isinstance(item.error, nvml.LOST_ERRORS):
                 self._query(gpu, what, _raiser(item.error))
             elif isinstance(item.error, nvml.NvmlNotSupportedError):
@@ -507,7 +437,7 @@ class GpuCollector(Collector):
     @staticmethod
     def _field_samples(fields: Mapping[int, float], labels: dict[str, str]) -> list[Sample]:
         out: list[Sample] = []
-        for fid, (spec, extra, as_flag) in _FIELD_SERIES.items():
+        for fid, (spec, extra, as_flag) in FIELD_SERIES.items():
             if fid in fields:
                 value = fields[fid]
                 out.append(labelled(spec, (1 if value else 0) if as_flag else value, labels, **extra))

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from trainwarden import control
-from trainwarden.backends.base import RankProcess
 from trainwarden.collectors import training_limits
 from trainwarden.collectors.base import Collector, CollectorContext, RankIdentity
 from trainwarden.collectors.training_metrics import (
@@ -66,7 +65,7 @@ from trainwarden.collectors.training_state import (
     on_step,
 )
 from trainwarden.config import CollectorOptions
-from trainwarden.model import Sample
+from trainwarden.model import RankProcess, Sample
 from trainwarden.protocol import (
     ByeRecord,
     CheckpointRecord,

@@ -183,6 +183,10 @@ class Daemon:
         install_goodput(self)  # after the healing (its outcomes), before the collectors (their records)
         self._start_collectors()
 
+    def current_collectors(self) -> tuple[Collector, ...]:
+        """The collectors of the configuration running now (a reload replaces them)."""
+        return self._runtime.collectors
+
     def _install_healing(self) -> None:
         """Rules and policy on a scheduler job; a config error stops the start, a broken journal does not."""
         from trainwarden.daemon.healing import Healing  # noqa: PLC0415 - keeps `import app` light

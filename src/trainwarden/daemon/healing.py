@@ -37,7 +37,7 @@ from trainwarden.store import Store
 
 if TYPE_CHECKING:
     from trainwarden.config import Config
-    from trainwarden.daemon.app import Daemon
+    from trainwarden.daemon.host import DaemonHost
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Healing:
 
     def __init__(
         self,
-        daemon: Daemon,
+        daemon: DaemonHost,
         *,
         restart_backend: RestartBackend | None = None,
         on_event: EventSink | None = None,
@@ -110,7 +110,7 @@ class Healing:
             state_dir=config.daemon.state_dir,
             clock=daemon.clock,
             store=daemon.store,
-            jobs=CollectorJobs(lambda: daemon._runtime.collectors, daemon.store),  # noqa: SLF001 - its own runtime
+            jobs=CollectorJobs(daemon.current_collectors, daemon.store),
             restart_backend=restart_backend,
         )
         self.journal = Journal.in_state_dir(config.daemon.state_dir)
@@ -125,7 +125,7 @@ class Healing:
         # Told of every outcome after its healer ran, with the decision time (goodput accounting).
         self.outcome_listeners: list[Callable[[Outcome, float], None]] = []
 
-    def install(self, daemon: Daemon) -> None:
+    def install(self, daemon: DaemonHost) -> None:
         """Add the tick to the daemon's scheduler jobs and the engine/policy state to /status."""
         daemon.extra_jobs.append(ExtraJob("detect-and-heal", self.tick, self.interval_seconds))
         # Looked up per call, not bound once: a reload swaps the engine and the policy.

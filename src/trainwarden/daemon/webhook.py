@@ -28,12 +28,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import requests
 
 from trainwarden.config import parse_listen
 from trainwarden.daemon.healing import finding_event
+from trainwarden.daemon.host import DaemonHost
 from trainwarden.daemon.http import Request, Response
 from trainwarden.daemon.timeline import EventKind, EventSink, emit
 from trainwarden.daemon.webhook_config import WebhookConfig, is_loopback, listen_problems, read_token
@@ -45,8 +46,8 @@ from trainwarden.model import Finding, FindingState, MetricKind, MetricSpec, Sam
 from trainwarden.store import Store
 
 if TYPE_CHECKING:
-    from trainwarden.daemon.app import Daemon
     from trainwarden.daemon.healing import Healing
+    from trainwarden.daemon.http import Routes
     from trainwarden.healers.policy import Outcome
 
 log = logging.getLogger(__name__)
@@ -356,7 +357,21 @@ def alert_finding(alert: Alert, rule: str) -> Finding:
     )
 
 
-def install_webhook(daemon: Daemon, healing: Healing) -> Webhook | None:
+class WebhookHost(DaemonHost, Protocol):
+    """The daemon as the webhook sees it: also its routes, and the healing it runs now."""
+
+    @property
+    def routes(self) -> Routes:
+        """The HTTP routes the daemon serves."""
+        ...
+
+    @property
+    def healing(self) -> Healing | None:
+        """The daemon's detect-and-heal (`trainwarden run` sets its own after the start)."""
+        ...
+
+
+def install_webhook(daemon: WebhookHost, healing: Healing) -> Webhook | None:
     """Serve `POST /api/v1/alerts` on the daemon, feeding its healing; None when disabled.
 
     Raises `ConfigError` when the listener is not loopback and no token is configured (a

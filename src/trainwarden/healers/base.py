@@ -8,48 +8,22 @@ one line in `trainwarden.healers.HEALER_MODULES`.
 from __future__ import annotations
 
 import abc
-import enum
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from trainwarden.config import PluginOptions
+from trainwarden.model import Action, ActionOutcome, ActionResult, JobView
 
 if TYPE_CHECKING:
-    from trainwarden.backends.base import JobView, RestartBackend
+    from trainwarden.backends.base import RestartBackend
     from trainwarden.store import Store
 
-
-class ActionOutcome(enum.StrEnum):
-    """What happened when a healer was asked to act."""
-
-    APPLIED = "applied"  # the change was made
-    NOOP = "noop"  # state already as wanted (idempotence)
-    DRY_RUN = "dry_run"  # would have acted; observe-only
-    FAILED = "failed"  # tried and failed
-
-
-@dataclass(frozen=True)
-class Action:
-    """A request to a healer. `key` identifies it for dedupe/idempotence across daemon restarts."""
-
-    healer: str
-    key: str
-    reason: str
-    subject: Mapping[str, str] = field(default_factory=dict)
-    params: Mapping[str, str | float | int | bool] = field(default_factory=dict)
-    evidence: Mapping[str, str | float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ActionResult:
-    """The outcome, with a human-readable detail an on-call can act on."""
-
-    outcome: ActionOutcome
-    detail: str
-    data: Mapping[str, str | float | int | bool] = field(default_factory=dict)
+# The action types live in the shared model (restart backends, below the healers, answer with
+# them too); they are re-exported here, where healers have always imported them from.
+__all__ = ["Action", "ActionOutcome", "ActionResult", "Healer", "HealerContext"]
 
 
 @dataclass(frozen=True)
