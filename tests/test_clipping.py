@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from trainwarden.client import clipping
 from trainwarden.client.clipping import AdaptiveClipper, ClipSettingsError
 from trainwarden.control import ClipSettings, ControlState, read_control, write_control
 
@@ -127,11 +129,33 @@ def test_non_finite_norm_leaves_grads_and_stats_alone() -> None:
     assert (after.mean, after.std, after.clipped_steps) == (before.mean, before.std, 0)
 
 
+@pytest.fixture(autouse=True, params=["host", "device"])
+def both_paths(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test runs on the host path (CPU gradients) and on the device path (accelerators)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "device":
+            patch.setattr(clipping, "_host_side", lambda _device: False)
+        yield
+
+
+@pytest.fixture
+def device_path() -> Iterator[None]:
+    """The clipper's device path (what runs on an accelerator), forced on these CPU tensors."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(clipping, "_host_side", lambda _device: False)
+        yield
+
+
+@pytest.mark.usefixtures("device_path")
 @pytest.mark.parametrize("settings", [WARM, SKIP], ids=["zclip", "skip"])
 def test_clip_never_reads_device_values_on_the_host(
     monkeypatch: pytest.MonkeyPatch, settings: ClipSettings
 ) -> None:
-    """No .item(), bool() or float() on tensors in clip(), skipping or not: no host-device sync per step."""
+    """No .item(), bool() or float() on tensors in clip(), skipping or not: no host-device sync per step.
+
+    The device path is what runs on an accelerator; CPU gradients take the host path (their values
+    are in host memory already), so the test forces the device path on these CPU tensors.
+    """
     params = _params()
     clipper = AdaptiveClipper(params, settings)
 
@@ -391,6 +415,7 @@ def test_fused_optimizer_skips_an_outlier_step_entirely() -> None:
     assert not all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
 
 
+@pytest.mark.usefixtures("device_path")
 def test_fused_skip_step_never_reads_device_values_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
     """clip() and clipper.step() with a fused optimizer, skipping or not, never read a tensor on the host."""
     model, opt, clipper, x = _fused_setup()

@@ -44,6 +44,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from trainwarden.client import grad_norm
 from trainwarden.control import ClipSettings, clip_settings_problems
 from trainwarden.errors import TrainwardenError
 
@@ -90,19 +91,101 @@ class ClipStats:
     mode: ClipMode
 
 
+class _HostMath:
+    """The clipper's scalar arithmetic on Python floats, for gradients in host memory (CPU).
+
+    A CPU tensor's value is already in host memory, so reading the norm is a load, not a sync,
+    and some 40 tiny tensor ops (3-5 µs of dispatch each) become float arithmetic.
+    """
+
+    on_host = True
+
+    @staticmethod
+    def where(cond: Any, a: Any, b: Any) -> Any:
+        return a if cond else b
+
+    @staticmethod
+    def isfinite(x: Any) -> Any:
+        return math.isfinite(x)
+
+    @staticmethod
+    def sqrt(x: Any) -> Any:
+        return math.sqrt(x)
+
+    @staticmethod
+    def floor(x: Any, low: float) -> Any:
+        return max(x, low)  # x first, like clamp_min: NaN stays NaN
+
+    @staticmethod
+    def cap(x: Any, high: float) -> Any:
+        return min(x, high)  # x first, like clamp_max: NaN stays NaN
+
+    @staticmethod
+    def not_(x: Any) -> Any:
+        return not x
+
+
+class _DeviceMath:
+    """The same arithmetic as 0-d tensors on the gradients' device: no host-device sync."""
+
+    on_host = False
+
+    def __init__(self, torch: Any) -> None:
+        self._torch = torch
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        return self._torch.where(cond, a, b)
+
+    def isfinite(self, x: Any) -> Any:
+        return self._torch.isfinite(x)
+
+    def sqrt(self, x: Any) -> Any:
+        return self._torch.sqrt(x)
+
+    @staticmethod
+    def floor(x: Any, low: float) -> Any:
+        return x.clamp_min(low)
+
+    @staticmethod
+    def cap(x: Any, high: float) -> Any:
+        return x.clamp_max(high)
+
+    @staticmethod
+    def not_(x: Any) -> Any:
+        return ~x
+
+
+def _host_side(device: torch.device) -> bool:
+    """True when the clipper's statistics live in host memory (gradients on the CPU)."""
+    return device.type == "cpu"
+
+
+@dataclass(slots=True)
+class _Stats:
+    """Running statistics: Python numbers (`_HostMath`) or 0-d tensors (`_DeviceMath`)."""
+
+    mean: Any
+    var: Any
+    run: Any  # consecutive skips so far
+    clipped: Any
+    skipped: Any
+    warm: Any  # warm-up norms, NaN where not (yet) finite: list[float] or a float32 tensor
+
+
 class AdaptiveClipper:
     """Clip gradients in place and return the pre-clip total norm (a 0-d tensor).
 
-    Use it where you would call ``clip_grad_norm_``, after ``backward()`` (and after DDP has
-    averaged the gradients, so every rank computes the same norm and clips identically)::
+    Use it where you would call ``clip_grad_norm_``, after ``backward()`` (after DDP has averaged
+    the gradients, or with FSDP2's sharded DTensor gradients as they are)::
 
         clipper = AdaptiveClipper(model.parameters())
         loss.backward()
         norm = clipper.clip()          # tensor, no host sync
         clipper.step(optimizer)        # optimizer.step(), skipped on the device for an outlier
 
-    Gradients must be replicated (DDP); for sharded gradients (FSDP) the norm would need a
-    cross-rank reduction, which this clipper does not do.
+    Every rank computes the same global norm (`trainwarden.client.grad_norm`), so every rank
+    clips and skips identically. With fp16 and a GradScaler, call ``scaler.unscale_(optimizer)``
+    before `clip` and ``clipper.step(optimizer, scaler)`` instead of ``scaler.step(optimizer)``.
     """
 
     def __init__(
@@ -121,22 +204,39 @@ class AdaptiveClipper:
         self.mode: ClipMode = mode
         self.rejected_updates = 0
         self._step = 0  # host-side count: we know it without asking the device
-        self._tensors_ready = False
+        self._math: _HostMath | _DeviceMath | None = None  # set with the statistics, at the first clip()
+        self._st = _Stats(0.0, 0.0, 0, 0, 0, [])
+        self._flags: tuple[Any, Any] = (None, None)  # (0.0, 1.0) as tensors on the device
+        self._skip_flag: Any = None
 
-    # --- state kept on the device ---------------------------------------------------------------
+    # --- state --------------------------------------------------------------------------------
 
-    def _init_tensors(self, device: torch.device) -> None:
+    def _init_state(self, device: torch.device) -> None:
         import torch  # noqa: PLC0415 - torch is imported lazily on purpose
 
         f32 = torch.float32
-        self._mean = torch.zeros((), dtype=f32, device=device)
-        self._var = torch.zeros((), dtype=f32, device=device)
-        self._warm = torch.full((self._settings.warmup_steps,), math.nan, dtype=f32, device=device)
-        self._clipped = torch.zeros((), dtype=torch.int64, device=device)
-        self._skipped = torch.zeros((), dtype=torch.int64, device=device)
-        self._run = torch.zeros((), dtype=torch.int64, device=device)  # consecutive skips so far
-        self._skip_flag = torch.zeros((), dtype=f32, device=device)  # 1.0: the last clip() skipped
-        self._tensors_ready = True
+        warmup = self._settings.warmup_steps
+        if _host_side(device):
+            self._math = _HostMath()
+            self._st = _Stats(0.0, 0.0, 0, 0, 0, [math.nan] * warmup)
+        else:
+            self._math = _DeviceMath(torch)
+            zero = torch.zeros((), dtype=torch.int64, device=device)
+            self._st = _Stats(
+                mean=torch.zeros((), dtype=f32, device=device),
+                var=torch.zeros((), dtype=f32, device=device),
+                run=zero,
+                clipped=zero,
+                skipped=zero,
+                warm=torch.full((warmup,), math.nan, dtype=f32, device=device),
+            )
+        # Read-only flags handed to optimizers (found_inf); never written in place.
+        self._flags = (torch.zeros((), dtype=f32, device=device), torch.ones((), dtype=f32, device=device))
+        self._skip_flag = self._flags[0]
+
+    @property
+    def _ready(self) -> bool:
+        return self._math is not None
 
     @property
     def settings(self) -> ClipSettings:
@@ -156,54 +256,73 @@ class AdaptiveClipper:
 
         grads = [p.grad for p in self._params if p.grad is not None]
         if not grads:
-            if self._tensors_ready:
-                self._skip_flag = torch.zeros_like(self._skip_flag)
+            if self._ready:
+                self._skip_flag = self._flags[0]
             return torch.zeros(())
-        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        if total.dtype != torch.float32:
-            total = total.to(torch.float32)
-        if not self._tensors_ready:
-            self._init_tensors(total.device)
-        finite = torch.isfinite(total)
-        s = self._settings
+        total = grad_norm.total_norm(grads)
+        if self._math is None:
+            self._init_state(total.device)
+        assert self._math is not None  # for mypy: set just above
+        if self._math.on_host:
+            coef, skip = self._decide(float(total))  # a load from host memory, not a sync
+            self._skip_flag = self._flags[1] if skip else self._flags[0]
+            if coef != 1.0:  # a free host branch: an unclipped step costs the norm alone
+                torch._foreach_mul_(grad_norm.local_parts(grads), coef)
+            return total
+        coef, skip = self._decide(total)
+        self._skip_flag = self._flags[0] if skip is False else skip.to(torch.float32)
+        parts = grad_norm.local_parts(grads)
+        torch._foreach_mul_(parts, coef.to(parts[0].dtype))  # the fused op clip_grad_norm_ itself uses
+        return total
+
+    def _decide(self, total: Any) -> tuple[Any, Any]:
+        """(coefficient to scale the gradients by, whether the step is skipped) for norm `total`."""
+        m, st, s = self._math, self._st, self._settings
+        assert m is not None  # clip() sets it first
+        finite = m.isfinite(total)
+        skip: Any = False
         if self.mode == "fixed" or self._step < s.warmup_steps:
-            bound = torch.full_like(total, s.warmup_max_norm)
-            target = torch.minimum(total, bound)
+            target = m.cap(total, s.warmup_max_norm)
             if self.mode != "fixed":
-                self._warm[self._step] = torch.where(finite, total, torch.full_like(total, math.nan))
+                st.warm[self._step] = m.where(finite, total, math.nan)
             self._step += 1
             if self.mode != "fixed" and self._step == s.warmup_steps:
                 self._start_statistics()
-            self._skip_flag = torch.zeros_like(self._skip_flag)
         else:
             target, skip = self._adaptive_target(total, finite)
-            self._skipped.add_(skip)
-            self._skip_flag = skip.to(torch.float32)
+            st.skipped = st.skipped + skip
             self._step += 1
         # A non-finite norm keeps coefficient 1: multiplying NaN gradients fixes nothing.
         clipped = finite & (target < total)
-        coef = torch.where(clipped, target / (total + _EPS), 1.0)
-        if coef.dtype != grads[0].dtype:
-            coef = coef.to(grads[0].dtype)
-        torch._foreach_mul_(grads, coef)  # the fused op clip_grad_norm_ itself uses
-        self._clipped.add_(clipped)
-        return total
+        st.clipped = st.clipped + clipped
+        return m.where(clipped, target / (total + _EPS), 1.0), skip
 
     @property
     def skip_flag(self) -> torch.Tensor | None:
-        """0-d float32 tensor on the device: 1.0 when the last `clip()` skipped the step (None before it)."""
-        return self._skip_flag if self._tensors_ready else None
+        """0-d float32 tensor on the device: 1.0 when the last `clip()` skipped the step (None before it).
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """``optimizer.step()``, left out on the device when the last `clip()` skipped the step.
+        Read it, never write it: the clipper hands the same tensor out again.
+        """
+        return self._skip_flag if self._ready else None
+
+    def step(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> None:
+        """``optimizer.step()`` (or ``scaler.step(optimizer)``), left out when the last `clip()` skipped.
 
         Fused optimizers take GradScaler's protocol (``_step_supports_amp_scaling`` and a
         ``found_inf`` attribute for the duration of the step); a nonzero flag makes them change
         nothing. Any other optimizer, or one inside a GradScaler step that already carries a
         ``found_inf``, just steps: the gradients are already zero, so only momentum moves it.
+
+        With an enabled ``torch.amp.GradScaler`` the skip goes through the scaler: a fused
+        optimizer gets the scaler's ``found_inf`` plus the skip flag, any other optimizer is not
+        stepped (the scaler has just read its own flags on the host, so this read adds no sync).
+        The scaler's own overflow record is left alone, so a skip never lowers the loss scale.
         """
+        if scaler is not None and scaler.is_enabled():
+            self._scaler_step(optimizer, scaler)
+            return
         if (
-            not self._tensors_ready
+            not self._ready
             or not getattr(optimizer, "_step_supports_amp_scaling", False)
             or hasattr(optimizer, "found_inf")
         ):
@@ -215,47 +334,78 @@ class AdaptiveClipper:
         finally:
             del optimizer.found_inf  # type: ignore[attr-defined]
 
+    def _scaler_step(self, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
+        """``scaler.step(optimizer)`` with the skip flag added to the step's own decision."""
+        flag = self._skip_flag if self._ready else None
+        if flag is None:
+            scaler.step(optimizer)
+            return
+        own = vars(optimizer)
+        shadowed = own.get("step")  # e.g. an LR scheduler's wrapper of the bound method
+        inner = optimizer.step
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            found_inf = getattr(optimizer, "found_inf", None)
+            if found_inf is not None:  # the scaler set it for a fused optimizer
+                optimizer.found_inf = found_inf + flag.to(found_inf.device)  # type: ignore[attr-defined]
+                return inner(*args, **kwargs)
+            if flag.item():
+                return None
+            return inner(*args, **kwargs)
+
+        own["step"] = guarded
+        try:
+            scaler.step(optimizer)
+        finally:
+            if shadowed is None:
+                del own["step"]
+            else:
+                own["step"] = shadowed
+
     def _start_statistics(self) -> None:
         """Seed mean/variance from the warm-up norms with median and MAD (robust to a spike)."""
+        st = self._st
+        if isinstance(st.warm, list):
+            mean, var = _robust_start([v for v in st.warm if math.isfinite(v)])
+            st.mean, st.var = mean, var
+            return
         import torch  # noqa: PLC0415
 
-        warm = self._warm
+        warm = st.warm
         valid = torch.isfinite(warm)
         # nanmedian ignores the NaNs we stored for non-finite norms; all-NaN gives NaN, handled below.
         median = torch.nanmedian(warm)
         mad = torch.nanmedian((warm - median).abs().where(valid, torch.full_like(warm, math.nan)))
         std = torch.maximum(mad * _MAD_TO_STD, median.abs() * 0.01)
         ok = torch.isfinite(median) & torch.isfinite(std)
-        self._mean = torch.where(ok, median, torch.zeros_like(median))
-        self._var = torch.where(ok, std * std, torch.zeros_like(std))
+        st.mean = torch.where(ok, median, torch.zeros_like(median))
+        st.var = torch.where(ok, std * std, torch.zeros_like(std))
 
-    def _adaptive_target(
-        self, total: torch.Tensor, finite: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm to scale the gradients to, whether the step is skipped), both on the device."""
-        import torch  # noqa: PLC0415
-
-        s = self._settings
-        std = torch.sqrt(self._var).clamp_min(_EPS)
-        z = (total - self._mean) / std
+    def _adaptive_target(self, total: Any, finite: Any) -> tuple[Any, Any]:
+        """(norm to scale the gradients to, whether the step is skipped), host or device numbers."""
+        m, st, s = self._math, self._st, self._settings
+        assert m is not None  # clip() sets it first
+        std = m.floor(m.sqrt(st.var), _EPS)
+        z = (total - st.mean) / std
         if self.mode == "reciprocal":
-            bound = self._mean + (s.z_threshold * s.z_threshold / z.clamp_min(_EPS)) * std
+            bound = st.mean + (s.z_threshold * s.z_threshold / m.floor(z, _EPS)) * std
         else:
-            bound = self._mean + s.z_threshold * std
+            bound = st.mean + s.z_threshold * std
         spike = finite & (z > s.z_threshold)
-        clipped = torch.where(spike, bound, total)
-        skip = finite & (z > s.skip_z_threshold) & (self._run < s.max_consecutive_skips)
+        clipped = m.where(spike, bound, total)
+        skip = finite & (z > s.skip_z_threshold) & (st.run < s.max_consecutive_skips)
         # A NaN step neither extends nor ends a run of skips.
-        self._run = torch.where(skip, self._run + 1, torch.where(finite, 0, self._run))
+        st.run = m.where(skip, st.run + 1, m.where(finite, 0, st.run))
         # EMA update with the clipped value (ZClip's update order: variance against the new mean);
         # a skipped norm was judged not to belong to the distribution and leaves it alone.
         a = s.ema_alpha
-        new_mean = a * self._mean + (1.0 - a) * clipped
-        new_var = a * self._var + (1.0 - a) * (clipped - new_mean) ** 2
-        keep = finite & ~skip
-        self._mean = torch.where(keep, new_mean, self._mean)
-        self._var = torch.where(keep, new_var, self._var)
-        return torch.where(skip, 0.0, clipped), skip
+        new_mean = a * st.mean + (1.0 - a) * clipped
+        deviation = clipped - new_mean
+        new_var = a * st.var + (1.0 - a) * (deviation * deviation)
+        keep = finite & m.not_(skip)
+        st.mean = m.where(keep, new_mean, st.mean)
+        st.var = m.where(keep, new_var, st.var)
+        return m.where(skip, 0.0, clipped), skip
 
     # --- control --------------------------------------------------------------------------------
 
@@ -277,7 +427,7 @@ class AdaptiveClipper:
         # Resize whenever the old or the new settings put this step inside the warm-up: clip() indexes
         # the warm-up norms by step (a longer warm-up set after the old one ended restarts it).
         if (
-            self._tensors_ready
+            self._ready
             and settings.warmup_steps != old.warmup_steps
             and self._step < max(old.warmup_steps, settings.warmup_steps)
         ):
@@ -286,11 +436,15 @@ class AdaptiveClipper:
         return True
 
     def _resize_warmup(self, steps: int) -> None:
-        import torch  # noqa: PLC0415
+        st = self._st
+        kept = st.warm[: min(steps, self._step)]
+        if isinstance(kept, list):
+            st.warm = kept + [math.nan] * (steps - len(kept))
+        else:
+            import torch  # noqa: PLC0415
 
-        kept = self._warm[: min(steps, self._step)]
-        self._warm = torch.full((steps,), math.nan, dtype=kept.dtype, device=kept.device)
-        self._warm[: kept.numel()] = kept
+            st.warm = torch.full((steps,), math.nan, dtype=kept.dtype, device=kept.device)
+            st.warm[: kept.numel()] = kept
         if self._step >= steps:
             self._step = steps
             self._start_statistics()
@@ -299,32 +453,33 @@ class AdaptiveClipper:
 
     def stats(self) -> ClipStats:
         """Counters and statistics as host values; call rarely (e.g. when reporting, one step late)."""
-        ready = self._tensors_ready
+        st = self._st
         return ClipStats(
             steps=self._step,
-            clipped_steps=int(self._clipped.item()) if ready else 0,
-            skipped_steps=int(self._skipped.item()) if ready else 0,
+            clipped_steps=int(st.clipped),
+            skipped_steps=int(st.skipped),
             warming_up=self.warming_up,
-            mean=float(self._mean.item()) if ready else 0.0,
-            std=math.sqrt(max(float(self._var.item()), 0.0)) if ready else 0.0,
+            mean=float(st.mean),
+            std=math.sqrt(max(float(st.var), 0.0)),
             rejected_updates=self.rejected_updates,
             settings=self._settings,
             mode=self.mode,
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able state for checkpoints; float32 values round-trip exactly through Python floats."""
-        ready = self._tensors_ready
+        """JSON-able state for checkpoints; the values round-trip exactly through Python floats."""
+        st = self._st
+        warm = st.warm if isinstance(st.warm, list) else st.warm.tolist()
         return {
             "mode": self.mode,
             "step": self._step,
             "settings": asdict(self._settings),
-            "mean": float(self._mean.item()) if ready else 0.0,
-            "var": float(self._var.item()) if ready else 0.0,
-            "warm": [float(v) for v in self._warm.tolist()] if ready else [],
-            "clipped": int(self._clipped.item()) if ready else 0,
-            "skipped": int(self._skipped.item()) if ready else 0,
-            "skip_run": int(self._run.item()) if ready else 0,
+            "mean": float(st.mean),
+            "var": float(st.var),
+            "warm": [float(v) for v in warm] if self._ready else [],
+            "clipped": int(st.clipped),
+            "skipped": int(st.skipped),
+            "skip_run": int(st.run),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -349,15 +504,37 @@ class AdaptiveClipper:
         self._settings = replace(settings)
         self.mode = mode
         self._step = step
-        self._init_tensors(device)
-        f32 = torch.float32
-        self._mean = torch.tensor(mean, dtype=f32, device=device)
-        self._var = torch.tensor(var, dtype=f32, device=device)
+        self._init_state(device)
+        st = self._st
+        if isinstance(st.warm, list):
+            st.mean, st.var, st.clipped, st.skipped, st.run = mean, var, clipped, skipped, run
+            if warm:
+                st.warm = warm
+            return
+        f32, i64 = torch.float32, torch.int64
+        st.mean = torch.tensor(mean, dtype=f32, device=device)
+        st.var = torch.tensor(var, dtype=f32, device=device)
         if warm:
-            self._warm = torch.tensor(warm, dtype=f32, device=device)
-        self._clipped = torch.tensor(clipped, dtype=torch.int64, device=device)
-        self._skipped = torch.tensor(skipped, dtype=torch.int64, device=device)
-        self._run = torch.tensor(run, dtype=torch.int64, device=device)
+            st.warm = torch.tensor(warm, dtype=f32, device=device)
+        st.clipped = torch.tensor(clipped, dtype=i64, device=device)
+        st.skipped = torch.tensor(skipped, dtype=i64, device=device)
+        st.run = torch.tensor(run, dtype=i64, device=device)
+
+
+def _robust_start(norms: list[float]) -> tuple[float, float]:
+    """(mean, variance) from finite warm-up norms: median and MAD, as `torch.nanmedian` picks them."""
+    if not norms:
+        return 0.0, 0.0
+    median = _lower_median(norms)
+    mad = _lower_median([abs(v - median) for v in norms])
+    std = max(mad * _MAD_TO_STD, abs(median) * 0.01)
+    return median, std * std
+
+
+def _lower_median(values: list[float]) -> float:
+    """The lower of the two middle values for an even count, like torch's median."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def _check_state(
