@@ -13,6 +13,8 @@ Records (keys not listed are ignored, so a newer client can talk to an older dae
 - `collective`: op, event (begin | end), seq, bytes?, seconds?
 - `clip`: z_threshold (the clipping threshold the job runs with now: its acknowledgement of a clip action)
 - `bye`: dropped?
+- `startup`: stage (imported | rendezvous | checkpoint_loaded), at (the client's wall clock when it
+  reached that stage; sent once connected, so a stage before the hello still carries its own time)
 
 The wire stays strict JSON: a non-finite loss or grad-norm travels as the string "NaN",
 "Infinity" or "-Infinity". `dropped` is the client's cumulative count of records it dropped.
@@ -48,6 +50,11 @@ CONTROL_SUBDIR = "control"
 
 PHASES = ("init", "data", "eval", "checkpoint")
 """Phases a client may enter; `step` is the implicit phase between them."""
+
+STARTUP_STAGES = ("imported", "rendezvous", "checkpoint_loaded")
+"""Start-up stages a restarted rank reports, in order, so a restart is measured stage by stage."""
+MAX_WALL_CLOCK = 1e11
+"""Upper bound of a wall-clock timestamp (the year 5138): a larger `at` is a bug, not a time."""
 
 COLLECTIVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "barrier", "all_to_all")
 
@@ -211,7 +218,24 @@ class ByeRecord:
     dropped: int | None = None
 
 
-Record = Hello | StepRecord | PhaseRecord | CheckpointRecord | CollectiveRecord | ClipRecord | ByeRecord
+@dataclass(frozen=True, slots=True)
+class StartupRecord:
+    """A rank reached a start-up stage at `at` (wall clock, seconds since the epoch)."""
+
+    stage: str
+    at: float
+
+
+Record = (
+    Hello
+    | StepRecord
+    | PhaseRecord
+    | CheckpointRecord
+    | CollectiveRecord
+    | ClipRecord
+    | ByeRecord
+    | StartupRecord
+)
 
 
 # --- encoding (client side) -------------------------------------------------------------------
@@ -447,6 +471,13 @@ def _clip(data: dict[str, Any]) -> ClipRecord:
     return ClipRecord(z_threshold=z_threshold)
 
 
+def _startup(data: dict[str, Any]) -> StartupRecord:
+    at = _opt_float(data, "startup", "at", 0.0, MAX_WALL_CLOCK)
+    if at is None:
+        raise _bad("startup", "at", f"expected a wall-clock time in [0, {MAX_WALL_CLOCK:g}]")
+    return StartupRecord(stage=_choice(data, "startup", "stage", STARTUP_STAGES), at=at)
+
+
 def _bye(data: dict[str, Any]) -> ByeRecord:
     return ByeRecord(dropped=_opt_int(data, "bye", "dropped", 0, MAX_STEP))
 
@@ -459,4 +490,5 @@ _PARSERS: dict[str, Callable[[dict[str, Any]], Record]] = {
     "collective": _collective,
     "clip": _clip,
     "bye": _bye,
+    "startup": _startup,
 }

@@ -54,6 +54,7 @@ from trainwarden.protocol import (
     PROTOCOL_VERSION,
     SOCKET_ENV,
     SOCKET_NAME,
+    STARTUP_STAGES,
     control_dir_from_env,
     encode,
     socket_path_from_env,
@@ -328,6 +329,19 @@ class Reporter:
         except Exception as exc:
             self._internal_error("checkpoint_saved", exc)
 
+    def startup(self, stage: str, at: float | None = None) -> None:
+        """Say this rank reached a start-up stage (`imported`, `rendezvous`, `checkpoint_loaded`).
+
+        `at` is when (`time.time()`), so a stage passed before the reporter existed keeps its own
+        time; the daemon measures each restart stage by stage from these.
+        """
+        if stage not in STARTUP_STAGES:  # a typo in the caller's code, like a bad phase name
+            raise ValueError(f"startup stage {stage!r} is not one of {list(STARTUP_STAGES)}")
+        try:
+            self._enqueue(("startup", stage, time.time() if at is None else float(at)))
+        except Exception as exc:
+            self._internal_error("startup", exc)
+
     def clip_in_use(self, settings: Any) -> None:
         """Tell the daemon which clipping settings this job runs with now (call after `clipper.update`).
 
@@ -584,6 +598,8 @@ class Reporter:
             return out
         if kind == "clip":
             return {"type": "clip", "z_threshold": record[1]}
+        if kind == "startup":
+            return {"type": "startup", "stage": record[1], "at": record[2]}
         return {"type": "bye", "dropped": self.dropped}
 
     def _send_some(self) -> bool:
