@@ -51,6 +51,8 @@ def _checked(value: Any, torch: Any, prefix: str) -> Iterator[tuple[str, Any]]:
         for i, param_state in enumerate(value.state.values()):
             yield from _checked(param_state, torch, f"{prefix}state[{i}].")
     elif isinstance(value, torch.Tensor):
+        if hasattr(value, "to_local"):  # a DTensor (FSDP2): each rank checks its own shard, ranks then agree
+            value = value.detach().to_local()
         if (value.is_floating_point() or value.is_complex()) and value.numel():
             yield prefix.rstrip("."), value.detach()
     else:
