@@ -60,6 +60,13 @@ COLLECTIVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "ba
 
 JOB_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 """Same rule as control file names, so every job can have a control file."""
+JOB_ENV = "TRAINWARDEN_JOB"
+"""The job's name as `trainwarden run` hands it to the job (the client's first choice after an argument)."""
+DEFAULT_JOB = "job"
+_UNSAFE_JOB_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+
+EXIT_CHECKPOINTED = 75
+"""Exit status after a planned stop: a checkpoint of the last step exists; resume the job."""
 
 # Bounds that keep hostile values out of the store (ranks index state; huge values are bugs).
 MAX_RANK = 1 << 20
@@ -128,6 +135,12 @@ def default_control_dir(runtime_dir: Path = DEFAULT_RUNTIME_DIR) -> Path:
     processes, and a reboot should not replay a stale stop or checkpoint request.
     """
     return runtime_dir / CONTROL_SUBDIR
+
+
+def safe_job_name(name: str) -> str:
+    """`name` with characters outside [A-Za-z0-9_.-] replaced by '_' and cut to 128 characters."""
+    cleaned = _UNSAFE_JOB_CHARS.sub("_", name)[:128]
+    return cleaned if JOB_PATTERN.match(cleaned) else DEFAULT_JOB
 
 
 def socket_path_from_env(env: Mapping[str, str] | None = None) -> Path:

@@ -9,15 +9,22 @@ then torchrun's run id; it is made safe for a control file name and a metric lab
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from trainwarden.protocol import JOB_PATTERN
+from trainwarden.protocol import DEFAULT_JOB, JOB_ENV, safe_job_name
 
-JOB_ENV = "TRAINWARDEN_JOB"
-DEFAULT_JOB = "job"
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+# The job-name rules are the daemon's too (`trainwarden run` names the job), so they live in the
+# wire protocol; re-exported here, where the client has always found them.
+__all__ = [
+    "DEFAULT_JOB",
+    "JOB_ENV",
+    "RESTART_COUNT_VARIABLES",
+    "Identity",
+    "identity_from_env",
+    "restart_count_from_env",
+    "safe_job_name",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +51,6 @@ class Identity:
             "pid": os.getpid(),  # after a fork the child is another process
             "restart_count": self.restart_count,
         }
-
-
-def safe_job_name(name: str) -> str:
-    """`name` with characters outside [A-Za-z0-9_.-] replaced by '_' and cut to 128 characters."""
-    cleaned = _UNSAFE.sub("_", name)[:128]
-    return cleaned if JOB_PATTERN.match(cleaned) else DEFAULT_JOB
 
 
 def _int(env: Mapping[str, str], *names: str, default: int = 0) -> int:

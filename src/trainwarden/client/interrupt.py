@@ -59,12 +59,13 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, NoReturn, Self
 
+from trainwarden import protocol
 from trainwarden.control import ControlState
 
 log = logging.getLogger(__name__)
 
-EXIT_CHECKPOINTED = 75
-"""Exit status after a planned stop: a checkpoint of the last step exists; resume the job."""
+EXIT_CHECKPOINTED = protocol.EXIT_CHECKPOINTED
+"""Exit status after a planned stop (75): a checkpoint of the last step exists; resume the job."""
 
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
 _MAX_HANDLED_IDS = 64

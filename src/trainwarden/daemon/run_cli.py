@@ -30,8 +30,6 @@ from types import FrameType
 from trainwarden.backends.base import RankProcess
 from trainwarden.backends.comeback import last_step_at
 from trainwarden.backends.supervise import Supervisor
-from trainwarden.client.identity import JOB_ENV, safe_job_name
-from trainwarden.client.interrupt import EXIT_CHECKPOINTED
 from trainwarden.collectors.training import TrainingCollector, TrainingOptions
 from trainwarden.config import Config
 from trainwarden.daemon.app import Daemon
@@ -39,7 +37,15 @@ from trainwarden.daemon.healing import Healing
 from trainwarden.daemon.timeline import EventKind, EventSink, TimelineEvent, emit
 from trainwarden.journal import Decision
 from trainwarden.model import Finding, Severity
-from trainwarden.protocol import CONTROL_DIR_ENV, SOCKET_ENV, default_control_dir, default_socket_path
+from trainwarden.protocol import (
+    CONTROL_DIR_ENV,
+    EXIT_CHECKPOINTED,
+    JOB_ENV,
+    SOCKET_ENV,
+    default_control_dir,
+    default_socket_path,
+    safe_job_name,
+)
 
 log = logging.getLogger(__name__)
 
