@@ -43,4 +43,11 @@ if ! .venv/bin/python -c "import sys, torch; sys.exit(torch.__version__.split('+
     .venv/bin/pip install --quiet "torch==$TORCH_VERSION"
 fi
 .venv/bin/pip install --quiet -e '.[dev,torch]'
+# The framework extras for the integration tests, constrained to the tested versions and to the torch
+# above (a framework's own torch requirement can never replace it); then check that it did not.
+.venv/bin/pip install --quiet -c scripts/integrations-constraints.txt -e '.[lightning,transformers]'
+if ! .venv/bin/python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')"; then
+    echo "setup: torch is no longer $TORCH_VERSION after installing the framework extras" >&2
+    exit 1
+fi
 echo "setup: done. Run the tests with: .venv/bin/pytest"

@@ -1,0 +1,221 @@
+"""What the framework callbacks share: one reporter, one clipper, one planned-interrupt guard.
+
+A framework callback calls these in its own hooks, so the two integrations behave the same:
+
+- `start(parameters)` once training begins (after the framework has set up its process group):
+  builds the `AdaptiveClipper` and the `PlannedInterrupt` (its agreement group needs the process
+  group), reads the control file once and applies its clip settings, and acknowledges them;
+- `clip(optimizer)` right before the optimizer step: adaptive clipping in place, the pre-clip norm
+  as a tensor (no host sync), and the skip flag handed to a fused optimizer for that step;
+- `report(...)` and `boundary(step)` once a step is done: the step record, then the agreed
+  checkpoint and stop decisions (`Boundary`);
+- `state_dict()` / `load_state_dict()`: the clipper's statistics and the handled request ids,
+  saved with the framework's checkpoint so a resumed run continues exactly and never obeys the same
+  request twice.
+
+Clip settings the daemon writes later are applied at once in a one-process job and, in a multi-rank
+job, from the state read at start (a restart applies them on every rank at the same step), because
+ranks reading the file one step apart would update replicated weights differently
+(docs/CLIENT.md, "Clipping changes across ranks").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from trainwarden.client.clipping import AdaptiveClipper, ClipMode
+from trainwarden.client.interrupt import EXIT_CHECKPOINTED, Boundary, PlannedInterrupt
+from trainwarden.client.reporter import Reporter
+
+if TYPE_CHECKING:
+    import signal
+
+    import torch
+
+    from trainwarden.control import ClipSettings
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+"""Format of `CallbackCore.state_dict()`; a checkpoint with another version is refused by name."""
+
+
+class IntegrationStateError(ValueError):
+    """Callback state in a checkpoint that cannot be used (wrong version or shape)."""
+
+
+class CallbackCore:
+    """The client objects one framework callback drives; see the module docstring for the order."""
+
+    def __init__(
+        self,
+        *,
+        reporter: Reporter | None = None,
+        clip: bool = True,
+        clip_settings: ClipSettings | None = None,
+        clip_mode: ClipMode = "reciprocal",
+        signals: Iterable[signal.Signals] = (),
+        sync_every: int = 1,
+    ) -> None:
+        self._reporter = reporter
+        self.clip_enabled = clip
+        self._clip_settings = clip_settings
+        self._clip_mode: ClipMode = clip_mode
+        self._signals = tuple(signals)
+        self._sync_every = sync_every
+        self.clipper: AdaptiveClipper | None = None
+        self.guard: PlannedInterrupt | None = None
+        self.stopped = False
+        self._world_size = 1
+        self._pending_state: Mapping[str, Any] | None = None
+        self._found_inf_on: Any = None
+
+    @property
+    def reporter(self) -> Reporter:
+        """The reporter (created from the environment on first use)."""
+        if self._reporter is None:
+            self._reporter = Reporter.from_env()
+        return self._reporter
+
+    @property
+    def exit_status(self) -> int:
+        """75 (`EXIT_CHECKPOINTED`) after a planned stop with a checkpoint, else 0: the exit status."""
+        return EXIT_CHECKPOINTED if self.stopped else 0
+
+    # --- start ------------------------------------------------------------------------------------
+
+    def build(self, parameters: Iterable[torch.Tensor]) -> None:
+        """Create the clipper (parameters known), then apply callback state loaded before it existed."""
+        if self.clip_enabled and self.clipper is None:
+            self.clipper = AdaptiveClipper(parameters, self._clip_settings, mode=self._clip_mode)
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self.load_state_dict(state)
+
+    def start(self, parameters: Iterable[torch.Tensor]) -> None:
+        """Training begins: clipper, guard, the control file read once, clip settings acknowledged."""
+        self._world_size = _world_size()
+        if self.guard is None:
+            guard = PlannedInterrupt(self._signals, reporter=self.reporter, sync_every=self._sync_every)
+            self.guard = guard.install() if self._signals else guard
+        self.build(parameters)
+        control = self.reporter.poll_control()
+        if self.clipper is not None:
+            if control.clip is not None:
+                self.clipper.update(control.clip)
+            self.reporter.clip_in_use(self.clipper.settings)
+
+    # --- the step ---------------------------------------------------------------------------------
+
+    def clip(self, optimizer: Any = None) -> Any:
+        """Clip in place before the optimizer step; the pre-clip norm (a tensor), or None without a clipper.
+
+        A fused optimizer (``fused=True``, GradScaler's protocol) is also told, through its
+        ``found_inf`` for this one step, to change nothing when the clipper skipped the step;
+        `after_optimizer_step` takes the flag away again.
+        """
+        if self.clipper is None:
+            return None
+        norm = self.clipper.clip()
+        flag = self.clipper.skip_flag
+        if (
+            flag is not None
+            and optimizer is not None
+            and getattr(optimizer, "_step_supports_amp_scaling", False)
+            and not hasattr(optimizer, "found_inf")
+        ):
+            optimizer.found_inf = flag
+            self._found_inf_on = optimizer
+        return norm
+
+    def after_optimizer_step(self) -> None:
+        """Remove the skip flag `clip` lent the optimizer (idempotent)."""
+        optimizer, self._found_inf_on = self._found_inf_on, None
+        if optimizer is not None and hasattr(optimizer, "found_inf"):
+            del optimizer.found_inf
+
+    def report(
+        self, step: int, *, loss: Any = None, grad_norm: Any = None, lr: Any = None, samples: Any = None
+    ) -> None:
+        """One step record (values may be tensors: the reporter never syncs)."""
+        self.reporter.step(step, loss=loss, grad_norm=grad_norm, lr=lr, samples=samples)
+
+    def boundary(self, step: int) -> Boundary:
+        """The agreed checkpoint/stop decision after `step`; one process also takes new clip settings."""
+        if self.guard is None:
+            return Boundary()
+        decision = self.guard.at_boundary(step)
+        control = decision.control
+        if (
+            self._world_size == 1
+            and self.clipper is not None
+            and control is not None
+            and control.clip is not None
+        ):
+            self.clipper.update(control.clip)
+            self.reporter.clip_in_use(self.clipper.settings)
+        if decision.stop:
+            self.stopped = True
+        return decision
+
+    def checkpoint_saved(self, step: int, path: str, seconds: float | None = None) -> None:
+        """Tell the daemon a checkpoint of `step` exists at `path`."""
+        self.reporter.checkpoint_saved(step, path, seconds=seconds)
+
+    # --- checkpointed state -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state to save with the framework's checkpoint."""
+        return {
+            "version": STATE_VERSION,
+            "clipper": None if self.clipper is None else self.clipper.state_dict(),
+            "interrupt": None if self.guard is None else self.guard.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()`; parts whose object does not exist yet are applied when it does."""
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            version = state.get("version") if isinstance(state, Mapping) else type(state).__name__
+            raise IntegrationStateError(
+                f"trainwarden callback state: version {version!r} is not {STATE_VERSION} "
+                "(a checkpoint written by another trainwarden)"
+            )
+        waiting = (state.get("clipper") is not None and self.clipper is None and self.clip_enabled) or (
+            state.get("interrupt") is not None and self.guard is None
+        )
+        if self.clipper is not None and state.get("clipper") is not None:
+            self.clipper.load_state_dict(state["clipper"])
+        if self.guard is not None and state.get("interrupt") is not None:
+            self.guard.load_state_dict(state["interrupt"])
+        if waiting:
+            self._pending_state = state
+
+    def close(self) -> None:
+        """Say goodbye to the daemon (a rank that said goodbye finished; one that vanished crashed)."""
+        if self.guard is not None and self._signals:
+            self.guard.uninstall()
+        if self._reporter is not None:
+            self._reporter.close()
+
+
+def _world_size() -> int:
+    import torch.distributed as dist  # noqa: PLC0415 - torch only once training starts
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def batch_size(batch: Any) -> int | None:
+    """Samples in a batch: the first dimension of the first tensor found (None when there is none)."""
+    for _ in range(3):  # tensor, (tensor, ...), {"input": tensor, ...}
+        shape = getattr(batch, "shape", None)
+        if shape is not None:
+            return int(shape[0]) if len(shape) else None
+        if isinstance(batch, Mapping):
+            batch = next(iter(batch.values()), None)
+        elif isinstance(batch, list | tuple):
+            batch = batch[0] if batch else None
+        else:
+            return None
+    return None
