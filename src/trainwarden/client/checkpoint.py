@@ -17,52 +17,42 @@ with DCP and agree that it worked, or fall back together to the previous one.
 Every rank must construct the manager (it creates a gloo process group for checkpoint traffic, so
 an asynchronous save never interleaves with the training's collectives) and call `save` and
 `load_latest` at the same step.
+
+The parts live beside this module, one job each: `checkpoint_state` (state helpers,
+`ModelOptimizerState`), `checkpoint_group` (the gloo group), `checkpoint_store` (one directory:
+validate, publish, prune) and `checkpoint_writer` (one write, the writer thread).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import operator
-import os
-import re
-import shutil
-import threading
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from trainwarden.client import rng
-from trainwarden.client.finite import nonfinite_tensors
-from trainwarden.client.manifest import (
-    MANIFEST_NAME,
-    MAX_STEP,
-    CheckpointError,
-    FileEntry,
-    Manifest,
-    RankState,
-    read_manifest,
-    sha256_file,
-    verify_files,
+from trainwarden.client.checkpoint_group import CheckpointGroup
+from trainwarden.client.checkpoint_state import (
+    ModelOptimizerState,
+    cpu_copy,
+    json_copy,
+    quiet_single_process,
+    resolve_state,
 )
+from trainwarden.client.checkpoint_store import STATE_DIR, CheckpointDirectory
+from trainwarden.client.checkpoint_writer import SaveJob, SaveThread, write_coordinated
+from trainwarden.client.finite import nonfinite_tensors
+from trainwarden.client.manifest import MANIFEST_NAME, MAX_STEP, CheckpointError, Manifest, read_manifest
 
-if TYPE_CHECKING:
-    import torch
-
-__all__ = ["CheckpointError", "CheckpointManager", "ModelOptimizerState", "ResumePoint"]
+__all__ = ["STATE_DIR", "CheckpointError", "CheckpointManager", "ModelOptimizerState", "ResumePoint"]
 
 log = logging.getLogger(__name__)
-
-STATE_DIR = "state"
-_STEP_DIR = re.compile(r"^step_(\d{10})$")
-_TMP_PREFIX = ".tmp-"
-_TRASH_PREFIX = ".trash-"
 
 
 class CheckpointReporter(Protocol):
@@ -87,36 +77,6 @@ class ResumePoint:
     extras: Mapping[str, Any]
     local: Mapping[str, Any]
     manifest: Manifest = field(repr=False)
-
-
-class ModelOptimizerState:
-    """Stateful wrapper that saves a model and its optimizers through DCP's state-dict helpers.
-
-    ``get_state_dict``/``set_state_dict`` handle DDP/FSDP prefixes and sharded tensors, and
-    initialise empty optimizer state so a fresh optimizer can be loaded into.
-    """
-
-    def __init__(self, model: torch.nn.Module, *optimizers: torch.optim.Optimizer) -> None:
-        self.model = model
-        self.optimizers = optimizers
-
-    def state_dict(self) -> dict[str, Any]:
-        """Model and optimizer state (sharded where the model is)."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict  # noqa: PLC0415
-
-        model_sd, optim_sd = get_state_dict(self.model, list(self.optimizers))
-        return {"model": model_sd, "optim": optim_sd}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load what `state_dict` produced."""
-        from torch.distributed.checkpoint.state_dict import set_state_dict  # noqa: PLC0415
-
-        set_state_dict(
-            self.model,
-            list(self.optimizers),
-            model_state_dict=state["model"],
-            optim_state_dict=state["optim"],
-        )
 
 
 class CheckpointManager:
@@ -160,10 +120,12 @@ class CheckpointManager:
         self.refused_saves = 0
         """Saves refused because parameters or optimizer state held NaN/Inf (nothing was written)."""
         self.last_refusal: CheckpointError | None = None
-        self._thread: threading.Thread | None = None
-        self._thread_error: BaseException | None = None
-        self._pending: Path | None = None
-        self._dist, self._pg, self.rank, self.world_size = _setup_distributed()
+        self._durable = CheckpointDirectory(
+            self.root, keep_last=keep_last, keep_best=keep_best, best_mode=best_mode
+        )
+        self._writer = SaveThread()
+        self._group = CheckpointGroup()
+        self.rank, self.world_size = self._group.rank, self._group.world_size
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
 
@@ -203,34 +165,30 @@ class CheckpointManager:
             self.last_refusal = refusal
             log.error("checkpoint not saved: %s", refusal)
             return None
-        final = self.root / f"step_{step:010d}"
+        final = self._durable.final(step)
         with self._phase():
             started = time.monotonic()
-            resolved = _resolve(state)
+            resolved = resolve_state(state)
             rank_state = {
                 "rank": self.rank,
                 "rng": rng.capture(),
-                "data_position": _json_copy(data_position, "data_position"),
-                "local": _json_copy(dict(local or {}), "local"),
+                "data_position": json_copy(data_position, "data_position"),
+                "local": json_copy(dict(local or {}), "local"),
             }
-            job_extras = _json_copy(dict(extras or {}), "extras")
+            job_extras = json_copy(dict(extras or {}), "extras")
             metric_value = None if metric is None or not math.isfinite(float(metric)) else float(metric)
-            job = _SaveJob(step, resolved, rank_state, job_extras, metric_value, started)
+            job = SaveJob(step, resolved, rank_state, job_extras, metric_value, started)
             if not self.async_save:
                 self._write(job)
                 return final
-            job = replace(job, state=_to_cpu(resolved))
-        self._pending = final
-        self._thread = threading.Thread(
-            target=self._write_in_background, args=(job,), name=f"trainwarden-ckpt-{step}"
-        )
-        self._thread.start()
+            job = replace(job, state=cpu_copy(resolved))
+        self._writer.start(lambda: self._write(job), final, name=f"trainwarden-ckpt-{step}")
         return final
 
     def _nonfinite_refusal(self, step: int, state: Mapping[str, Any]) -> CheckpointError | None:
         """A refusal when any rank's state holds NaN/Inf (all ranks agree), else None."""
         bad = nonfinite_tensors(state)
-        ranks_bad = [(r, names) for r, names in enumerate(self._gather_all(bad)) if names]
+        ranks_bad = [(r, names) for r, names in enumerate(self._group.gather_all(bad)) if names]
         if not ranks_bad:
             return None
         rank, names = ranks_bad[0]
@@ -238,13 +196,13 @@ class CheckpointManager:
         detail = (
             f"rank {rank} holds non-finite values in {shown}; the newest checkpoint stays the last finite one"
         )
-        return CheckpointError(self.root / f"step_{step:010d}", "nonfinite", detail)
+        return CheckpointError(self._durable.final(step), "nonfinite", detail)
 
     def wait(self) -> Path | None:
         """Wait for an asynchronous save; return its path, or raise `CheckpointError` if it failed."""
-        pending = self._pending
+        pending = self._writer.pending
         self._join()
-        error, self._thread_error = self._thread_error, None
+        error = self._writer.take_error()
         if error is not None:
             if isinstance(error, CheckpointError):
                 raise error
@@ -259,146 +217,32 @@ class CheckpointManager:
             log.error("checkpoint save failed: %s", exc)  # noqa: TRY400 - the message is the whole story
 
     def _join(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-            self._pending = None
+        self._writer.join()
 
-    def _write_in_background(self, job: _SaveJob) -> None:
+    def _write(self, job: SaveJob) -> None:
         try:
-            self._write(job)
-        except BaseException as exc:
-            self._thread_error = exc
-            log.exception("asynchronous checkpoint save failed")
-
-    def _write(self, job: _SaveJob) -> None:
-        import torch  # noqa: PLC0415
-        from torch.distributed.checkpoint.filesystem import FileSystemWriter  # noqa: PLC0415
-        from torch.distributed.checkpoint.state_dict_saver import save as dcp_save  # noqa: PLC0415
-
-        step = job.step
-        name = f"step_{step:010d}"
-        tmp = self.root / f"{_TMP_PREFIX}{name}"
-        final = self.root / name
-        try:
-            if self.rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-            self._barrier()
-            writer = FileSystemWriter(tmp / STATE_DIR, sync_files=True)
-            with _quiet_single_process():
-                dcp_save(job.state, storage_writer=writer, process_group=self._pg, no_dist=not self._dist)
-            if self._on_written is not None:
-                self._on_written(tmp)
-            ranks = self._gather(job.rank_state)
-            if self.rank == 0:
-                self._publish(job, tmp, final, ranks, torch.__version__)
-            self._barrier()
+            final = write_coordinated(job, self._durable, self._group, self._on_written)
         except BaseException as exc:
             self.failed_saves += 1
             self.last_error = exc
             raise
         seconds = time.monotonic() - job.started
-        log.info("checkpoint step %d saved to %s in %.3f s", step, final, seconds)
+        log.info("checkpoint step %d saved to %s in %.3f s", job.step, final, seconds)
         if self.reporter is not None:
             try:
-                self.reporter.checkpoint_saved(step, str(final), seconds=seconds)
+                self.reporter.checkpoint_saved(job.step, str(final), seconds=seconds)
             except Exception:
                 log.exception("reporter.checkpoint_saved failed (ignored)")
-
-    def _publish(
-        self, job: _SaveJob, tmp: Path, final: Path, ranks: list[dict[str, Any]], torch_version: str
-    ) -> None:
-        """Rank 0: hash every file, write the manifest, rename into place, prune."""
-        files: dict[str, FileEntry] = {}
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            rel = path.relative_to(tmp).as_posix()
-            files[rel] = FileEntry(sha256_file(path), path.stat().st_size)
-        manifest = Manifest(
-            step=job.step,
-            world_size=self.world_size,
-            files=files,
-            ranks=tuple(
-                RankState(r["rank"], r["rng"], r["data_position"], r["local"])
-                for r in sorted(ranks, key=lambda r: int(r["rank"]))
-            ),
-            extras=job.extras,
-            metric=job.metric,
-            created_at=time.time(),
-            torch_version=torch_version,
-        )
-        manifest_path = tmp / MANIFEST_NAME
-        with manifest_path.open("w", encoding="utf-8") as handle:
-            handle.write(manifest.to_json())
-            handle.flush()
-            os.fsync(handle.fileno())
-        for directory in sorted({Path(p).parent for p in files} | {Path()}, key=lambda p: -len(p.parts)):
-            _fsync_dir(tmp / directory)
-        trash: Path | None = None
-        if final.exists():  # re-saving a step (e.g. after falling back past a corrupt one)
-            trash = self.root / f"{_TRASH_PREFIX}{final.name}-{os.getpid()}"
-            final.rename(trash)
-        tmp.rename(final)
-        _fsync_dir(self.root)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-        self._prune(keep_also=final)
-
-    def _prune(self, keep_also: Path) -> None:
-        """Keep the newest `keep_last` complete checkpoints and the `keep_best` best by metric."""
-        complete: list[tuple[int, Path, float | None]] = []
-        for step, path in self._candidates():
-            try:
-                manifest = read_manifest(path)
-            except CheckpointError:
-                continue  # unreadable ones are dropped below unless they are the newest
-            complete.append((step, path, manifest.metric))
-        keep = {keep_also}
-        keep.update(path for _, path, _ in complete[: self.keep_last])
-        if self.keep_best:
-            scored = [(m, step, path) for step, path, m in complete if m is not None]
-            scored.sort(key=lambda t: (t[0] if self.best_mode == "min" else -t[0], -t[1]))
-            keep.update(path for _, _, path in scored[: self.keep_best])
-        newest_kept = max((s for s, p, _ in complete if p in keep), default=-1)
-        for step, path in self._candidates():
-            if path in keep:
-                continue
-            if step > newest_kept and not any(p == path for _, p, _ in complete):
-                # A broken checkpoint newer than everything we keep: leave it for inspection.
-                continue
-            shutil.rmtree(path, ignore_errors=True)
-        for stale in self.root.iterdir():
-            if stale.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)) and stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
 
     # --- loading ------------------------------------------------------------------------------
 
     def checkpoints(self) -> list[Path]:
         """Checkpoint directories by name, newest first (complete or not; temp dirs excluded)."""
-        return [path for _, path in self._candidates()]
-
-    def _candidates(self) -> list[tuple[int, Path]]:
-        try:
-            entries = list(self.root.iterdir())
-        except FileNotFoundError:
-            return []
-        found = []
-        for entry in entries:
-            match = _STEP_DIR.match(entry.name)
-            if match and entry.is_dir():
-                found.append((int(match.group(1)), entry))
-        return sorted(found, reverse=True)
+        return [path for _, path in self._durable.candidates()]
 
     def validate(self, path: Path) -> Manifest:
         """Check one checkpoint fully (manifest and every file); raise `CheckpointError`."""
-        manifest = read_manifest(path)
-        match = _STEP_DIR.match(path.name)
-        if match is not None and manifest.step != int(match.group(1)):
-            raise CheckpointError(
-                path / MANIFEST_NAME, "foreign", f"manifest step {manifest.step} != directory"
-            )
-        verify_files(path, manifest)
-        return manifest
+        return self._durable.validate(path)
 
     def load_latest(self, state: Mapping[str, Any], *, restore_rng: bool = True) -> ResumePoint | None:
         """Load the newest valid checkpoint into `state` (in place); None when there is none.
@@ -411,14 +255,15 @@ class CheckpointManager:
         the model's shapes changed) is a ``load_failed`` refusal and the previous one is tried.
         """
         self._join()
-        for _, path in self._broadcast(self._candidates() if self.rank == 0 else None):
+        group = self._group
+        for _, path in group.broadcast(self._durable.candidates() if self.rank == 0 else None):
             problem: CheckpointError | None = None
             if self.rank == 0:
                 try:
                     self.validate(path)
                 except CheckpointError as exc:
                     problem = exc
-            problem = self._broadcast(problem)
+            problem = group.broadcast(problem)
             if problem is not None:
                 self._reject(problem)
                 continue
@@ -442,12 +287,12 @@ class CheckpointManager:
         from torch.distributed.checkpoint.state_dict_loader import load as dcp_load  # noqa: PLC0415
 
         try:
-            with _quiet_single_process():
+            with quiet_single_process():
                 dcp_load(
                     dict(state),
                     checkpoint_id=path / STATE_DIR,
-                    process_group=self._pg,
-                    no_dist=not self._dist,
+                    process_group=self._group.group,
+                    no_dist=not self._group.distributed,
                 )
         except CheckpointError as exc:
             return exc
@@ -457,7 +302,7 @@ class CheckpointManager:
 
     def _agreed_failure(self, error: CheckpointError | None) -> bool:
         """True (and the first error counted) when any rank failed: all ranks then move on together."""
-        errors = [e for e in self._gather_all(error) if e is not None]
+        errors = [e for e in self._group.gather_all(error) if e is not None]
         if errors:
             self._reject(errors[0])
         return bool(errors)
@@ -518,105 +363,3 @@ class CheckpointManager:
         finally:
             with contextlib.suppress(Exception):
                 context.__exit__(None, None, None)
-
-    def _barrier(self) -> None:
-        if self._dist:
-            import torch.distributed as dist  # noqa: PLC0415
-
-            dist.barrier(group=self._pg)
-
-    def _gather(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
-        if not self._dist:
-            return [obj]
-        import torch.distributed as dist  # noqa: PLC0415
-
-        out: list[Any] = [None] * self.world_size if self.rank == 0 else []
-        dist.gather_object(obj, out if self.rank == 0 else None, dst=0, group=self._pg)
-        return out
-
-    def _gather_all(self, obj: Any) -> list[Any]:
-        if not self._dist:
-            return [obj]
-        import torch.distributed as dist  # noqa: PLC0415
-
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self._pg)
-        return out
-
-    def _broadcast(self, obj: Any) -> Any:
-        if not self._dist:
-            return obj
-        import torch.distributed as dist  # noqa: PLC0415
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self._pg)
-        return box[0]
-
-
-@dataclass(frozen=True, slots=True)
-class _SaveJob:
-    """One save, captured at the step boundary (for async saves, `state` is a CPU copy)."""
-
-    step: int
-    state: dict[str, Any]
-    rank_state: dict[str, Any]
-    extras: dict[str, Any]
-    metric: float | None
-    started: float
-
-
-def _setup_distributed() -> tuple[bool, Any, int, int]:
-    import torch.distributed as dist  # noqa: PLC0415
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return False, None, 0, 1
-    # A gloo group of our own: checkpoint traffic (possibly from the async thread) never interleaves
-    # with the training's collectives, and works whatever the training backend is.
-    group = dist.new_group(backend="gloo")
-    return True, group, dist.get_rank(), dist.get_world_size()
-
-
-def _resolve(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Replace stateful objects by their state dicts (DCP would do this too; we need it to snapshot)."""
-    return {
-        key: value.state_dict()
-        if hasattr(value, "state_dict") and hasattr(value, "load_state_dict")
-        else value
-        for key, value in state.items()
-    }
-
-
-def _to_cpu(obj: Any) -> Any:
-    """Deep copy with every tensor cloned to CPU, so training can go on mutating the originals."""
-    import torch  # noqa: PLC0415
-
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, Mapping):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
-
-
-def _json_copy(value: Any, what: str) -> Any:
-    try:
-        return json.loads(json.dumps(value))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"checkpoint {what} must be JSON-able: {exc}") from exc
-
-
-@contextlib.contextmanager
-def _quiet_single_process() -> Iterator[None]:
-    """DCP warns that it "assumes a single process" when there is no process group: we know."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled", category=UserWarning)
-        yield
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

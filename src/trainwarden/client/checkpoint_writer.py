@@ -1,0 +1,120 @@
+"""Writing one checkpoint: the save job captured at the step boundary, and the write itself.
+
+A coordinated write (every rank in the checkpoint group): the shards go through DCP's
+``FileSystemWriter`` into the temp directory (files fsynced), rank 0 gathers every rank's small
+state, hashes every file and publishes. `SaveThread` runs one write at a time off the step path.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainwarden.client.checkpoint_group import CheckpointGroup
+from trainwarden.client.checkpoint_state import quiet_single_process
+from trainwarden.client.checkpoint_store import STATE_DIR, CheckpointDirectory
+from trainwarden.client.manifest import FileEntry, Manifest, RankState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SaveJob:
+    """One save, captured at the step boundary (for async saves, `state` is a CPU copy)."""
+
+    step: int
+    state: dict[str, Any]
+    rank_state: dict[str, Any]
+    extras: dict[str, Any]
+    metric: float | None
+    started: float
+
+
+def build_manifest(
+    job: SaveJob, files: dict[str, FileEntry], ranks: list[dict[str, Any]], world_size: int
+) -> Manifest:
+    """The manifest of `job` listing `files` and the small state of `ranks`."""
+    import torch  # noqa: PLC0415
+
+    return Manifest(
+        step=job.step,
+        world_size=world_size,
+        files=files,
+        ranks=tuple(
+            RankState(r["rank"], r["rng"], r["data_position"], r["local"])
+            for r in sorted(ranks, key=lambda r: int(r["rank"]))
+        ),
+        extras=job.extras,
+        metric=job.metric,
+        created_at=time.time(),
+        torch_version=torch.__version__,
+    )
+
+
+def write_coordinated(
+    job: SaveJob,
+    directory: CheckpointDirectory,
+    group: CheckpointGroup,
+    on_written: Callable[[Path], None] | None,
+) -> Path:
+    """Every rank writes its shard of `job`; rank 0 publishes. Returns the final path."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter  # noqa: PLC0415
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save  # noqa: PLC0415
+
+    tmp, final = directory.temp(job.step), directory.final(job.step)
+    if group.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    group.barrier()
+    writer = FileSystemWriter(tmp / STATE_DIR, sync_files=True)
+    with quiet_single_process():
+        dcp_save(job.state, storage_writer=writer, process_group=group.group, no_dist=not group.distributed)
+    if on_written is not None:
+        on_written(tmp)
+    ranks = group.gather(job.rank_state)
+    if group.rank == 0:
+        manifest = build_manifest(job, directory.hash_files(tmp), ranks, group.world_size)
+        directory.publish(tmp, final, manifest)
+    group.barrier()
+    return final
+
+
+class SaveThread:
+    """At most one write in flight, on a thread; its error is kept for `take_error`."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.pending: Path | None = None
+        """Final path of the write in flight (None when idle)."""
+
+    def start(self, write: Callable[[], object], pending: Path, name: str) -> None:
+        """Run `write` on a new thread (call `join` first: never two at once)."""
+        self.pending = pending
+        self._thread = threading.Thread(target=self._run, args=(write,), name=name)
+        self._thread.start()
+
+    def _run(self, write: Callable[[], object]) -> None:
+        try:
+            write()
+        except BaseException as exc:
+            self._error = exc
+            log.exception("asynchronous checkpoint save failed")
+
+    def join(self) -> None:
+        """Wait for the write in flight, if any."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            self.pending = None
+
+    def take_error(self) -> BaseException | None:
+        """The error of the last background write (cleared)."""
+        error, self._error = self._error, None
+        return error
