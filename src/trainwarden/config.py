@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from trainwarden.daemon.webhook_config import WebhookConfig, listen_problems
 from trainwarden.errors import ConfigError, ConfigProblem
-from trainwarden.healers.policy_config import PolicyConfig
 from trainwarden.paths import HostPaths
+from trainwarden.policy_config import PolicyConfig
+from trainwarden.webhook_config import WebhookConfig, listen_problems
 
 T = TypeVar("T")
 

@@ -37,13 +37,13 @@ from trainwarden.daemon.healing import finding_event
 from trainwarden.daemon.host import DaemonHost
 from trainwarden.daemon.http import Request, Response
 from trainwarden.daemon.timeline import EventKind, EventSink, emit
-from trainwarden.daemon.webhook_config import WebhookConfig, is_loopback, listen_problems, read_token
 from trainwarden.daemon.webhook_payload import SUBJECT_LABELS, Alert, PayloadError, parse_payload
 from trainwarden.daemon.webhook_seen import SeenAlerts, SeenAlertsError
 from trainwarden.errors import ConfigError, TrainwardenError
 from trainwarden.journal import JOURNAL_NAME
 from trainwarden.model import Finding, FindingState, MetricKind, MetricSpec, Sample, Severity
 from trainwarden.store import Store
+from trainwarden.webhook_config import WebhookConfig, is_loopback, listen_problems, read_token
 
 if TYPE_CHECKING:
     from trainwarden.daemon.healing import Healing

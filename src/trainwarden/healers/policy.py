@@ -24,10 +24,10 @@ from trainwarden.config import Config
 from trainwarden.errors import ConfigError, ConfigProblem
 from trainwarden.healers import healer_classes
 from trainwarden.healers.base import Action, ActionOutcome, ActionResult, Healer, HealerContext
-from trainwarden.healers.policy_config import INTERRUPTIONS, PolicyConfig
 from trainwarden.incidents import IncidentWriter
 from trainwarden.journal import Decision, Entry, Journal, JournalError
 from trainwarden.model import Finding, FindingState, MetricKind, MetricSpec, Sample, Severity
+from trainwarden.policy_config import INTERRUPTIONS, PolicyConfig
 from trainwarden.store import Point, Store
 
 log = logging.getLogger(__name__)
