@@ -34,6 +34,8 @@ def test_healthy_run_is_productive_except_init_and_checkpoint() -> None:
     tl.phase(106.5, LEAD, "data", "end")
     tl.step(107.0, LEAD, 4)
     tl.bye(107.5, LEAD)
+    assert only(tl, 108.0).open_seconds == 0.5  # held: a restart may still claim it
+    tl.settle(200.0)
     job = only(tl, 200.0)
     assert seconds(job) == {"initialising": 3.5, "productive": 3.0, "checkpointing": 1.0}
     assert job.wall_seconds == 7.5  # the goodbye stops the clock
@@ -92,6 +94,23 @@ def test_hang_in_eval_new_process_before_the_restart_is_one_restart() -> None:
     }
     assert job.restarts == {"stall": 1}
     assert job.steps_repeated == 1
+
+
+def test_a_goodbye_overridden_by_a_restart_is_the_faults_time() -> None:
+    """A rank told to stop because its peer crashed says goodbye; the restart after it claims that time."""
+    tl = GoodputTimeline()
+    tl.hello(0.0, LEAD)
+    tl.step(1.0, LEAD, 1)
+    tl.step(2.0, LEAD, 2)
+    tl.bye(3.0, LEAD)
+    tl.restart(6.0, "job", "process_exit", detected_at=5.0)
+    tl.settle(1000.0)  # nothing held any more
+    new = Sender("job", 0, 101)
+    tl.hello(7.0, new)
+    tl.step(8.0, new, 3)
+    job = only(tl, 8.0)
+    assert seconds(job) == {"initialising": 1.0, "productive": 1.0, "detecting": 3.0, "restarting": 3.0}
+    assert job.wall_seconds == 8.0
 
 
 def test_unexplained_new_process_is_an_external_restart_from_its_last_sign_of_life() -> None:

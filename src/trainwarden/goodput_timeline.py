@@ -39,6 +39,8 @@ PHASE_STATES = {"checkpoint": "checkpointing", "eval": "evaluating", "init": "in
 EXTERNAL_CAUSE = "external"
 """A new process for the job that no restart of the daemon's explains (a launcher, a person)."""
 OTHER_CAUSE = "other"
+FINISH_GRACE_SECONDS = 60.0
+"""A restart this soon after the lead rank's goodbye counts the time since the goodbye as the fault's."""
 MAX_CAUSES = 16
 """Distinct restart causes kept per job; further ones count as `other` (bounded labels)."""
 
@@ -96,6 +98,7 @@ class _Job:
     opened_at: float = 0.0  # start of the open interval
     step_work: float = 0.0  # open step time before the current phase began
     alive_at: float = 0.0  # last record of the lead process (the earliest it can have died)
+    finished_at: float | None = None  # a goodbye whose open time is held (see `bye`)
     episode_counted: bool = False  # this restart episode already has its cause counted
 
 
@@ -167,6 +170,7 @@ class GoodputTimeline:
         elif state.mode in (Mode.RUNNING, Mode.INITIALISING):
             state.mode = Mode.STOPPED  # its open time is split once the cause is known
         elif state.mode in (Mode.ABSENT, Mode.FINISHED):
+            self._settle(state)
             state.mode, state.opened_at, state.step_work, state.phase = Mode.INITIALISING, t, 0.0, None
             state.alive_at = t
 
@@ -220,18 +224,27 @@ class GoodputTimeline:
             state.phase, state.opened_at = None, t
 
     def bye(self, t: float, sender: Sender) -> None:
-        """The lead rank exits cleanly: its open time is shut-down (`initialising`), then nothing."""
+        """The lead rank exits cleanly: the clock stops; its open time waits to see if a restart follows.
+
+        A rank told to stop because a peer crashed says goodbye too; when the daemon's restart
+        follows within `FINISH_GRACE_SECONDS`, that time is the fault's (`_end_run`), otherwise it
+        is shut-down (`initialising`, or the phase it ended in) once `settle` runs.
+        """
         state = self._lead(sender)
         if state is None or state.mode in (Mode.ABSENT, Mode.FINISHED):
             return
         t = self._advance(state, t)
         if state.mode is Mode.RESTARTING:
             self._commit(state, "restarting", t - state.opened_at)
-        else:
-            what = PHASE_STATES[state.phase] if state.phase is not None else "initialising"
-            self._commit(state, "initialising", state.step_work)
-            self._commit(state, what, t - state.opened_at)
-        state.mode, state.phase, state.step_work, state.opened_at = Mode.FINISHED, None, 0.0, t
+            state.mode, state.phase, state.step_work, state.opened_at = Mode.FINISHED, None, 0.0, t
+            return
+        state.mode, state.finished_at = Mode.FINISHED, t
+
+    def settle(self, now: float) -> None:
+        """Commit the held time of goodbyes older than the grace period as shut-down."""
+        for state in self._jobs.values():
+            if state.finished_at is not None and state.finished_at <= now - FINISH_GRACE_SECONDS:
+                self._settle(state)
 
     # --- the daemon's own timeline -----------------------------------------------------------
 
@@ -252,9 +265,12 @@ class GoodputTimeline:
             self._commit(state, "restarting", t - state.opened_at)
             state.opened_at = t
             return
-        self._count(state, cause)  # ABSENT or FINISHED: nothing was open
+        self._count(state, cause)
+        if state.finished_at is not None:  # a goodbye the restart overrides: the run had not ended
+            state.finished_at = None
+            self._end_run(state, t, t if detected_at is None else detected_at)
+            return
         state.mode, state.opened_at, state.step_work, state.phase = Mode.RESTARTING, t, 0.0, None
-        state.episode_counted = True
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -264,7 +280,9 @@ class GoodputTimeline:
         for job in sorted(self._jobs):
             state = self._jobs[job]
             open_seconds = 0.0
-            if state.mode not in (Mode.ABSENT, Mode.FINISHED):
+            if state.finished_at is not None:
+                open_seconds = state.step_work + (state.finished_at - state.opened_at)
+            elif state.mode not in (Mode.ABSENT, Mode.FINISHED):
                 open_seconds = state.step_work + max(0.0, now - state.opened_at)
             totals = state.totals
             out.append(
@@ -285,7 +303,9 @@ class GoodputTimeline:
         gone = [
             job
             for job, state in self._jobs.items()
-            if state.mode in (Mode.ABSENT, Mode.FINISHED) and state.totals.last_event_at < before
+            if state.mode in (Mode.ABSENT, Mode.FINISHED)
+            and state.finished_at is None
+            and state.totals.last_event_at < before
         ]
         for job in gone:
             del self._jobs[job]
@@ -321,6 +341,16 @@ class GoodputTimeline:
             cause = OTHER_CAUSE
         restarts[cause] = restarts.get(cause, 0) + 1
         state.episode_counted = True
+
+    def _settle(self, state: _Job) -> None:
+        """A held goodbye becomes shut-down time: `initialising`, or the phase it ended in."""
+        if state.finished_at is None:
+            return
+        what = PHASE_STATES[state.phase] if state.phase is not None else "initialising"
+        self._commit(state, "initialising", state.step_work)
+        self._commit(state, what, state.finished_at - state.opened_at)
+        state.phase, state.step_work, state.opened_at = None, 0.0, state.finished_at
+        state.finished_at = None
 
     def _end_run(self, state: _Job, t: float, detected_at: float) -> None:
         """Split the open time of a run that a restart ended: detecting up to the finding, then restarting."""

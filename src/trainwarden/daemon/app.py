@@ -140,6 +140,7 @@ class Daemon:
         # (the rule engine's tick) without touching this class.
         self.status_sections: dict[str, Callable[[], Any]] = {}
         self.extra_jobs: list[ExtraJob] = []
+        self.stop_hooks: list[Callable[[], None]] = []  # run once the collectors stopped (final saves)
         # Detect-and-heal (rules, policy, healers); built in start() unless a caller set one first.
         self.healing: Healing | None = None
         self.routes = Routes()
@@ -251,6 +252,11 @@ class Daemon:
         """Stop collecting and serving; collectors close their resources."""
         self.notifier.stopping()
         self._stop_collectors()
+        for hook in self.stop_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("a stop hook failed")
         if self._http is not None:
             self._http.stop()
             self._http = None

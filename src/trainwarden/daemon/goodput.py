@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from trainwarden.daemon.host import DaemonHost
 from trainwarden.daemon.scheduler import ExtraJob
 from trainwarden.goodput_store import GoodputStore, GoodputStoreError
 from trainwarden.goodput_timeline import STATES, GoodputTimeline, JobGoodput, Sender, Totals
@@ -25,7 +27,8 @@ from trainwarden.model import MetricKind, MetricSpec, Sample
 from trainwarden.protocol import ByeRecord, Hello, PhaseRecord, Record, StepRecord
 
 if TYPE_CHECKING:
-    from trainwarden.daemon.app import Daemon
+    from trainwarden.collectors.base import RecordListener
+    from trainwarden.daemon.healing import Healing
     from trainwarden.healers.policy import Outcome
     from trainwarden.store import Store
 
@@ -156,6 +159,7 @@ class GoodputAccountant:
         """Publish the series and save what changed (a scheduler job, once a second)."""
         now = self.clock()
         with self._lock:
+            self.timeline.settle(now)
             gone = self.timeline.expire(now - RETENTION_SECONDS)
             jobs = self.timeline.snapshot(now)
             dirty = {job: self._copy(job) for job in self._dirty}
@@ -204,13 +208,35 @@ class GoodputAccountant:
         }
 
     def close(self) -> None:
-        """Save everything once more and close the database."""
+        """Save everything once more (held goodbyes settled) and close the database."""
+        with self._lock:
+            self.timeline.settle(math.inf)
         self.tick()
         if self._db is not None:
             self._db.close()
+            self._db = None
 
 
-def install_goodput(daemon: Daemon) -> GoodputAccountant:
+class GoodputHost(DaemonHost, Protocol):
+    """The daemon as the accountant sees it: a Protocol, so goodput.py need not import app.py (no cycle)."""
+
+    @property
+    def record_listeners(self) -> list[RecordListener]:
+        """Told of every client record, before the collectors start."""
+        ...
+
+    @property
+    def healing(self) -> Healing | None:
+        """The daemon's detect-and-heal, whose outcomes the accountant hears."""
+        ...
+
+    @property
+    def stop_hooks(self) -> list[Callable[[], None]]:
+        """Run once the collectors stopped (final saves)."""
+        ...
+
+
+def install_goodput(daemon: GoodputHost) -> GoodputAccountant:
     """Wire an accountant into `daemon`: record listener, outcome listener, tick and /status section."""
     accountant = GoodputAccountant(daemon.config.daemon.state_dir, daemon.store, daemon.clock)
     daemon.record_listeners.append(accountant.on_record)
@@ -218,6 +244,7 @@ def install_goodput(daemon: Daemon) -> GoodputAccountant:
         daemon.healing.outcome_listeners.append(accountant.on_outcome)
     daemon.extra_jobs.append(ExtraJob("goodput", accountant.tick, TICK_SECONDS))
     daemon.status_sections["goodput"] = accountant.status
+    daemon.stop_hooks.append(accountant.close)
     return accountant
 
 

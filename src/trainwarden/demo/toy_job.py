@@ -382,7 +382,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
         local = {"interrupt": guard.state_dict()}
         if clipper is not None:
             local["clipper"] = clipper.state_dict()
+        began = time.time()
         manager.save(step, state, data_position=data.state_dict(), local=local, metric=loss)
+        if rank == 0:  # the blocking part, as the job itself saw it (the goodput test's outside view)
+            events.write("checkpoint", step=step, seconds=time.time() - began)
 
     loss_fn = nn.CrossEntropyLoss()
     for step in range(start, args.steps):

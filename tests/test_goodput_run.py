@@ -1,0 +1,132 @@
+"""Goodput under `trainwarden run` with a real 2-rank torchrun toy job, checked against its own step log.
+
+The toy's `--events` file is the outside view: rank 0 writes one line per step with its wall time
+and pid. From it the test derives what the daemon should have counted (steps redone after the
+resume, the gap from the old process's last step to the new one's first, productive over wall)
+and compares it with the totals the daemon saved in its state directory on the way out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from heal_support import JOB, start_run, taken
+from trainwarden.goodput_store import GoodputStore
+from trainwarden.goodput_timeline import Totals
+from trainwarden.journal import JOURNAL_NAME
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+def toy(tmp: Path, steps: int) -> list[str]:
+    return [
+        "--steps",
+        str(steps),
+        "--ckpt-dir",
+        str(tmp / "ckpt"),
+        "--ckpt-every",
+        "20",
+        "--step-sleep",
+        "0.05",
+        "--events",
+        str(tmp / "events.jsonl"),
+        "--out",
+        str(tmp / "out"),
+    ]
+
+
+@dataclass
+class Outside:
+    """What rank 0's step log says about the run."""
+
+    wall: float
+    productive: float
+    checkpointing: float
+    repeated_steps: int
+    restart_gaps: list[float]
+
+
+def outside(events_file: Path) -> Outside:
+    """Classify every interval between two step lines the way docs/GOODPUT.md defines the states."""
+    events = [json.loads(line) for line in events_file.read_text(encoding="utf-8").splitlines()]
+    start = next(e for e in events if e["event"] == "start")
+    done = next(e for e in events if e["event"] == "done")
+    productive = checkpointing = held = 0.0
+    repeated, gaps, high = 0, [], -1
+    before: dict[str, Any] | None = None
+    for event in events:
+        if event["event"] == "checkpoint":  # saved inside the interval that ends at the next step line
+            held += event["seconds"]
+            checkpointing += event["seconds"]
+            continue
+        if event["event"] != "step":
+            continue
+        if before is not None:
+            if event["step"] <= high:
+                repeated += 1
+            if event["pid"] != before["pid"]:
+                gaps.append(event["time"] - before["time"])
+            elif event["step"] > high:
+                productive += event["time"] - before["time"] - held
+        held = 0.0
+        high = max(high, event["step"])
+        before = event
+    return Outside(done["time"] - start["time"], productive, checkpointing, repeated, gaps)
+
+
+def saved(state: Path) -> Totals:
+    """The job's totals as the daemon persisted them when it stopped."""
+    store = GoodputStore(state / JOURNAL_NAME)
+    try:
+        found, problems = store.load()
+    finally:
+        store.close()
+    assert not problems
+    return found[JOB]
+
+
+def test_a_crash_injected_from_outside_costs_what_the_step_log_shows(tmp_path: Path) -> None:
+    """A SIGKILLed rank: repeated steps, restart time and the goodput ratio match the job's own log."""
+    run = start_run(tmp_path, toy(tmp_path, 130))
+    run.proc.wait_for(r"^STEP 50 ", 120)
+    os.kill(run.rank_pid(1), signal.SIGKILL)  # a crash, from outside the job
+    assert run.proc.wait(180) == 0, run.proc.output()
+    assert len(taken(run.journal(), "checkpoint_restart")) == 1
+    totals = saved(run.state)
+    log = outside(tmp_path / "events.jsonl")
+    wall = sum(totals.seconds.values())
+    assert sum(totals.restarts.values()) == 1
+    assert set(totals.restarts) <= {"process_exit", "process_gone"}
+    assert log.repeated_steps > 0  # resumed from step 39, killed after step 50
+    # The daemon may have heard of one step whose log line the kill prevented.
+    assert log.repeated_steps <= totals.steps_repeated <= log.repeated_steps + 1
+    (gap,) = log.restart_gaps
+    lost = totals.seconds["detecting"] + totals.seconds["restarting"]
+    assert abs(lost - gap) <= 0.02 * wall, (totals, log)
+    assert abs(wall - log.wall) <= 0.02 * wall, (totals, log)
+    assert abs(totals.seconds["checkpointing"] - log.checkpointing) <= 0.02 * wall, (totals, log)
+    assert abs(totals.seconds["productive"] / wall - log.productive / log.wall) <= 0.02, (totals, log)
+
+
+def test_a_healthy_run_is_productive_but_for_start_up_and_checkpoints(tmp_path: Path) -> None:
+    """No fault: no finding, no action, nothing repeated; every second productive, start-up or checkpoint."""
+    run = start_run(tmp_path, toy(tmp_path, 80))
+    assert run.proc.wait(180) == 0, run.proc.output()
+    # No finding reached the policy (the start-up's node preflight journals its own pass).
+    assert [e for e in run.journal() if e.rule != "preflight"] == []
+    totals = saved(run.state)
+    log = outside(tmp_path / "events.jsonl")
+    assert totals.restarts == {}
+    assert totals.steps_repeated == 0
+    spent = {k: v for k, v in totals.seconds.items() if v}
+    assert set(spent) <= {"productive", "initialising", "checkpointing"}
+    wall = sum(totals.seconds.values())
+    assert abs(wall - log.wall) <= 0.02 * wall, (totals, log)
+    assert abs(totals.seconds["productive"] / wall - log.productive / log.wall) <= 0.02, (totals, log)
