@@ -20,24 +20,27 @@ an asynchronous save never interleaves with the training's collectives) and call
 
 The parts live beside this module, one job each: `checkpoint_state` (state helpers,
 `ModelOptimizerState`), `checkpoint_group` (the gloo group), `checkpoint_store` (one directory:
-validate, publish, prune) and `checkpoint_writer` (one write, the writer thread).
+validate, publish, prune), `checkpoint_writer` (one write, the writer thread), `checkpoint_local`
+(the node-local tier), `checkpoint_resume` (the `ResumePoint`) and `checkpoint_report`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import operator
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from trainwarden.client import rng
 from trainwarden.client.checkpoint_group import CheckpointGroup
+from trainwarden.client.checkpoint_local import LocalTier, default_local_dir
+from trainwarden.client.checkpoint_report import CheckpointReporter, checkpoint_phase, report_saved
+from trainwarden.client.checkpoint_resume import ResumePoint, prepared_rng, resume_point
 from trainwarden.client.checkpoint_state import (
     ModelOptimizerState,
     cpu_copy,
@@ -46,37 +49,21 @@ from trainwarden.client.checkpoint_state import (
     resolve_state,
 )
 from trainwarden.client.checkpoint_store import STATE_DIR, CheckpointDirectory
-from trainwarden.client.checkpoint_writer import SaveJob, SaveThread, write_coordinated
+from trainwarden.client.checkpoint_writer import SaveJob, SaveThread, write_coordinated, write_private
 from trainwarden.client.finite import nonfinite_tensors
-from trainwarden.client.manifest import MANIFEST_NAME, MAX_STEP, CheckpointError, Manifest, read_manifest
+from trainwarden.client.manifest import MAX_STEP, CheckpointError, Manifest, read_manifest
 
-__all__ = ["STATE_DIR", "CheckpointError", "CheckpointManager", "ModelOptimizerState", "ResumePoint"]
+__all__ = [
+    "STATE_DIR",
+    "CheckpointError",
+    "CheckpointManager",
+    "CheckpointReporter",
+    "ModelOptimizerState",
+    "ResumePoint",
+    "default_local_dir",
+]
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointReporter(Protocol):
-    """What the manager uses of `trainwarden.client.reporter.Reporter` (any object with these)."""
-
-    def phase(self, name: str) -> contextlib.AbstractContextManager[Any]:
-        """Context manager marking a phase."""
-        ...
-
-    def checkpoint_saved(self, step: int, path: str, seconds: float | None = None) -> Any:
-        """Report a completed checkpoint."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class ResumePoint:
-    """Where to resume: the step saved, this rank's data position and the saved extras."""
-
-    step: int
-    path: Path
-    data_position: Any
-    extras: Mapping[str, Any]
-    local: Mapping[str, Any]
-    manifest: Manifest = field(repr=False)
 
 
 class CheckpointManager:
@@ -98,7 +85,13 @@ class CheckpointManager:
         async_save: bool = False,
         reporter: CheckpointReporter | None = None,
         on_written: Callable[[Path], None] | None = None,
+        durable_every: int = 1,
+        local_dir: Path | str | None = None,
+        local_every: int = 1,
+        local_keep_last: int = 2,
     ) -> None:
+        if durable_every < 1:
+            raise ValueError(f"durable_every={durable_every} must be >= 1")
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last} must be >= 1")
         if keep_best < 0:
@@ -110,6 +103,7 @@ class CheckpointManager:
         self.keep_best = keep_best
         self.best_mode = best_mode
         self.async_save = async_save
+        self.durable_every = durable_every
         self.reporter = reporter
         # Called after the shards are written and before the manifest: fault injection in tests.
         self._on_written = on_written
@@ -128,6 +122,15 @@ class CheckpointManager:
         self.rank, self.world_size = self._group.rank, self._group.world_size
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
+        self._local: LocalTier | None = None
+        if local_dir is not None:
+            self._local = LocalTier(
+                Path(local_dir),
+                rank=self.rank,
+                world_size=self.world_size,
+                every=local_every,
+                keep_last=local_keep_last,
+            )
 
     # --- saving -------------------------------------------------------------------------------
 
@@ -140,8 +143,15 @@ class CheckpointManager:
         extras: Mapping[str, Any] | None = None,
         local: Mapping[str, Any] | None = None,
         metric: float | None = None,
+        durable: bool = False,
     ) -> Path | None:
-        """Save `state` as the checkpoint of `step`; returns its final path, or None when refused.
+        """Save `state` as the checkpoint of `step` where a tier is due; its final path, or None.
+
+        Call it at every step boundary (or only when you want a checkpoint, with the default
+        ``durable_every=1``): `step` is the index of the step just done, and a tier is due when
+        ``step + 1`` is a multiple of its interval. The durable tier wins when both are due;
+        ``durable=True`` writes the durable tier now whatever the interval (a requested
+        checkpoint, the last step). None is returned when no tier is due or the save is refused.
 
         A checkpoint never holds non-finite state: when any rank's parameters, optimizer state or
         plain tensors in `state` hold a NaN or Inf, every rank refuses the save together, nothing is
@@ -158,6 +168,12 @@ class CheckpointManager:
             step = -1
         if not 0 <= step <= MAX_STEP:
             raise ValueError(f"step={given!r} must be an integer in [0, {MAX_STEP}]")
+        if not (durable or (step + 1) % self.durable_every == 0):
+            if self._local is not None and self._local.due(step):
+                return self._save_local(
+                    step, state, data_position=data_position, extras=extras, local=local, metric=metric
+                )
+            return None
         self._join()  # first: the check below is a collective on the group the writer thread uses
         refusal = self._nonfinite_refusal(step, state)
         if refusal is not None:
@@ -166,23 +182,91 @@ class CheckpointManager:
             log.error("checkpoint not saved: %s", refusal)
             return None
         final = self._durable.final(step)
-        with self._phase():
+        with checkpoint_phase(self.reporter):
             started = time.monotonic()
-            resolved = resolve_state(state)
-            rank_state = {
-                "rank": self.rank,
-                "rng": rng.capture(),
-                "data_position": json_copy(data_position, "data_position"),
-                "local": json_copy(dict(local or {}), "local"),
-            }
-            job_extras = json_copy(dict(extras or {}), "extras")
-            metric_value = None if metric is None or not math.isfinite(float(metric)) else float(metric)
-            job = SaveJob(step, resolved, rank_state, job_extras, metric_value, started)
+            job = self._job(
+                step,
+                state,
+                data_position=data_position,
+                extras=extras,
+                local=local,
+                metric=metric,
+                started=started,
+            )
             if not self.async_save:
                 self._write(job)
                 return final
-            job = replace(job, state=cpu_copy(resolved))
+            job = replace(job, state=cpu_copy(job.state))
         self._writer.start(lambda: self._write(job), final, name=f"trainwarden-ckpt-{step}")
+        return final
+
+    def _job(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        data_position: Any,
+        extras: Mapping[str, Any] | None,
+        local: Mapping[str, Any] | None,
+        metric: float | None,
+        started: float,
+    ) -> SaveJob:
+        """Capture one save at the step boundary (the tensors still live, not copied)."""
+        rank_state = {
+            "rank": self.rank,
+            "rng": rng.capture(),
+            "data_position": json_copy(data_position, "data_position"),
+            "local": json_copy(dict(local or {}), "local"),
+        }
+        job_extras = json_copy(dict(extras or {}), "extras")
+        metric_value = None if metric is None or not math.isfinite(float(metric)) else float(metric)
+        return SaveJob(step, resolve_state(state), rank_state, job_extras, metric_value, started)
+
+    def _save_local(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        data_position: Any,
+        extras: Mapping[str, Any] | None,
+        local: Mapping[str, Any] | None,
+        metric: float | None,
+    ) -> Path | None:
+        """Save to the local tier; blocking: the previous write, the finite check, the CPU copy.
+
+        No collective: a rank that refuses (non-finite state) leaves the step missing on that rank,
+        so it is never a common local step to resume from.
+        """
+        assert self._local is not None
+        final = self._local.directory.final(step)
+        with checkpoint_phase(self.reporter):
+            self._join()
+            bad = nonfinite_tensors(state)
+            if bad:
+                self.refused_saves += 1
+                self.last_refusal = CheckpointError(
+                    final,
+                    "nonfinite",
+                    f"rank {self.rank} holds non-finite values in {', '.join(bad[:5])}; not saved locally",
+                )
+                log.error("local checkpoint not saved: %s", self.last_refusal)
+                return None
+            job = self._job(
+                step,
+                state,
+                data_position=data_position,
+                extras=extras,
+                local=local,
+                metric=metric,
+                started=time.monotonic(),
+            )
+            job = replace(job, state=cpu_copy(job.state))
+        tier = self._local
+        self._writer.start(
+            lambda: self._finish(job, lambda: write_private(job, tier.directory, self.world_size)),
+            final,
+            name=f"trainwarden-local-ckpt-{step}",
+        )
         return final
 
     def _nonfinite_refusal(self, step: int, state: Mapping[str, Any]) -> CheckpointError | None:
@@ -220,19 +304,19 @@ class CheckpointManager:
         self._writer.join()
 
     def _write(self, job: SaveJob) -> None:
+        self._finish(job, lambda: write_coordinated(job, self._durable, self._group, self._on_written))
+
+    def _finish(self, job: SaveJob, write: Callable[[], Path]) -> None:
+        """Run one write; count a failure (and re-raise), report a success."""
         try:
-            final = write_coordinated(job, self._durable, self._group, self._on_written)
+            final = write()
         except BaseException as exc:
             self.failed_saves += 1
             self.last_error = exc
             raise
         seconds = time.monotonic() - job.started
         log.info("checkpoint step %d saved to %s in %.3f s", job.step, final, seconds)
-        if self.reporter is not None:
-            try:
-                self.reporter.checkpoint_saved(job.step, str(final), seconds=seconds)
-            except Exception:
-                log.exception("reporter.checkpoint_saved failed (ignored)")
+        report_saved(self.reporter, job.step, final, seconds)
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -240,49 +324,102 @@ class CheckpointManager:
         """Checkpoint directories by name, newest first (complete or not; temp dirs excluded)."""
         return [path for _, path in self._durable.candidates()]
 
+    def local_checkpoints(self) -> list[Path]:
+        """The local-tier checkpoint directories of this rank, newest first (empty without a local tier)."""
+        return [] if self._local is None else [path for _, path in self._local.directory.candidates()]
+
     def validate(self, path: Path) -> Manifest:
         """Check one checkpoint fully (manifest and every file); raise `CheckpointError`."""
         return self._durable.validate(path)
 
     def load_latest(self, state: Mapping[str, Any], *, restore_rng: bool = True) -> ResumePoint | None:
-        """Load the newest valid checkpoint into `state` (in place); None when there is none.
+        """Load the newest valid checkpoint of either tier into `state` (in place); None when none.
 
         Invalid checkpoints are logged, counted in `rejected` and skipped. Every rank ends on the
         same checkpoint. RNG states are restored for this rank when the world size is unchanged.
-        Everything is checked before anything is changed: the manifest and every file (rank 0),
-        then each rank's RNG state, decoded into scratch generators; only then does DCP load the
-        tensors in place. A DCP failure (its `CheckpointException` is a `BaseException`, e.g. when
-        the model's shapes changed) is a ``load_failed`` refusal and the previous one is tried.
+        Everything is checked before anything is changed: the manifest and every file (rank 0 for
+        the durable tier, each rank for its own local copy), then each rank's RNG state, decoded
+        into scratch generators; only then does DCP load the tensors in place. A DCP failure (its
+        `CheckpointException` is a `BaseException`, e.g. when the model's shapes changed) is a
+        ``load_failed`` refusal and the previous one is tried. A local step is a candidate only
+        when every rank holds a valid copy of it; at the same step the local copy is tried first.
+        Afterwards no rank's local tier holds a step newer than the one resumed from.
         """
         self._join()
         group = self._group
-        for _, path in group.broadcast(self._durable.candidates() if self.rank == 0 else None):
-            problem: CheckpointError | None = None
-            if self.rank == 0:
-                try:
-                    self.validate(path)
-                except CheckpointError as exc:
-                    problem = exc
-            problem = group.broadcast(problem)
-            if problem is not None:
-                self._reject(problem)
-                continue
-            prepared: rng.PreparedRng | None = None
-            try:
-                manifest = read_manifest(path)
-                prepared = self._prepared_rng(path, manifest) if restore_rng else None
-                error: CheckpointError | None = None
-            except CheckpointError as exc:
-                error = exc
-            if self._agreed_failure(error) or self._agreed_failure(self._dcp_load(state, path)):
-                continue
-            if prepared is not None:
-                prepared.apply()
-            return self._resume_point(path, manifest)
+        durable: list[tuple[int, Path]] = group.broadcast(
+            self._durable.candidates() if self.rank == 0 else None
+        )
+        plan: list[tuple[int, bool, Path | None]] = [(step, False, path) for step, path in durable]
+        local_valid: dict[int, tuple[Path, Manifest]] = {}
+        if self._local is not None:
+            local_valid = self._local.valid(self._reject)
+            common = set.intersection(*(set(steps) for steps in group.gather_all(sorted(local_valid))))
+            plan += [(step, True, None) for step in common]
+        plan.sort(key=lambda entry: (-entry[0], not entry[1]))
+        for step, is_local, durable_path in plan:
+            if is_local:
+                path, manifest = local_valid[step]
+                resumed = self._load_local(state, path, manifest, restore_rng=restore_rng)
+            else:
+                assert durable_path is not None
+                resumed = self._load_durable(state, durable_path, restore_rng=restore_rng)
+            if resumed is not None:
+                if self._local is not None:
+                    self._local.discard_newer(resumed.step)
+                return resumed
+        if self._local is not None:
+            self._local.discard_newer(-1)
         return None
 
-    def _dcp_load(self, state: Mapping[str, Any], path: Path) -> CheckpointError | None:
-        """Load the tensors of `path` into `state` in place; the failure as a refusal, never raised."""
+    def _load_durable(self, state: Mapping[str, Any], path: Path, *, restore_rng: bool) -> ResumePoint | None:
+        """Rank 0 validates `path`; every rank loads it; None (all ranks) when any rank could not."""
+        problem: CheckpointError | None = None
+        if self.rank == 0:
+            try:
+                self.validate(path)
+            except CheckpointError as exc:
+                problem = exc
+        problem = self._group.broadcast(problem)
+        if problem is not None:
+            self._reject(problem)
+            return None
+        prepared: rng.PreparedRng | None = None
+        try:
+            manifest = read_manifest(path)
+            prepared = prepared_rng(path, manifest, self.rank, self.world_size) if restore_rng else None
+            error: CheckpointError | None = None
+        except CheckpointError as exc:
+            error = exc
+        if self._agreed_failure(error) or self._agreed_failure(self._dcp_load(state, path)):
+            return None
+        if prepared is not None:
+            prepared.apply()
+        return resume_point(path, manifest, self.rank, self.world_size, "durable")
+
+    def _load_local(
+        self, state: Mapping[str, Any], path: Path, manifest: Manifest, *, restore_rng: bool
+    ) -> ResumePoint | None:
+        """Every rank loads its own validated local copy of one step; None (all ranks) on any failure."""
+        prepared: rng.PreparedRng | None = None
+        error: CheckpointError | None = None
+        try:
+            prepared = prepared_rng(path, manifest, self.rank, self.world_size) if restore_rng else None
+        except CheckpointError as exc:
+            error = exc
+        if self._agreed_failure(error) or self._agreed_failure(self._dcp_load(state, path, private=True)):
+            return None
+        if prepared is not None:
+            prepared.apply()
+        return resume_point(path, manifest, self.rank, self.world_size, "local")
+
+    def _dcp_load(
+        self, state: Mapping[str, Any], path: Path, *, private: bool = False
+    ) -> CheckpointError | None:
+        """Load the tensors of `path` into `state` in place; the failure as a refusal, never raised.
+
+        `private`: a local-tier copy this rank wrote alone, loaded without a process group.
+        """
         from torch.distributed.checkpoint.api import CheckpointException  # noqa: PLC0415
         from torch.distributed.checkpoint.state_dict_loader import load as dcp_load  # noqa: PLC0415
 
@@ -291,8 +428,8 @@ class CheckpointManager:
                 dcp_load(
                     dict(state),
                     checkpoint_id=path / STATE_DIR,
-                    process_group=self._group.group,
-                    no_dist=not self._group.distributed,
+                    process_group=None if private else self._group.group,
+                    no_dist=private or not self._group.distributed,
                 )
         except CheckpointError as exc:
             return exc
@@ -307,59 +444,6 @@ class CheckpointManager:
             self._reject(errors[0])
         return bool(errors)
 
-    def _prepared_rng(self, path: Path, manifest: Manifest) -> rng.PreparedRng | None:
-        """The saved RNG state of our rank, decoded and checked; None when it is not restored."""
-        mine = manifest.rank_state(self.rank) if manifest.world_size == self.world_size else None
-        if mine is None:
-            return None
-        try:
-            return rng.prepare(mine.rng)
-        except rng.RngStateError as exc:
-            raise CheckpointError(path / MANIFEST_NAME, "bad_rng", f"rank {self.rank}: {exc}") from exc
-
-    def _resume_point(self, path: Path, manifest: Manifest) -> ResumePoint:
-        mine = manifest.rank_state(self.rank) if manifest.world_size == self.world_size else None
-        if mine is None:
-            log.warning(
-                "checkpoint %s was saved with world size %d, now %d: RNG states and data positions "
-                "are not restored",
-                path,
-                manifest.world_size,
-                self.world_size,
-            )
-        if manifest.migrated_from is not None:
-            log.info("checkpoint %s migrated from format %d", path, manifest.migrated_from)
-        log.info("resuming from checkpoint step %d at %s", manifest.step, path)
-        return ResumePoint(
-            step=manifest.step,
-            path=path,
-            data_position=None if mine is None else mine.data_position,
-            extras=manifest.extras,
-            local={} if mine is None else mine.local,
-            manifest=manifest,
-        )
-
     def _reject(self, problem: CheckpointError) -> None:
         self.rejected[problem.reason] += 1
         log.warning("skipping checkpoint: %s", problem)
-
-    # --- helpers ------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _phase(self) -> Iterator[None]:
-        phase = getattr(self.reporter, "phase", None)
-        if phase is None:
-            yield
-            return
-        try:
-            context = phase("checkpoint")
-            context.__enter__()
-        except Exception:
-            log.exception("reporter.phase failed (ignored)")
-            yield
-            return
-        try:
-            yield
-        finally:
-            with contextlib.suppress(Exception):
-                context.__exit__(None, None, None)

@@ -118,3 +118,28 @@ class SaveThread:
         """The error of the last background write (cleared)."""
         error, self._error = self._error, None
         return error
+
+
+def write_private(job: SaveJob, directory: CheckpointDirectory, world_size: int) -> Path:
+    """Write and publish `job` from this rank alone into its own `directory` (no collective).
+
+    The node-local tier: every rank has a directory of its own, so ranks on other nodes (other
+    ``/dev/shm``) never need each other's files. A failed write removes its temp directory, so a
+    full tmpfs does not fill up further.
+    """
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter  # noqa: PLC0415
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save  # noqa: PLC0415
+
+    tmp, final = directory.temp(job.step), directory.final(job.step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        writer = FileSystemWriter(tmp / STATE_DIR, sync_files=True)
+        with quiet_single_process():
+            dcp_save(job.state, storage_writer=writer, no_dist=True)
+        manifest = build_manifest(job, directory.hash_files(tmp), [job.rank_state], world_size)
+        directory.publish(tmp, final, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
