@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -16,7 +17,9 @@ from hypothesis import strategies as st
 from support import wait_until
 from training_support import hello
 from trainwarden.daemon.app import Daemon, Overrides, load
-from trainwarden.daemon.goodput import GoodputAccountant, goodput_of
+from trainwarden.daemon.cli import print_status
+from trainwarden.daemon.goodput import GoodputAccountant
+from trainwarden.goodput_report import goodput_of
 from trainwarden.goodput_store import GoodputStore, GoodputStoreError, totals_from_json
 from trainwarden.goodput_timeline import Totals
 from trainwarden.journal import JOURNAL_NAME
@@ -95,6 +98,10 @@ def test_counters_continue_after_a_daemon_restart(tmp_path: Path) -> None:
         assert after["seconds"]["repeated"] == 1.0
         assert after["wall_seconds"] == 5.0
         assert after["ratio"] == 0.6
+        shown = io.StringIO()
+        print_status(daemon.status(), shown)
+        row = next(line.split() for line in shown.getvalue().splitlines() if line.strip().startswith("toy "))
+        assert row[:4] == ["toy", "running", "60.0%", "5.0s"]
         sock.close()
     finally:
         daemon.stop()

@@ -293,7 +293,11 @@ def print_status(data: dict[str, Any], out: TextIO) -> None:
             for name, detail in details:
                 text = json.dumps(detail, sort_keys=True)
                 print(f"  {name}: {text if len(text) <= 160 else text[:157] + '...'}", file=out)
+    from trainwarden.goodput_report import status_goodput_lines  # noqa: PLC0415 - keep `status` light
+
+    out.write("".join(f"{line}\n" for line in status_goodput_lines(data)))
     known = {"version", "pid", "started_at", "uptime_seconds", "ready", "listen", "config", "paths", "series"}
+    known.add("goodput")
     for key, value in data.items():
         if key not in known and key != "collectors":
             print(f"\n{key}: {json.dumps(value, sort_keys=True)}", file=out)

@@ -10,11 +10,9 @@ and counted in `trainwarden_goodput_store_errors_total`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
-import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -246,23 +244,3 @@ def install_goodput(daemon: GoodputHost) -> GoodputAccountant:
     daemon.status_sections["goodput"] = accountant.status
     daemon.stop_hooks.append(accountant.close)
     return accountant
-
-
-# --- readers (bench scripts, tests, `trainwarden status`) --------------------------------------
-
-
-def goodput_of(status: Mapping[str, Any], job: str) -> dict[str, Any] | None:
-    """`job`'s goodput from a daemon's /status document, or None when the daemon has none for it."""
-    section = status.get("goodput")
-    if not isinstance(section, dict):
-        return None
-    jobs = section.get("jobs")
-    found = jobs.get(job) if isinstance(jobs, dict) else None
-    return found if isinstance(found, dict) else None
-
-
-def fetch_goodput(url: str, job: str, timeout: float = 5.0) -> dict[str, Any] | None:
-    """`job`'s goodput from the daemon at `url` (e.g. `http://127.0.0.1:9871`), via its /status."""
-    with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=timeout) as response:  # noqa: S310 - the caller's own daemon
-        status = json.load(response)
-    return goodput_of(status, job) if isinstance(status, dict) else None
