@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -30,8 +31,9 @@ import psutil
 
 from trainwarden.backends.base import RankProcess, RestartBackend
 from trainwarden.backends.lineage import descends_from
+from trainwarden.backends.restart_stages import RestartStages
 from trainwarden.errors import TrainwardenError
-from trainwarden.model import ActionOutcome, ActionResult
+from trainwarden.model import ActionOutcome, ActionResult, Sample
 from trainwarden.paths import HostPaths
 from trainwarden.timeline import EventKind, EventSink, TimelineEvent, emit
 
@@ -82,8 +84,12 @@ class Supervisor(RestartBackend):
         ranks: Callable[[], Sequence[RankProcess]] | None = None,
         forget: Callable[[str], None] | None = None,
         paths: HostPaths | None = None,
+        stages: RestartStages | None = None,
     ) -> None:
-        """`ranks`: every rank the daemon knows (any job); `forget`: drop a job's ranks after a restart."""
+        """`ranks`: every rank the daemon knows (any job); `forget`: drop a job's ranks after a restart.
+
+        `stages` is told when each restart's kill begins and ends and when the command started again.
+        """
         super().__init__()
         if not command:
             raise TrainwardenError("supervise: no command given")
@@ -97,6 +103,8 @@ class Supervisor(RestartBackend):
         self.generation = 0
         self.started_at = 0.0
         self._proc: subprocess.Popen[bytes] | None = None
+        self._pidfd: int | None = None  # readable the moment the current child exits (no polling)
+        self.stages = stages
         self._state = threading.Lock()  # guards _proc/generation against a concurrent restart
         self._stopped = False
         self._ranks = ranks
@@ -120,7 +128,10 @@ class Supervisor(RestartBackend):
         except OSError as exc:
             raise TrainwardenError(f"cannot start {self.command[0]!r}: {exc.strerror or exc}") from exc
         self._proc = proc
+        self._set_pidfd(proc.pid)
         self.started_at = self.clock()
+        if self.stages is not None:
+            self.stages.mark(self.job, "spawned", self.started_at)
         self.generation += 1
         summary = f"started {' '.join(self.command)[:120]} (pid {proc.pid}, restart {self.generation - 1})"
         log.info("supervise: %s", summary)
@@ -134,16 +145,39 @@ class Supervisor(RestartBackend):
             ),
         )
 
+    def _set_pidfd(self, pid: int) -> None:
+        """Hold a pidfd of the new child (closing the old one's); None where pidfds are missing."""
+        old, self._pidfd = self._pidfd, None
+        if old is not None:
+            with contextlib.suppress(OSError):
+                os.close(old)
+        pidfd_open = getattr(os, "pidfd_open", None)
+        if pidfd_open is not None:
+            with contextlib.suppress(OSError):
+                self._pidfd = pidfd_open(pid)
+
     def wait(self, timeout: float) -> int | None:
-        """The current child's exit status once it exited on its own; None while it runs or was replaced."""
+        """The current child's exit status once it exited on its own; None while it runs or was replaced.
+
+        Blocks on the child's pidfd, so an exit wakes it at once (Popen.wait polls every 50 ms).
+        """
         with self._state:
-            proc, generation = self._proc, self.generation
+            proc, generation, pidfd = self._proc, self.generation, self._pidfd
         if proc is None:
             return None
-        try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
+        if pidfd is not None:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            with contextlib.suppress(OSError):  # closed by a restart meanwhile: answer from poll()
+                poller.poll(max(0, int(timeout * 1000)))
+            code = proc.poll()
+            if code is None:
+                return None
+        else:
+            try:
+                code = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return None
         with self._state:
             if generation != self.generation or self._stopped:
                 return None  # a restart (or stop) killed it: not the job's own exit
@@ -219,15 +253,9 @@ class Supervisor(RestartBackend):
             what = f"kill pid {proc.pid} and its tree, then start again" if alive and proc else "start again"
             if dry_run:
                 return ActionResult(ActionOutcome.DRY_RUN, f"would {what} ({reason})")
-            killed: list[int] = []
-            if proc is not None:
-                if alive:
-                    killed = kill_tree(proc.pid, self.kill_grace_seconds)
-                    self.retire(killed)
-                try:
-                    proc.wait(self.kill_grace_seconds)
-                except subprocess.TimeoutExpired:
-                    return ActionResult(ActionOutcome.FAILED, f"pid {proc.pid} survived SIGKILL")
+            killed = self._kill(proc, alive=alive)
+            if isinstance(killed, ActionResult):
+                return killed
             aliases, self._aliases = self._aliases, set()
             if self._forget is not None:
                 # the ranks of the killed tree vanished on purpose, under whatever name they used
@@ -244,3 +272,24 @@ class Supervisor(RestartBackend):
                 detail,
                 {"killed": len(killed), "pid": self._proc.pid, "restart_count": self.generation - 1},
             )
+
+    def _kill(self, proc: subprocess.Popen[bytes] | None, *, alive: bool) -> list[int] | ActionResult:
+        """Kill the current tree (state lock held); the pids killed, or the failure."""
+        if self.stages is not None:
+            self.stages.restart_began(self.job, self.clock())
+        killed: list[int] = []
+        if proc is not None:
+            if alive:
+                killed = kill_tree(proc.pid, self.kill_grace_seconds)
+                self.retire(killed)
+            try:
+                proc.wait(self.kill_grace_seconds)
+            except subprocess.TimeoutExpired:
+                return ActionResult(ActionOutcome.FAILED, f"pid {proc.pid} survived SIGKILL")
+        if self.stages is not None:
+            self.stages.mark(self.job, "killed", self.clock())
+        return killed
+
+    def samples(self) -> list[Sample]:
+        """The stage-by-stage gauges of the last measured restart."""
+        return [] if self.stages is None else self.stages.samples()

@@ -27,14 +27,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+import psutil
+
 from trainwarden.backends.base import RankProcess
 from trainwarden.backends.comeback import last_step_at
+from trainwarden.backends.lineage import descends_from
+from trainwarden.backends.restart_stages import RestartStages
 from trainwarden.backends.supervise import Supervisor
 from trainwarden.collectors.training import TrainingCollector, TrainingOptions
 from trainwarden.config import Config
 from trainwarden.daemon.app import Daemon
-from trainwarden.daemon.healing import Healing
+from trainwarden.daemon.healing import Healing, finding_event
+from trainwarden.daemon.rank_exits import RankExits
 from trainwarden.daemon.timeline import EventKind, EventSink, TimelineEvent, emit
+from trainwarden.healers.policy import Outcome, observed_at
 from trainwarden.journal import Decision
 from trainwarden.model import Finding, Severity
 from trainwarden.protocol import (
@@ -42,6 +48,10 @@ from trainwarden.protocol import (
     EXIT_CHECKPOINTED,
     JOB_ENV,
     SOCKET_ENV,
+    Hello,
+    Record,
+    StartupRecord,
+    StepRecord,
     default_control_dir,
     default_socket_path,
     safe_job_name,
@@ -53,6 +63,7 @@ EXIT_RULE = "process_exit"
 POLL_SECONDS = 0.5
 DRAIN_SECONDS = 2.0
 _FINAL = frozenset({"budget", "circuit_open", "healer_disabled", "no_route", "failed", "dry_run"})
+STAGES_FILE = "restart_stages.jsonl"
 
 
 def job_env(config: Config, job: str) -> dict[str, str]:
@@ -117,6 +128,9 @@ class _Run:
         self.config = config
         self.daemon = Daemon(config)
         env = {**os.environ, **job_env(config, job)}
+        self.stages = RestartStages(config.daemon.state_dir / STAGES_FILE)
+        self._paths = config.paths.host_paths()
+        self._ours: dict[int, float] = {}  # pid -> when its hello came, for the child's ranks only
         self.supervisor = Supervisor(
             command,
             job=job,
@@ -125,10 +139,23 @@ class _Run:
             clock=self.daemon.clock,
             ranks=self._ranks,
             forget=self._forget,
-            paths=config.paths.host_paths(),
+            paths=self._paths,
+            stages=self.stages,
         )
         self.healing = Healing(self.daemon, restart_backend=self.supervisor, on_event=on_event)
         self.daemon.healing = self.healing
+        self.exits = RankExits(
+            ranks=self._ranks,
+            decide=self.healing.decide,
+            store=self.daemon.store,
+            clock=self.daemon.clock,
+            accept=self._descends,
+            ignore=lambda pid: self.stopping.is_set() or self.supervisor.retired(pid),
+            on_crash=self._crashed,
+        )
+        self.daemon.record_listeners += [self._on_record, self.exits.on_record]
+        self.healing.outcome_listeners.append(self._on_outcome)
+        self.daemon.status_sections["restart_stages"] = self.stages.status
         self.stopping = threading.Event()
         self.stop_requested_at: float | None = None
 
@@ -144,6 +171,42 @@ class _Run:
         training = self._training()
         if training is not None:
             training.forget(job)
+
+    # --- the restart, stage by stage --------------------------------------------------------------
+
+    def _descends(self, pid: int) -> bool:
+        child = self.supervisor.pid
+        return child is not None and descends_from(pid, child, self._paths)
+
+    def _on_record(self, now: float, job: str, rank: int, pid: int, record: Record) -> None:
+        """Marks of the open restart from the child's ranks (the collector's lock is held: no calls back)."""
+        del job, rank
+        if isinstance(record, Hello):
+            if not self._descends(pid):
+                return
+            self._ours[pid] = now
+            try:
+                created = psutil.Process(pid).create_time()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                return
+            if created >= self.supervisor.started_at:
+                self.stages.mark(self.job, "process_started", created)
+        elif pid not in self._ours or self.supervisor.retired(pid):
+            return
+        elif isinstance(record, StartupRecord):
+            self.stages.mark(self.job, record.stage, record.at)
+        elif isinstance(record, StepRecord):
+            self.stages.step(self.job, record.step, now)
+
+    def _crashed(self, finding: Finding) -> None:
+        """A rank died: the fault's time for the restart that answers it, and a timeline event."""
+        self.stages.fault(self.job, finding.since, finding.rule)
+        emit(self.on_event, finding_event(EventKind.FINDING_FIRED, finding))
+
+    def _on_outcome(self, outcome: Outcome, now: float) -> None:
+        if outcome.healer == "checkpoint_restart" and outcome.result == "applied":
+            finding = outcome.finding
+            self.stages.decided(self.job, now, finding.rule, observed_at(finding))
 
     def run(self) -> int:
         self.daemon.start()
@@ -164,6 +227,7 @@ class _Run:
                 if not self._heal_exit(code):
                     return code
         finally:
+            self.exits.stop()
             self.supervisor.stop()
             self.daemon.stop()
 
@@ -171,6 +235,7 @@ class _Run:
         """Let the policy restart the exited job; False when it will not (the run ends)."""
         generation = self.supervisor.generation
         finding = exit_finding(self._reported_job(), code, self.daemon.clock())
+        self.stages.fault(self.job, finding.since, finding.rule)
         # A cooldown refusal means "not yet": wait it out (bounded), then the policy decides again.
         deadline = time.monotonic() + self.config.policy.cooldown_seconds + 10.0
         while not self.stopping.is_set():

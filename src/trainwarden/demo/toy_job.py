@@ -65,6 +65,7 @@ from trainwarden.client.interrupt import PlannedInterrupt
 from trainwarden.control import ClipSettings, ControlState
 
 log = logging.getLogger("train_toy")
+IMPORTED_AT = time.time()  # torch and the client imported: the first start-up stage a restart measures
 
 IN_FEATURES = 16
 CLASSES = 4
@@ -327,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
         else:
             rank_env, world_env = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
             dist.init_process_group("gloo", timeout=timeout, store=store, rank=rank_env, world_size=world_env)
+    rendezvous_at = time.time()
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
     events = EventLog(args.events)
@@ -344,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
     if args.clip != "none":
         clipper = AdaptiveClipper(model.parameters(), ClipSettings(warmup_steps=10), mode=args.clip)
     reporter = make_reporter(args.job)
+    if reporter is not None:
+        reporter.startup("imported", IMPORTED_AT)
+        reporter.startup("rendezvous", rendezvous_at)
     guard = PlannedInterrupt((signal.SIGTERM, signal.SIGUSR1), reporter=reporter).install()
     # Read once, before the first step: every rank sees the file the daemon wrote before the restart.
     control: ControlState | None = reporter.poll_control() if reporter is not None else None
@@ -374,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
             say(f"RESUMED {resume.step}")
     if clipper is not None and control is not None and control.clip is not None:
         clipper.update(control.clip)  # the daemon's settings win over the saved ones
+    if reporter is not None:
+        reporter.startup("checkpoint_loaded")
     if rank == 0:
         events.write("start", step=start, restart=restart_count(), world=world)
 

@@ -1,0 +1,66 @@
+"""A two-rank job without torch for the restart-stage tests: a launcher that never gives up on a rank.
+
+`python tests/stages_job.py MARKER_DIR` starts two ranks (this file with `--rank N`) and waits for
+both, as a launcher whose ranks would wait for a dead peer forever. On the first run (no marker)
+rank 1 reports three steps and dies (`os._exit(1)`, no goodbye) while rank 0 reports three steps and
+then blocks, like a rank inside a collective with a dead peer: only a daemon that kills it ends the
+run. On the next run both ranks report their start-up stages and six steps and say goodbye.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from trainwarden.client.reporter import Reporter
+
+IMPORTED_AT = time.time()
+STEPS = 6
+FAULT_STEP = 3
+
+
+def rank_main(rank: int, marker_dir: Path) -> int:
+    """One rank: start-up stages, steps, and on the first run the fault of its rank."""
+    first_run = not (marker_dir / f"rank{rank}.ran").exists()
+    (marker_dir / f"rank{rank}.ran").write_text("1", encoding="utf-8")
+    reporter = Reporter.from_env(job="stages")
+    reporter.startup("imported", IMPORTED_AT)
+    reporter.startup("rendezvous")
+    reporter.startup("checkpoint_loaded")
+    start = FAULT_STEP - 1 if not first_run else 0  # the "checkpoint" of the resumed run
+    for step in range(start, STEPS):
+        if first_run and step == FAULT_STEP:
+            reporter.flush()
+            if rank == 1:
+                os._exit(1)
+            print(f"BLOCKED {os.getpid()}", flush=True)
+            while True:  # a collective whose peer is dead
+                time.sleep(3600)
+        reporter.step(step, loss=1.0 / (step + 1))
+        print(f"STEP {step} rank {rank}", flush=True)
+        time.sleep(0.05)
+    reporter.close()
+    return 0
+
+
+def launcher(marker_dir: Path) -> int:
+    """Start both ranks and wait for each, whatever happens to the other."""
+    marker_dir.mkdir(parents=True, exist_ok=True)
+    ranks = [
+        subprocess.Popen(  # this test file itself, no shell
+            [sys.executable, __file__, str(marker_dir), "--rank", str(rank)],
+            env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"},
+        )
+        for rank in (0, 1)
+    ]
+    codes = [proc.wait() for proc in ranks]
+    return max(codes)
+
+
+if __name__ == "__main__":
+    if "--rank" in sys.argv:
+        sys.exit(rank_main(int(sys.argv[sys.argv.index("--rank") + 1]), Path(sys.argv[1])))
+    sys.exit(launcher(Path(sys.argv[1])))
