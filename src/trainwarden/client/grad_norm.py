@@ -79,16 +79,16 @@ def _sharded_squares(grads: list[Any], torch: Any) -> Any:
     """Sum of squares of all sharded gradients, reduced across ranks (float64, 0-d, local)."""
     import torch.distributed as dist  # noqa: PLC0415
 
-    by_mesh: dict[int, tuple[Any, list[Any]]] = {}
+    by_mesh: dict[Any, list[Any]] = {}  # equal meshes (each fully_shard call makes one) are one group
     other: list[Any] = []
     for g in grads:
         mesh = g.device_mesh
         if mesh.ndim == 1 and all(p.is_shard() for p in g.placements):
-            by_mesh.setdefault(id(mesh), (mesh, []))[1].append(g)
+            by_mesh.setdefault(mesh, []).append(g)
         else:
             other.append(g)
     total = None
-    for mesh, group in by_mesh.values():
+    for mesh, group in by_mesh.items():
         local = torch.nn.utils.get_total_norm(local_parts(group), norm_type=2.0).to(torch.float64)
         square = local * local
         dist.all_reduce(square, op=dist.ReduceOp.SUM, group=mesh.get_group())
