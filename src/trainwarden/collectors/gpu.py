@@ -26,43 +26,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from trainwarden import nvml
+from trainwarden.collectors import gpu_metrics as series
 from trainwarden.collectors.base import Collector, CollectorContext
 from trainwarden.collectors.gpu_events import EVENT_TYPES, NvmlEventWatcher
-from trainwarden.collectors.gpu_metrics import (
-    CLOCK,
-    CLOCK_EVENT,
-    ECC,
-    ENERGY,
-    EVENT_WAIT_ERRORS,
-    EVENT_WATCHER_UP,
-    EVENTS,
-    FIELD_NAMES,
-    FIELD_SERIES,
-    GPU_LABELS,
-    INFO,
-    MEMORY_TOTAL,
-    MEMORY_USED,
-    MEMORY_UTILIZATION,
-    NVLINK_ERRORS,
-    NVML_FAKE,
-    PCIE_BYTES,
-    PCIE_REPLAYS,
-    PCIE_THROUGHPUT,
-    POWER,
-    PROCESS_MEMORY,
-    PROCESSES,
-    QUERY_ERRORS,
-    RECOVERY_ACTION,
-    REMAP_FAILURE,
-    REMAP_PENDING,
-    REMAPPED_ROWS,
-    RETIRED_PAGES,
-    RETIRED_PENDING,
-    TEMPERATURE,
-    UNOWNED_MEMORY,
-    UP,
-    UTILIZATION,
-)
 from trainwarden.collectors.labelled import labelled
 from trainwarden.config import CollectorOptions
 from trainwarden.errors import CollectorUnavailableError, TrainwardenError
@@ -70,47 +36,6 @@ from trainwarden.fixture_switch import load_nvml
 from trainwarden.model import Sample
 from trainwarden.nvml import Nvml, NvmlError
 from trainwarden.nvml_codes import FIELD_IDS, PCIE_BYTE_FIELDS
-
-# The series moved to `gpu_metrics.py`; re-exported here, where the preflight check reads them.
-__all__ = [
-    "CLOCK",
-    "CLOCK_EVENT",
-    "COLLECTOR",
-    "ECC",
-    "ENERGY",
-    "EVENTS",
-    "EVENT_WAIT_ERRORS",
-    "EVENT_WATCHER_UP",
-    "FIELD_IDS",
-    "FIELD_NAMES",
-    "FIELD_SERIES",
-    "GPU_LABELS",
-    "INFO",
-    "MEMORY_TOTAL",
-    "MEMORY_USED",
-    "MEMORY_UTILIZATION",
-    "NVLINK_ERRORS",
-    "NVML_FAKE",
-    "PCIE_BYTES",
-    "PCIE_REPLAYS",
-    "PCIE_THROUGHPUT",
-    "POWER",
-    "PROCESSES",
-    "PROCESS_MEMORY",
-    "QUERY_ERRORS",
-    "RECOVERY_ACTION",
-    "REMAPPED_ROWS",
-    "REMAP_FAILURE",
-    "REMAP_PENDING",
-    "RETIRED_PAGES",
-    "RETIRED_PENDING",
-    "TEMPERATURE",
-    "UNOWNED_MEMORY",
-    "UP",
-    "UTILIZATION",
-    "GpuCollector",
-    "GpuOptions",
-]
 
 log = logging.getLogger(__name__)
 
@@ -252,15 +177,17 @@ class GpuCollector(Collector):
         for gpu in self._gpus:
             samples.extend(self.sample_gpu(gpu.index))
         for (gpu_label, error), count in sorted(self._query_errors.items()):
-            samples.append(QUERY_ERRORS.sample(count, gpu=gpu_label, error=error))
+            samples.append(series.QUERY_ERRORS.sample(count, gpu=gpu_label, error=error))
         if self._watcher is not None:
             for (gpu_label, kind), count in sorted(self._watcher.counts().items()):
-                samples.append(EVENTS.sample(count, gpu=gpu_label, type=kind))
-            samples.append(EVENT_WAIT_ERRORS.sample(self._watcher.errors))
+                samples.append(series.EVENTS.sample(count, gpu=gpu_label, type=kind))
+            samples.append(series.EVENT_WAIT_ERRORS.sample(self._watcher.errors))
         samples.append(
-            EVENT_WATCHER_UP.sample(1.0 if self._watcher is not None and self._watcher.running else 0.0)
+            series.EVENT_WATCHER_UP.sample(
+                1.0 if self._watcher is not None and self._watcher.running else 0.0
+            )
         )
-        samples.append(NVML_FAKE.sample(1.0 if self._fake_source else 0.0))
+        samples.append(series.NVML_FAKE.sample(1.0 if self._fake_source else 0.0))
         self._log_new_unsupported()
         return samples
 
@@ -269,14 +196,14 @@ class GpuCollector(Collector):
         gpu = self._gpus[index]
         recovered = not gpu.lost or self._answers_again(gpu)
         labels = gpu.labels()
-        info = labelled(INFO, 1, labels, pci_bus_id=gpu.pci_bus_id, driver_version=self._driver)
+        info = labelled(series.INFO, 1, labels, pci_bus_id=gpu.pci_bus_id, driver_version=self._driver)
         if not recovered:
-            return [info, labelled(UP, 0, labels)]
+            return [info, labelled(series.UP, 0, labels)]
         try:
             body = self._read_gpu(gpu, labels)
         except _Lost:
-            return [info, labelled(UP, 0, labels)]
-        return [info, *body, labelled(UP, 1, labels)]
+            return [info, labelled(series.UP, 0, labels)]
+        return [info, *body, labelled(series.UP, 1, labels)]
 
     def _answers_again(self, gpu: _Gpu) -> bool:
         """Probe a lost GPU once per collection; after a GPU reset it answers and is sampled again."""
@@ -342,45 +269,48 @@ class GpuCollector(Collector):
             "utilization",
             lambda: api.device_get_utilization_rates(h),
             lambda u: [
-                labelled(UTILIZATION, u.gpu / 100, labels),
-                labelled(MEMORY_UTILIZATION, u.memory / 100, labels),
+                labelled(series.UTILIZATION, u.gpu / 100, labels),
+                labelled(series.MEMORY_UTILIZATION, u.memory / 100, labels),
             ],
         )
         attempt(
             "memory info",
             lambda: api.device_get_memory_info(h),
-            lambda m: [labelled(MEMORY_USED, m.used, labels), labelled(MEMORY_TOTAL, m.total, labels)],
+            lambda m: [
+                labelled(series.MEMORY_USED, m.used, labels),
+                labelled(series.MEMORY_TOTAL, m.total, labels),
+            ],
         )
         attempt(
             "GPU temperature",
             lambda: api.device_get_temperature(h, nvml.TEMPERATURE_GPU),
-            lambda t: [labelled(TEMPERATURE, t, labels, sensor="gpu")],
+            lambda t: [labelled(series.TEMPERATURE, t, labels, sensor="gpu")],
         )
         attempt(
             "power usage",
             lambda: api.device_get_power_usage(h),
-            lambda p: [labelled(POWER, p / 1000, labels)],
+            lambda p: [labelled(series.POWER, p / 1000, labels)],
         )
         attempt(
             "energy counter",
             lambda: api.device_get_total_energy_consumption(h),
-            lambda e: [labelled(ENERGY, e / 1000, labels)],
+            lambda e: [labelled(series.ENERGY, e / 1000, labels)],
         )
         attempt(
             "SM clock",
             lambda: api.device_get_clock_info(h, nvml.CLOCK_SM),
-            lambda c: [labelled(CLOCK, c * 1e6, labels, clock="sm")],
+            lambda c: [labelled(series.CLOCK, c * 1e6, labels, clock="sm")],
         )
         attempt(
             "memory clock",
             lambda: api.device_get_clock_info(h, nvml.CLOCK_MEM),
-            lambda c: [labelled(CLOCK, c * 1e6, labels, clock="memory")],
+            lambda c: [labelled(series.CLOCK, c * 1e6, labels, clock="memory")],
         )
         attempt(
             "clock event reasons",
             lambda: api.device_get_current_clocks_event_reasons(h),
             lambda mask: [
-                labelled(CLOCK_EVENT, 1 if mask & bit else 0, labels, reason=reason)
+                labelled(series.CLOCK_EVENT, 1 if mask & bit else 0, labels, reason=reason)
                 for bit, reason in nvml.CLOCK_EVENT_REASONS.items()
             ],
         )
@@ -388,10 +318,10 @@ class GpuCollector(Collector):
             "remapped rows",
             lambda: api.device_get_remapped_rows(h),
             lambda r: [
-                labelled(REMAPPED_ROWS, r.correctable, labels, cause="correctable"),
-                labelled(REMAPPED_ROWS, r.uncorrectable, labels, cause="uncorrectable"),
-                labelled(REMAP_PENDING, 1 if r.pending else 0, labels),
-                labelled(REMAP_FAILURE, 1 if r.failure else 0, labels),
+                labelled(series.REMAPPED_ROWS, r.correctable, labels, cause="correctable"),
+                labelled(series.REMAPPED_ROWS, r.uncorrectable, labels, cause="uncorrectable"),
+                labelled(series.REMAP_PENDING, 1 if r.pending else 0, labels),
+                labelled(series.REMAP_FAILURE, 1 if r.failure else 0, labels),
             ],
         )
         fields: dict[int, float] = {}
@@ -405,12 +335,12 @@ class GpuCollector(Collector):
             attempt(
                 "PCIe tx throughput",
                 lambda: api.device_get_pcie_throughput(h, nvml.PCIE_UTIL_TX_BYTES),
-                lambda kbps: [labelled(PCIE_THROUGHPUT, kbps * _KB, labels, direction="tx")],
+                lambda kbps: [labelled(series.PCIE_THROUGHPUT, kbps * _KB, labels, direction="tx")],
             )
             attempt(
                 "PCIe rx throughput",
                 lambda: api.device_get_pcie_throughput(h, nvml.PCIE_UTIL_RX_BYTES),
-                lambda kbps: [labelled(PCIE_THROUGHPUT, kbps * _KB, labels, direction="rx")],
+                lambda kbps: [labelled(series.PCIE_THROUGHPUT, kbps * _KB, labels, direction="rx")],
             )
         if self._opts.process_memory:
             attempt(
@@ -425,7 +355,7 @@ class GpuCollector(Collector):
             if item.error is None and item.value is not None:
                 into[item.field_id] = item.value
                 continue
-            what = FIELD_NAMES.get(item.field_id, f"field {item.field_id}")
+            what = series.FIELD_NAMES.get(item.field_id, f"field {item.field_id}")
             if isinstance(item.error, nvml.LOST_ERRORS):
                 self._query(gpu, what, _raiser(item.error))
             elif isinstance(item.error, nvml.NvmlNotSupportedError):
@@ -437,7 +367,7 @@ class GpuCollector(Collector):
     @staticmethod
     def _field_samples(fields: Mapping[int, float], labels: dict[str, str]) -> list[Sample]:
         out: list[Sample] = []
-        for fid, (spec, extra, as_flag) in FIELD_SERIES.items():
+        for fid, (spec, extra, as_flag) in series.FIELD_SERIES.items():
             if fid in fields:
                 value = fields[fid]
                 out.append(labelled(spec, (1 if value else 0) if as_flag else value, labels, **extra))
@@ -455,9 +385,12 @@ class GpuCollector(Collector):
             else:
                 key = (owner.job, str(owner.rank))
                 by_rank[key] = by_rank.get(key, 0.0) + used
-        out = [labelled(PROCESSES, len(procs), labels), labelled(UNOWNED_MEMORY, unowned, labels)]
+        out = [
+            labelled(series.PROCESSES, len(procs), labels),
+            labelled(series.UNOWNED_MEMORY, unowned, labels),
+        ]
         out.extend(
-            labelled(PROCESS_MEMORY, used, labels, job=job, rank=rank)
+            labelled(series.PROCESS_MEMORY, used, labels, job=job, rank=rank)
             for (job, rank), used in sorted(by_rank.items())
         )
         return out

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from trainwarden.collectors import gpu as gpu_collector
+from trainwarden.collectors import gpu_metrics
 from trainwarden.collectors.base import CollectorContext
 from trainwarden.errors import CollectorUnavailableError
 from trainwarden.preflight.model import CheckResult, PreflightOptions, Status
@@ -69,7 +70,7 @@ def _timed(result: CheckResult, seconds: float, prefix: str) -> CheckResult:
 
 
 def _gpus(store: Store) -> list[str]:
-    return sorted({dict(s.labels)["gpu"] for s in store.find(gpu_collector.UP.name)}, key=int)
+    return sorted({dict(s.labels)["gpu"] for s in store.find(gpu_metrics.UP.name)}, key=int)
 
 
 def _nvml(store: Store, now: float, expect: int) -> CheckResult:
@@ -101,11 +102,11 @@ def _memory(store: Store) -> CheckResult:
     if not _gpus(store):
         return CheckResult(MEMORY, Status.SKIPPED, "no GPUs")
     problems = {
-        "retired pages pending": _flagged(store, gpu_collector.RETIRED_PENDING.name),
-        "row remap pending": _flagged(store, gpu_collector.REMAP_PENDING.name),
-        "row remap failure": _flagged(store, gpu_collector.REMAP_FAILURE.name),
+        "retired pages pending": _flagged(store, gpu_metrics.RETIRED_PENDING.name),
+        "row remap pending": _flagged(store, gpu_metrics.REMAP_PENDING.name),
+        "row remap failure": _flagged(store, gpu_metrics.REMAP_FAILURE.name),
         "uncorrectable ECC since driver load": _flagged(
-            store, gpu_collector.ECC.name, type="uncorrected", counter="volatile"
+            store, gpu_metrics.ECC.name, type="uncorrected", counter="volatile"
         ),
     }
     bad = {what: gpus for what, gpus in problems.items() if gpus}
@@ -117,7 +118,7 @@ def _memory(store: Store) -> CheckResult:
 
 def _recovery(store: Store) -> CheckResult:
     """The driver asks for no recovery action (reset, reboot, drain) on any GPU."""
-    series = store.find(gpu_collector.RECOVERY_ACTION.name)
+    series = store.find(gpu_metrics.RECOVERY_ACTION.name)
     if not series:
         return CheckResult(RECOVERY, Status.SKIPPED, "no GPU reports a recovery action (not supported)")
     pending = {
@@ -135,7 +136,7 @@ def _clocks(store: Store) -> CheckResult:
     """No clock held down by a hardware slowdown (HW slowdown, HW thermal, power brake)."""
     held: dict[str, list[str]] = {}
     seen = False
-    for series in store.find(gpu_collector.CLOCK_EVENT.name):
+    for series in store.find(gpu_metrics.CLOCK_EVENT.name):
         seen = True
         labels = dict(series.labels)
         if labels.get("reason") in HARDWARE_SLOWDOWNS and series.value:
