@@ -50,20 +50,63 @@ def exit_status(returncode: int) -> int:
 def kill_tree(pid: int, grace: float = 5.0) -> list[int]:
     """SIGKILL `pid` and every descendant (whatever session they moved to); return the pids signalled.
 
-    A SIGSTOPped process dies of SIGKILL too; the kernel needs no cooperation from it.
+    A SIGSTOPped process dies of SIGKILL too; the kernel needs no cooperation from it. Returns once
+    every one has exited (its memory, sockets and ports released), not once it was reaped: orphans
+    are reaped by pid 1, which in a container may take a second or two (measured: 1.5-2 s here).
     """
     try:
         root = psutil.Process(pid)
         tree = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
+    exits = _exit_fds([p.pid for p in tree[1:]])  # before the kill, so a reused pid is never waited on
     for proc in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)  # stragglers forked after the snapshot, same group
-    psutil.wait_procs(tree[1:], timeout=grace)
+    if exits is None:
+        psutil.wait_procs(tree[1:], timeout=grace)
+    else:
+        _wait_exited(exits, grace)
     return [p.pid for p in tree]
+
+
+def _exit_fds(pids: Sequence[int]) -> list[int] | None:
+    """A pidfd per process (one that is gone already needs none); None where pidfds are missing."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None
+    fds = []
+    for pid in pids:
+        try:
+            fds.append(pidfd_open(pid))
+        except ProcessLookupError:
+            continue
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            return None
+    return fds
+
+
+def _wait_exited(fds: list[int], grace: float) -> None:
+    """Wait until every pidfd says its process exited, at most `grace` seconds; close them."""
+    deadline = time.monotonic() + grace
+    try:
+        pending = set(fds)
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            poller = select.poll()
+            for fd in pending:
+                poller.register(fd, select.POLLIN)
+            pending -= {fd for fd, _event in poller.poll(int(left * 1000) + 1)}
+    finally:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class Supervisor(RestartBackend):
@@ -190,6 +233,10 @@ class Supervisor(RestartBackend):
             if self._proc is not None and self._proc.poll() is None:
                 kill_tree(self._proc.pid, self.kill_grace_seconds)
                 self._proc.wait(self.kill_grace_seconds)
+            if self._pidfd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._pidfd)
+                self._pidfd = None
 
     @property
     def pid(self) -> int | None:
