@@ -13,7 +13,7 @@ import pytest
 
 from heal_support import taken
 from toy_launch import Proc, torchrun_command, toy_env
-from user_support import final, findings, make_data, metrics_by_rank, supervised
+from user_support import final, make_data, metrics_by_rank, supervised
 
 pytestmark = [pytest.mark.slow]
 
@@ -132,5 +132,4 @@ def test_daemons_checkpoint_request_is_answered_with_a_sharded_checkpoint(tmp_pa
     actions = taken(run.journal(), "checkpoint_restart", "spike")
     assert len(actions) == 1, actions
     assert "checkpoint=saved" in actions[0].detail, actions[0].detail
-    assert any(f["rule"] == "spike" for f in findings(run.state) if f["event"] == "fired")
     assert final(tmp_path / "out")["finite"] is True
