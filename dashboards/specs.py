@@ -438,9 +438,60 @@ TRAINING_JOB = Dashboard(
     uid="trainwarden-training",
     title="trainwarden / Training job",
     description="One training job across its nodes: loss, grad-norm, lr, step time per rank with stragglers, "
-    "phases, checkpoints, restarts. Goodput is not shown yet (the daemon does not export it).",
+    "phases, checkpoints, restarts, and goodput (where every second of the job went, docs/GOODPUT.md).",
     variables=(JOB_VAR, JOB_NODE_VAR),
     rows=(
+        Row(
+            "Goodput",
+            (
+                Panel(
+                    "Goodput",
+                    "Productive seconds over every second the node's daemon accounted for the job, since "
+                    "it was first seen (docs/GOODPUT.md).",
+                    "percentunit",
+                    (Query(f"trainwarden_goodput_ratio{{{JN}}}", "{{node}}"),),
+                    TRAINING,
+                    width=6,
+                ),
+                Panel(
+                    "Goodput, last 10 minutes",
+                    "The same ratio over a sliding 10-minute window, all nodes together (recording rule).",
+                    "percentunit",
+                    (Query('job:trainwarden_goodput_seconds:ratio_rate10m{job=~"$job"}', "{{job}}"),),
+                    RULES | {"steady_steps"},
+                    width=6,
+                ),
+                Panel(
+                    "Where the time goes",
+                    "Seconds per second in each state (productive, repeated, restarting, detecting, "
+                    "checkpointing, initialising, evaluating), summed over the job's nodes.",
+                    "none",
+                    (
+                        Query(
+                            f"sum by (job, state) (rate(trainwarden_goodput_seconds_total{{{JN}}}"
+                            "[$__rate_interval]))",
+                            "{{state}}",
+                        ),
+                    ),
+                    TRAINING,
+                    width=6,
+                ),
+                Panel(
+                    "Steps repeated, last hour",
+                    "Steps redone after a resume (restarts by cause: trainwarden_goodput_restarts_total, "
+                    "exported once the job has restarted).",
+                    "none",
+                    (
+                        Query(
+                            f"sum by (job) (increase(trainwarden_goodput_steps_repeated_total{{{JN}}}[1h]))",
+                            "steps repeated",
+                        ),
+                    ),
+                    TRAINING,
+                    width=6,
+                ),
+            ),
+        ),
         Row(
             "Progress",
             (
