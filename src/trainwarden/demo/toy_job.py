@@ -236,6 +236,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt-dir", type=Path, default=None, help="checkpoint root (resume from it if present)")
     p.add_argument("--ckpt-every", type=int, default=10, help="save every N steps (0: only on request)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument(
+        "--local-dir", type=Path, default=None, help="node-local checkpoint tier (e.g. under /dev/shm)"
+    )
+    p.add_argument("--local-every", type=int, default=1, help="save the local tier every N steps")
     p.add_argument("--async-ckpt", action="store_true", help="write checkpoints on a background thread")
     p.add_argument("--clip", choices=["reciprocal", "zscore", "fixed", "none"], default="reciprocal")
     p.add_argument("--out", type=Path, default=None, help="write final.pt and final.sha256 here")
@@ -368,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
             async_save=args.async_ckpt,
             reporter=reporter,
             on_written=write_pause if args.ckpt_write_delay > 0 else None,
+            # with a local tier, save() runs every step and each tier writes when it is due
+            durable_every=max(1, args.ckpt_every) if args.local_dir is not None else 1,
+            local_dir=args.local_dir,
+            local_every=args.local_every,
         )
         resume = manager.load_latest(state)
         if resume is not None:
@@ -384,13 +392,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
     if rank == 0:
         events.write("start", step=start, restart=restart_count(), world=world)
 
-    def save(step: int, loss: float) -> None:
+    def save(step: int, loss: float, *, durable: bool = False) -> None:
         assert manager is not None
         local = {"interrupt": guard.state_dict()}
         if clipper is not None:
             local["clipper"] = clipper.state_dict()
         began = time.time()
-        manager.save(step, state, data_position=data.state_dict(), local=local, metric=loss)
+        manager.save(step, state, data_position=data.state_dict(), local=local, metric=loss, durable=durable)
         if rank == 0:  # the blocking part, as the job itself saw it (the goodput test's outside view)
             events.write("checkpoint", step=step, seconds=time.time() - began)
 
@@ -435,10 +443,12 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
         boundary = guard.at_boundary(step)
         if clipper is not None and boundary.control is not None and boundary.control.clip is not None:
             clipper.update(boundary.control.clip)
-        periodic = args.ckpt_every > 0 and (step + 1) % args.ckpt_every == 0
+        periodic = args.local_dir is not None or (args.ckpt_every > 0 and (step + 1) % args.ckpt_every == 0)
         if manager is not None and (periodic or boundary.checkpoint):
             if params_finite(model):
-                save(step, loss_value if math.isfinite(loss_value) else float("inf"))
+                # with a local tier, a requested checkpoint goes to the durable one
+                durable = args.local_dir is not None and boundary.checkpoint
+                save(step, loss_value if math.isfinite(loss_value) else float("inf"), durable=durable)
             elif rank == 0:
                 say(f"CKPT_REFUSED {step} non-finite parameters")
         if boundary.stop:
