@@ -6,7 +6,9 @@ it shows that the contracts in `.importlinter` would catch that mistake in CI.
 
 from __future__ import annotations
 
+import configparser
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -152,3 +154,32 @@ def test_the_client_reaches_only_protocol_and_control() -> None:
     allowed = {m for m in reached if m.startswith(CLIENT_MAY_IMPORT)}
     assert reached - allowed == set()
     assert {"trainwarden.protocol", "trainwarden.control"} <= reached  # the check sees real imports
+
+
+def documented_layers() -> list[str]:
+    """The layer lines of docs/ARCHITECTURE.md's diagram, without their comments."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    block = text.split("## Layers", 1)[1].split("```", 2)[1]
+    return [re.split(r"\s{2,}", line.strip())[0] for line in block.splitlines() if line.strip()]
+
+
+def test_the_architecture_page_shows_the_checked_layers() -> None:
+    """docs/ARCHITECTURE.md lists exactly the layers `.importlinter` checks, in the same order."""
+    config = configparser.ConfigParser()
+    config.read(CONFIG)
+    checked = [
+        " ".join(line.split()) for line in config["importlinter:contract:layers"]["layers"].split("\n")
+    ]
+    assert documented_layers() == [line for line in checked if line]
+
+
+def test_the_architecture_page_names_real_files() -> None:
+    """Every source file docs/ARCHITECTURE.md names exists, so the page cannot drift from the tree."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`([a-z_]+(?:/[a-z_<>]+)*\.py)`", text)) - {"py"}
+    concrete = {name for name in named if "<" not in name}
+    assert len(concrete) > 20
+    missing = sorted(
+        name for name in concrete if not (PACKAGE / name).is_file() and not (ROOT / name).is_file()
+    )
+    assert missing == []
