@@ -1,0 +1,202 @@
+"""The framework callbacks in one process with the real frameworks: stop requests, exact resume, refusals,
+and the promise that the daemon never imports a framework."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from integration_data import digest, write_data
+from trainwarden.client.interrupt import EXIT_CHECKPOINTED
+from trainwarden.control import ControlState, control_path, write_control
+from trainwarden.integrations.core import CallbackCore, IntegrationStateError, batch_size
+
+FRAMEWORK_MODULES = ("lightning", "pytorch_lightning", "transformers", "accelerate")
+
+
+@pytest.fixture
+def no_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No daemon socket; a control directory the test writes requests into."""
+    monkeypatch.setenv("TRAINWARDEN_SOCKET", str(tmp_path / "absent.sock"))
+    monkeypatch.setenv("TRAINWARDEN_CONTROL_DIR", str(tmp_path / "control"))
+    monkeypatch.setenv("TRAINWARDEN_JOB", "cb")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path / "control"
+
+
+def request(control: Path, **fields: str) -> None:
+    """Write a request into the job's control file, as the daemon does."""
+    write_control(control_path(control, "cb"), ControlState(job="cb", **fields))
+
+
+def test_the_daemon_and_the_integrations_package_import_no_framework() -> None:
+    """Importing the daemon (CLI, app) or `trainwarden.integrations` loads no framework."""
+    code = (
+        "import sys, trainwarden.daemon.cli, trainwarden.daemon.app, trainwarden.integrations;"
+        f"print([m for m in {FRAMEWORK_MODULES!r} if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_callback_state_of_another_version_is_refused_by_name() -> None:
+    """Callback state in an unknown format is an error naming the version, never half-loaded."""
+    core = CallbackCore()
+    with pytest.raises(IntegrationStateError, match="version 99"):
+        core.load_state_dict({"version": 99, "clipper": None, "interrupt": None})
+    with pytest.raises(IntegrationStateError, match="list"):
+        core.load_state_dict([])  # type: ignore[arg-type]
+
+
+def test_batch_size_is_read_from_tensors_tuples_and_dicts() -> None:
+    """Samples per batch come from the first tensor of a batch, whatever its container."""
+    import torch  # noqa: PLC0415
+
+    x = torch.zeros(8, 3)
+    assert batch_size(x) == 8
+    assert batch_size((x, torch.zeros(8))) == 8
+    assert batch_size({"input_ids": torch.zeros(4, 16)}) == 4
+    assert batch_size("text") is None
+
+
+# --- Lightning ---------------------------------------------------------------------------------------
+
+
+def lightning_fit(
+    data: Path, ckpt: Path, steps: int, stop_at: tuple[Path, int] | None = None, **trainer_options: object
+) -> tuple[object, object]:
+    """Fit the integration job's model in this process (a stop request written after step `stop_at[1]`)."""
+    import lightning.pytorch as pl  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: PLC0415
+
+    from integration_lightning_job import Batches, Classifier  # noqa: PLC0415
+    from trainwarden.integrations.lightning import TrainwardenCallback  # noqa: PLC0415
+
+    class Requester(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *_: object) -> None:
+            if stop_at is not None and trainer.fit_loop.epoch_loop.total_batch_idx == stop_at[1]:
+                request(stop_at[0], stop_request="stop-1")
+
+    torch.manual_seed(0)
+    model = Classifier(3e-3)
+    warden = TrainwardenCallback()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        max_epochs=-1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[
+            Requester(),
+            warden,
+            ModelCheckpoint(dirpath=ckpt, every_n_train_steps=10, save_last=True),
+        ],
+        **trainer_options,
+    )
+    trainer.fit(model, Batches(data, 0), ckpt_path="last")
+    return warden, model
+
+
+@pytest.mark.timeout(240)
+def test_lightning_stop_request_checkpoints_stops_and_resumes_exactly(
+    tmp_path: Path, no_daemon: Path
+) -> None:
+    """A stop request mid-run ends `fit` at the next step with `last.ckpt` and exit status 75;
+    `ckpt_path="last"` then finishes equal to an uninterrupted run, not obeying the request twice."""
+    data = write_data(tmp_path / "data", 60, world=1)
+    _, plain = lightning_fit(data, tmp_path / "plain", 40)
+    stopped, _ = lightning_fit(data, tmp_path / "ckpt", 40, stop_at=(no_daemon, 13))
+    assert stopped.exit_status == EXIT_CHECKPOINTED  # type: ignore[attr-defined]
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+    resumed, model = lightning_fit(data, tmp_path / "ckpt", 40)  # the request is still in the file
+    assert resumed.exit_status == 0  # type: ignore[attr-defined]
+    assert digest(model) == digest(plain)
+
+
+@pytest.mark.timeout(120)
+def test_lightning_refuses_its_own_clipping_beside_the_adaptive_one(tmp_path: Path, no_daemon: Path) -> None:
+    """`gradient_clip_val` with `clip=True` stops `fit` before training, naming the setting."""
+    data = write_data(tmp_path / "data", 5, world=1)
+    with pytest.raises(ValueError, match="gradient_clip_val"):
+        lightning_fit(data, tmp_path / "ckpt", 3, gradient_clip_val=1.0)
+
+
+# --- Hugging Face Trainer ----------------------------------------------------------------------------
+
+
+def hf_train(
+    data: Path, ckpt: Path, steps: int, max_grad_norm: float = 0.0, stop_at: tuple[Path, int] | None = None
+) -> tuple[object, object]:
+    """Train the integration job's model with the Trainer here (a stop request written at `stop_at[1]`)."""
+    import torch  # noqa: PLC0415
+    from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: PLC0415
+    from transformers.trainer_utils import get_last_checkpoint  # noqa: PLC0415
+
+    from integration_hf_job import Classifier, Samples  # noqa: PLC0415
+    from trainwarden.integrations.transformers import TrainwardenCallback  # noqa: PLC0415
+
+    class Requester(TrainerCallback):  # type: ignore[misc]
+        def on_step_begin(self, args: object, state: object, control: object, **_: object) -> None:
+            if stop_at is not None and state.global_step == stop_at[1]:  # type: ignore[attr-defined]
+                request(stop_at[0], stop_request="stop-1")
+
+    torch.manual_seed(0)
+    model = Classifier()
+    warden = TrainwardenCallback()
+    args = TrainingArguments(
+        output_dir=str(ckpt),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        max_grad_norm=max_grad_norm,
+        logging_steps=1,
+        save_steps=10,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Samples(data), callbacks=[Requester(), warden])
+    last = get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+    trainer.train(resume_from_checkpoint=last)
+    return warden, model
+
+
+@pytest.mark.timeout(240)
+def test_hf_stop_request_checkpoints_stops_and_resumes_exactly(tmp_path: Path, no_daemon: Path) -> None:
+    """A stop request ends `train` with a `checkpoint-N` holding the callback's state and exit status
+    75; `resume_from_checkpoint` then finishes equal to an uninterrupted run, not obeying it again."""
+    data = write_data(tmp_path / "data", 60, world=1)
+    _, plain = hf_train(data, tmp_path / "plain", 40)
+    stopped, _ = hf_train(data, tmp_path / "ckpt", 40, stop_at=(no_daemon, 13))
+    assert stopped.exit_status == EXIT_CHECKPOINTED  # type: ignore[attr-defined]
+    saved = sorted((tmp_path / "ckpt").glob("checkpoint-*/trainwarden.json"))
+    steps = sorted(int(p.parent.name.removeprefix("checkpoint-")) for p in saved)
+    assert steps[0] == 10, steps  # the periodic save
+    assert steps[-1] > 13, steps  # then the requested one
+    newest = tmp_path / "ckpt" / f"checkpoint-{steps[-1]}" / "trainwarden.json"
+    state = json.loads(newest.read_text(encoding="utf-8"))
+    assert state["interrupt"]["handled"] == ["stop-1"]
+    assert state["clipper"] is not None
+    resumed, model = hf_train(data, tmp_path / "ckpt", 40)
+    assert resumed.exit_status == 0  # type: ignore[attr-defined]
+    assert digest(model) == digest(plain)
+
+
+@pytest.mark.timeout(120)
+def test_hf_refuses_its_own_clipping_beside_the_adaptive_one(tmp_path: Path, no_daemon: Path) -> None:
+    """`max_grad_norm > 0` with `clip=True` stops `train` before the first step, naming the setting."""
+    data = write_data(tmp_path / "data", 5, world=1)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        hf_train(data, tmp_path / "ckpt", 3, max_grad_norm=1.0)
