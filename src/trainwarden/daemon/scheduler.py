@@ -10,13 +10,11 @@ that collector's later runs until the hung call returns, and those skips are cou
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,8 +24,41 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from trainwarden.collectors.base import Collector
-from trainwarden.model import Labels, MetricKind, MetricSpec, Sample, labels_of
+from trainwarden.daemon.collector_runs import (
+    DURATION,
+    ERRORS,
+    LAST_SUCCESS,
+    RUNS,
+    SERIES,
+    SKIP_REASONS,
+    SKIPPED,
+    SUCCESS,
+    TIMEOUTS,
+    CollectorState,
+)
+from trainwarden.daemon.worker_pool import DaemonThreadPool
+from trainwarden.model import Sample
 from trainwarden.store import Store
+
+# The per-collector book-keeping and series live in `collector_runs.py`, the thread pool in
+# `worker_pool.py`; re-exported here, where they have always been imported from.
+__all__ = [
+    "DURATION",
+    "ERRORS",
+    "LAST_SUCCESS",
+    "LOG_EVERY_SECONDS",
+    "RUNS",
+    "SERIES",
+    "SKIPPED",
+    "SKIP_REASONS",
+    "SOURCE",
+    "SUCCESS",
+    "TIMEOUTS",
+    "CollectorScheduler",
+    "CollectorState",
+    "DaemonThreadPool",
+    "ExtraJob",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,192 +72,6 @@ _APSCHEDULER_LOG = logging.getLogger("trainwarden.apscheduler")
 # APScheduler logs every run at INFO and every skip at WARNING; we count and rate-limit those
 # ourselves, so only its real errors get through.
 _APSCHEDULER_LOG.setLevel(logging.ERROR)
-
-_L = ("collector",)
-SUCCESS = MetricSpec(
-    "trainwarden_collector_success",
-    "1 if the collector's last run succeeded; 0 if it failed, timed out or its source is unavailable.",
-    labelnames=_L,
-)
-DURATION = MetricSpec(
-    "trainwarden_collector_duration_seconds",
-    "Wall time of the collector's last run (time until the timeout for a run that hung).",
-    labelnames=_L,
-)
-RUNS = MetricSpec("trainwarden_collector_runs_total", "Collector runs that finished.", MetricKind.COUNTER, _L)
-ERRORS = MetricSpec(
-    "trainwarden_collector_errors_total",
-    "Collector runs that raised an exception.",
-    MetricKind.COUNTER,
-    _L,
-)
-TIMEOUTS = MetricSpec(
-    "trainwarden_collector_timeouts_total",
-    "Collector runs still running after timeout_seconds.",
-    MetricKind.COUNTER,
-    _L,
-)
-SKIPPED = MetricSpec(
-    "trainwarden_collector_skipped_runs_total",
-    "Scheduled runs not started: reason=overlap (previous run still going) or missed (scheduler late).",
-    MetricKind.COUNTER,
-    ("collector", "reason"),
-)
-SERIES = MetricSpec(
-    "trainwarden_collector_series",
-    "Series the collector's last successful run stored (the node's series budget is their sum).",
-    labelnames=_L,
-)
-LAST_SUCCESS = MetricSpec(
-    "trainwarden_collector_last_success_timestamp_seconds",
-    "Unix time of the collector's last successful run.",
-    labelnames=_L,
-)
-SKIP_REASONS = ("overlap", "missed")
-
-
-@dataclass
-class CollectorState:
-    """Book-keeping of one collector; guarded by the scheduler's lock."""
-
-    name: str
-    interval: float
-    timeout: float
-    unavailable: str | None = None
-    running_since: float | None = None
-    run_seq: int = 0
-    timed_out_seq: int = -1
-    completed_once: bool = False
-    success: bool = False
-    duration: float = 0.0
-    runs: int = 0
-    errors: int = 0
-    timeouts: int = 0
-    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
-    series: int = 0
-    last_success: float = 0.0
-    last_error: str = ""
-    failures_in_a_row: int = 0
-    last_logged: float = float("-inf")
-    suppressed: int = 0
-    _label_cache: Labels | None = None
-
-    def record_error(self, duration: float, error: BaseException) -> None:
-        """A run that raised."""
-        self.duration = duration
-        self.errors += 1
-        self.success = False
-        self.last_error = f"{type(error).__name__}: {error}"
-
-    def record_success(self, duration: float, stored: int, now: float) -> None:
-        """A run that stored its samples; also resets the failure log throttle."""
-        self.duration = duration
-        self.failures_in_a_row = 0
-        self.suppressed = 0
-        self.last_logged = float("-inf")
-        self.success = True
-        self.series = stored
-        self.last_success = now
-        self.last_error = ""
-
-    def as_status(self) -> dict[str, Any]:
-        """JSON-able view for `/status`."""
-        if self.unavailable is not None:
-            state = "unavailable"
-        elif not self.completed_once:
-            state = "starting"
-        elif self.running_since is not None and self.timed_out_seq == self.run_seq:
-            state = "hung"
-        else:
-            state = "ok" if self.success else "failing"
-        return {
-            "state": state,
-            "interval_seconds": self.interval,
-            "timeout_seconds": self.timeout,
-            "last_duration_seconds": round(self.duration, 6),
-            "last_success_at": self.last_success or None,
-            "last_error": self.unavailable or self.last_error or None,
-            "runs_total": self.runs,
-            "errors_total": self.errors,
-            "timeouts_total": self.timeouts,
-            "skipped_total": dict(self.skipped),
-            "series": self.series,
-        }
-
-    def samples(self) -> list[Sample]:
-        """Every series the scheduler exports about this collector."""
-        out = self.run_samples()
-        out.append(Sample(ERRORS, float(self.errors), self._labels()))
-        out.append(Sample(TIMEOUTS, float(self.timeouts), self._labels()))
-        out.extend(
-            Sample(SKIPPED, float(n), labels_of(collector=self.name, reason=r))
-            for r, n in self.skipped.items()
-        )
-        return out
-
-    def run_samples(self) -> list[Sample]:
-        """The series every finished run changes (the rest change only on errors, timeouts, skips).
-
-        Built directly rather than through `MetricSpec.sample`: this runs after every collection
-        and the labels are known to match.
-        """
-        labels = self._labels()
-        out = [
-            Sample(SUCCESS, 1.0 if self.success and self.unavailable is None else 0.0, labels),
-            Sample(DURATION, self.duration, labels),
-            Sample(RUNS, float(self.runs), labels),
-            Sample(SERIES, float(self.series), labels),
-        ]
-        if self.last_success:
-            out.append(Sample(LAST_SUCCESS, self.last_success, labels))
-        return out
-
-    def _labels(self) -> Labels:
-        if self._label_cache is None:
-            self._label_cache = labels_of(collector=self.name)
-        return self._label_cache
-
-
-class DaemonThreadPool:
-    """A minimal executor of daemon threads: a hung job can never keep the process from exiting.
-
-    (`concurrent.futures.ThreadPoolExecutor` joins its workers at interpreter exit.)
-    """
-
-    def __init__(self, workers: int, name: str = "trainwarden-worker") -> None:
-        self._queue: queue.SimpleQueue[
-            tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]] | None
-        ] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
-        """Queue `fn(*args)`; the future carries its result or exception."""
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._queue.put((future, fn, args))
-        return future
-
-    def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            future, fn, args = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:  # handed to the future's owner
-                future.set_exception(exc)
-
-    def shutdown(self, wait: bool = True, timeout: float = 5.0) -> None:
-        """Stop the workers after the queued jobs; wait at most `timeout` for running ones."""
-        for _ in self._threads:
-            self._queue.put(None)
-        if wait:
-            deadline = time.monotonic() + timeout
-            for thread in self._threads:
-                thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class _Executor(BasePoolExecutor):  # type: ignore[misc]
