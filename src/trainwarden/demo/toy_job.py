@@ -30,6 +30,8 @@ fires, holds when it fired), so a resumed job does not meet the same fault forev
 FILE` appends one JSON line per step (rank 0), resume, skip and fault, with wall-clock times, for
 the demo's summary and bench/healing.py.
 """
+# Over 450 lines (issue 15): the demo's training script, meant to be read top to bottom as one file by a
+# newcomer; kept whole while the demo changes in parallel.
 
 # The data augmentation draws from NumPy's legacy global generator on purpose: exact resume must restore it.
 # Its augmentation is not crypto (S311).
