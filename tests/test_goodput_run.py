@@ -8,19 +8,14 @@ and compares it with the totals the daemon saved in its state directory on the w
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from heal_support import JOB, start_run, taken
-from trainwarden.goodput_store import GoodputStore
-from trainwarden.goodput_timeline import Totals
-from trainwarden.journal import JOURNAL_NAME
+from goodput_support import outside, saved
+from heal_support import start_run, taken
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -40,56 +35,6 @@ def toy(tmp: Path, steps: int) -> list[str]:
         "--out",
         str(tmp / "out"),
     ]
-
-
-@dataclass
-class Outside:
-    """What rank 0's step log says about the run."""
-
-    wall: float
-    productive: float
-    checkpointing: float
-    repeated_steps: int
-    restart_gaps: list[float]
-
-
-def outside(events_file: Path) -> Outside:
-    """Classify every interval between two step lines the way docs/GOODPUT.md defines the states."""
-    events = [json.loads(line) for line in events_file.read_text(encoding="utf-8").splitlines()]
-    start = next(e for e in events if e["event"] == "start")
-    done = next(e for e in events if e["event"] == "done")
-    productive = checkpointing = held = 0.0
-    repeated, gaps, high = 0, [], -1
-    before: dict[str, Any] | None = None
-    for event in events:
-        if event["event"] == "checkpoint":  # saved inside the interval that ends at the next step line
-            held += event["seconds"]
-            checkpointing += event["seconds"]
-            continue
-        if event["event"] != "step":
-            continue
-        if before is not None:
-            if event["step"] <= high:
-                repeated += 1
-            if event["pid"] != before["pid"]:
-                gaps.append(event["time"] - before["time"])
-            elif event["step"] > high:
-                productive += event["time"] - before["time"] - held
-        held = 0.0
-        high = max(high, event["step"])
-        before = event
-    return Outside(done["time"] - start["time"], productive, checkpointing, repeated, gaps)
-
-
-def saved(state: Path) -> Totals:
-    """The job's totals as the daemon persisted them when it stopped."""
-    store = GoodputStore(state / JOURNAL_NAME)
-    try:
-        found, problems = store.load()
-    finally:
-        store.close()
-    assert not problems
-    return found[JOB]
 
 
 def test_a_crash_injected_from_outside_costs_what_the_step_log_shows(tmp_path: Path) -> None:
