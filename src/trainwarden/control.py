@@ -119,6 +119,17 @@ def _clip_numbers(settings: ClipSettings) -> tuple[dict[str, float], list[str]]:
 
 
 @dataclass(frozen=True)
+class RollbackRequest:
+    """Roll back in place to a snapshot older than `step` (the first bad step) and skip that batch.
+
+    `id` changes with each request, so a job acts on one request once (`client.snapshot`).
+    """
+
+    id: str
+    step: int
+
+
+@dataclass(frozen=True)
 class ControlState:
     """Everything the daemon asks of one job. Request ids change each time a new request is made."""
 
@@ -127,6 +138,8 @@ class ControlState:
     checkpoint_request: str | None = None
     stop_request: str | None = None
     skip_batches: tuple[tuple[int, int], ...] = ()
+    # Added after format 1 shipped: absent from older files, which stay valid.
+    rollback_request: RollbackRequest | None = None
     updated_at: float = 0.0
     version: int = CONTROL_FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
@@ -139,6 +152,8 @@ class ControlState:
         """Serialise for writing."""
         data = asdict(self)
         data["skip_batches"] = [list(r) for r in self.skip_batches]
+        if self.rollback_request is None:
+            del data["rollback_request"]  # files without a request read the same by older clients
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -159,6 +174,7 @@ class ControlState:
             checkpoint_request=_request(data, "checkpoint_request", where),
             stop_request=_request(data, "stop_request", where),
             skip_batches=_skip_batches(data.get("skip_batches", []), where),
+            rollback_request=_rollback_request(data.get("rollback_request"), where),
             updated_at=_updated_at(data.get("updated_at", 0.0), where),
             extra=_extra(data.get("extra", {}), where),
         )
@@ -225,6 +241,22 @@ def _skip_batches(raw: object, where: str) -> tuple[tuple[int, int], ...]:
             raise _bad(where, name, pair, f"must satisfy 0 <= first <= last <= {MAX_STEP}")
         ranges.append((first, last))
     return tuple(ranges)
+
+
+def _rollback_request(raw: object, where: str) -> RollbackRequest | None:
+    if raw is None:
+        return None
+    name = "rollback_request"
+    if not isinstance(raw, dict) or set(raw) != {"id", "step"}:
+        raise _bad(where, name, raw, 'must be null or an object {"id": string, "step": integer}')
+    request_id = raw["id"]
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_CHARS:
+        why = f"must be a request id string of 1-{MAX_REQUEST_CHARS} characters"
+        raise _bad(where, f"{name}.id", request_id, why)
+    step = raw["step"]
+    if not _is_int(step) or not 0 <= step <= MAX_STEP:
+        raise _bad(where, f"{name}.step", step, f"must be an integer in [0, {MAX_STEP}]")
+    return RollbackRequest(request_id, step)
 
 
 def _updated_at(raw: object, where: str) -> float:
