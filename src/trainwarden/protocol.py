@@ -6,7 +6,8 @@ field. The first record on a connection is `hello`; it binds the connection to o
 
 Records (keys not listed are ignored, so a newer client can talk to an older daemon):
 
-- `hello`: v, job, rank, local_rank, world_size, pid, restart_count, stack_file? (faulthandler dump file)
+- `hello`: v, job, rank, local_rank, world_size, pid, restart_count, stack_file? (faulthandler dump file),
+  capabilities? (what the job can do when asked: `rollback`, in place, to a snapshot; unknown names ignored)
 - `step`: step, step_seconds?, loss?, grad_norm?, lr?, samples?, tokens?, dropped?
 - `phase`: phase (init | data | eval | checkpoint), event (begin | end), seconds?
 - `checkpoint`: step, path, seconds?
@@ -78,6 +79,9 @@ MAX_STEP = (1 << 53) - 1
 MAX_SECONDS = 1e7
 MAX_COUNT = 1e15
 MAX_PATH_CHARS = 4096
+CAPABILITIES = ("rollback",)
+"""Capabilities a hello may advertise; the daemon prefers an in-place rollback to a restart."""
+MAX_CAPABILITIES = 16
 
 
 class Reason:
@@ -174,6 +178,7 @@ class Hello:
     restart_count: int
     version: int
     stack_file: str = ""
+    capabilities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,7 +428,19 @@ def _hello(data: dict[str, Any]) -> Hello:
         restart_count=_int(data, "hello", "restart_count", 0, 1 << 31),
         version=version,
         stack_file=_opt_path(data, "hello", "stack_file"),
+        capabilities=_capabilities(data),
     )
+
+
+def _capabilities(data: dict[str, Any]) -> tuple[str, ...]:
+    value = data.get("capabilities", [])
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_CAPABILITIES
+        or not all(isinstance(v, str) and 0 < len(v) <= 64 for v in value)
+    ):
+        raise _bad("hello", "capabilities", f"expected a list of at most {MAX_CAPABILITIES} short names")
+    return tuple(sorted({v for v in value if v in CAPABILITIES}))  # a newer client's names are ignored
 
 
 def _opt_path(data: dict[str, Any], kind: str, key: str) -> str:

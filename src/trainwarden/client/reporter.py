@@ -34,7 +34,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -46,6 +46,7 @@ from trainwarden.client.stackdump import install_stack_dump
 from trainwarden.client.step_frame import PLAIN, Pending, copy_to_host, step_frame
 from trainwarden.control import ControlFileError, ControlState, control_path, read_control
 from trainwarden.protocol import (
+    CAPABILITIES,
     PHASES,
     STARTUP_STAGES,
     control_dir_from_env,
@@ -90,11 +91,19 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _known_capabilities(capabilities: Iterable[str]) -> tuple[str, ...]:
+    unknown = sorted(set(capabilities) - set(CAPABILITIES))
+    if unknown:  # a typo in the caller's code, like a bad phase name
+        raise ValueError(f"unknown capabilities {unknown} (known: {list(CAPABILITIES)})")
+    return tuple(sorted(set(capabilities)))
+
+
 class Reporter(ReporterSocket):
     """Reports steps, phases, checkpoints and collectives of one rank to the local daemon.
 
     `Reporter.from_env(job=...)` is the usual way in; `background=False` drains on the caller's
     thread instead of a sender thread (never blocking; records beyond the socket buffer drop).
+    `capabilities=("rollback",)` (`Snapshotter.CAPABILITIES`) says the loop can roll back in place.
     """
 
     def __init__(
@@ -112,7 +121,10 @@ class Reporter(ReporterSocket):
         backoff_initial: float = 0.05,
         backoff_max: float = 5.0,
         stack_dump: bool = True,
+        capabilities: Iterable[str] = (),
     ) -> None:
+        # Told to the daemon in every hello: `rollback` makes it ask for a rollback before a restart.
+        self.capabilities = _known_capabilities(capabilities)
         self.identity = identity or identity_from_env(job, env)
         # faulthandler on SIGUSR2, so the daemon can read this rank's stacks before killing a hang
         self.stack_file = (

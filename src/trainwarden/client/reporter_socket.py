@@ -44,6 +44,7 @@ class ReporterSocket:
 
     identity: Identity
     stack_file: Path | None
+    capabilities: tuple[str, ...]
     socket_path: Path
     _flush_interval: float
     _backoff_initial: float
@@ -265,6 +266,8 @@ class ReporterSocket:
         hello = self.identity.hello(PROTOCOL_VERSION)
         if self.stack_file is not None:
             hello["stack_file"] = str(self.stack_file)
+        if self.capabilities:
+            hello["capabilities"] = list(self.capabilities)
         self._append_frame(hello)
         if self._clip_z_threshold is not None:
             self._append_frame({"type": "clip", "z_threshold": self._clip_z_threshold})

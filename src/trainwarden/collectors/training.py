@@ -48,6 +48,7 @@ from trainwarden.collectors.training_metrics import (
     RECEIVED,
     REJECTED,
     RESTART_COUNT,
+    ROLLBACK_CAPABLE,
     SAMPLES_PER_SECOND,
     STEP_BUCKETS,
     STEP_DURATION,
@@ -282,6 +283,7 @@ class TrainingCollector(TrainingSocketServer, Collector):
             state.world_size = hello.world_size
             state.restart_count = hello.restart_count
             state.stack_file = hello.stack_file
+            state.rollback_capable = "rollback" in hello.capabilities
             state.exited_cleanly = False
             state.last_seen = now
             state.phase = "step"
@@ -425,6 +427,7 @@ class TrainingCollector(TrainingSocketServer, Collector):
         for phase, series in state.phase_seconds.items():
             yield from series.samples(PHASE_SECONDS, job=job, rank=rank, phase=phase)
         yield RESTART_COUNT.sample(state.restart_count, job=job, rank=rank)
+        yield ROLLBACK_CAPABLE.sample(1.0 if state.rollback_capable else 0.0, job=job, rank=rank)
         yield PID.sample(state.pid, job=job, rank=rank)
         yield EXITED_CLEANLY.sample(1.0 if state.exited_cleanly else 0.0, job=job, rank=rank)
         alive = state.pid > 0 and self.context.paths.proc(str(state.pid)).exists()

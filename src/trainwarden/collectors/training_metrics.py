@@ -57,6 +57,12 @@ PHASE_SECONDS = MetricSpec(
 RESTART_COUNT = MetricSpec(
     "trainwarden_train_launcher_restarts", "Restarts of the job as the launcher counts them.", _G, _RANK
 )
+ROLLBACK_CAPABLE = MetricSpec(
+    "trainwarden_train_rollback_capable",
+    "1 when the rank's hello says it can roll back in place to a snapshot (the policy prefers that).",
+    _G,
+    _RANK,
+)
 CLIP_Z_THRESHOLD = MetricSpec(
     "trainwarden_train_clip_z_threshold",
     "Clipping z-threshold the rank reports running with (its acknowledgement of a clip action).",

@@ -110,6 +110,7 @@ class RankState:
     dropped_reported: int = 0
     connected: bool = False
     stack_file: str = ""
+    rollback_capable: bool = False  # its hello advertised an in-place rollback
     exited_cleanly: bool = False
 
 
