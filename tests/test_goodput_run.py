@@ -75,3 +75,23 @@ def test_a_healthy_run_is_productive_but_for_start_up_and_checkpoints(tmp_path: 
     wall = sum(totals.seconds.values())
     assert abs(wall - log.wall) <= 0.02 * wall, (totals, log)
     assert abs(totals.seconds["productive"] / wall - log.productive / log.wall) <= 0.02, (totals, log)
+
+
+def test_a_hang_is_detecting_until_the_stall_finding_then_restarting(tmp_path: Path) -> None:
+    """A SIGSTOPped rank: detecting runs from the last step to the stall finding, then restarting."""
+    run = start_run(tmp_path, toy(tmp_path, 130))
+    run.proc.wait_for(r"^STEP 50 ", 120)
+    os.kill(run.rank_pid(1), signal.SIGSTOP)  # a hang, from outside the job
+    assert run.proc.wait(180) == 0, run.proc.output()
+    assert len(taken(run.journal(), "checkpoint_restart", "stall")) == 1
+    totals = saved(run.state)
+    log = outside(tmp_path / "events.jsonl")
+    wall = sum(totals.seconds.values())
+    assert totals.restarts == {"stall": 1}
+    # The config's learned stall timeout has a 4 s floor: the finding cannot come sooner.
+    assert totals.seconds["detecting"] >= 4.0, totals
+    (gap,) = log.restart_gaps
+    lost = totals.seconds["detecting"] + totals.seconds["restarting"]
+    assert abs(lost - gap) <= 0.02 * wall, (totals, log)
+    assert log.repeated_steps <= totals.steps_repeated <= log.repeated_steps + 1
+    assert abs(totals.seconds["productive"] / wall - log.productive / log.wall) <= 0.02, (totals, log)
