@@ -78,13 +78,14 @@ def scraper_main(port: int, seconds: float, interval: float, mode: str) -> None:
     `keep-alive` reuses one connection as Prometheus does (a new one after a failure);
     `fresh` opens a connection per scrape.
     """
-    results: list[tuple[float, int]] = []
+    results: list[tuple[float, float, int]] = []  # (wall-clock start, seconds, status)
     end = time.monotonic() + seconds
     conn: http.client.HTTPConnection | None = None
     while time.monotonic() < end:
         started = time.monotonic()
+        at = time.time()
         if mode == "fresh":
-            results.append(scrape("127.0.0.1", port, 10.0))
+            results.append((at, *scrape("127.0.0.1", port, 10.0)))
         else:
             if conn is None:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10.0)
@@ -95,9 +96,9 @@ def scraper_main(port: int, seconds: float, interval: float, mode: str) -> None:
                 )
                 response = conn.getresponse()
                 response.read()
-                results.append((time.perf_counter() - t0, response.status))
+                results.append((at, time.perf_counter() - t0, response.status))
             except (OSError, http.client.HTTPException):
-                results.append((time.perf_counter() - t0, 0))
+                results.append((at, time.perf_counter() - t0, 0))
                 conn.close()
                 conn = None
         time.sleep(max(0.0, interval - (time.monotonic() - started)))
@@ -116,7 +117,7 @@ def run_scraper(port: int, seconds: float, args: argparse.Namespace) -> list[tup
         args.scrapes,
     ]
     out = subprocess.run(cmd, capture_output=True, check=True).stdout
-    return [(float(t), int(s)) for t, s in json.loads(out)]
+    return [(float(t), int(s)) for _, t, s in json.loads(out)]
 
 
 @dataclass
@@ -127,6 +128,7 @@ class Daemon:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     answers: int = 0  # answers the bench received (every one should be counted by the daemon)
+    config_text: str = ""
 
     @property
     def log(self) -> Path:
@@ -134,7 +136,7 @@ class Daemon:
 
     def start(self) -> None:
         config = self.work / "config.toml"
-        config.write_text("")
+        config.write_text(self.config_text)
         cmd = [
             sys.executable, "-m", "trainwarden.daemon.cli", "daemon", "--config", str(config),
             "--listen", f"127.0.0.1:{self.port}", "--runtime-dir", str(self.work / "run"),
@@ -253,7 +255,32 @@ async def burst_one(port: int) -> tuple[float, int]:
     return time.monotonic() - start, status
 
 
-async def hostile(daemon: Daemon, args: argparse.Namespace) -> dict[str, Any]:
+async def start_scraper(port: int, args: argparse.Namespace) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--scraper", str(port), str(args.hold), str(args.scrape_interval),
+        args.scrapes,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+def scrape_stats(prefix: str, scrapes: list[tuple[float, float, int]]) -> dict[str, Any]:
+    """p50 / p99 / max of the answered scrapes, how many were answered 200 of how many."""
+    answered = [t for _, t, s in scrapes if s]
+    return {
+        f"{prefix}_ok": sum(1 for *_, s in scrapes if s == 200),
+        f"{prefix}_n": len(scrapes),
+        f"{prefix}_p50_s": percentile(answered, 0.5),
+        f"{prefix}_p99_s": percentile(answered, 0.99),
+        f"{prefix}_max_s": max(answered, default=float("nan")),
+    }
+
+
+def in_window(scrapes: list[tuple[float, float, int]], start: float, end: float) -> list[Any]:
+    """The scrapes that were in flight at some moment of [start, end] (wall clock)."""
+    return [x for x in scrapes if x[0] <= end and x[0] + x[1] >= start]
+
+
+async def hostile(daemon: Daemon, control: Daemon | None, args: argparse.Namespace) -> dict[str, Any]:
     stop = asyncio.Event()
     kinds = ["idle"] * args.idle + ["slow-header"] * args.slow_header + ["slow-body"] * args.slow_body
     held = [Held(kind) for kind in kinds]
@@ -279,34 +306,49 @@ async def hostile(daemon: Daemon, args: argparse.Namespace) -> dict[str, Any]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     cpu_start = daemon.cpu_seconds()
-    scraper = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--scraper", str(daemon.port), str(args.hold), str(args.scrape_interval),
-        args.scrapes,
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    profiler = None
+    if args.profile:
+        assert daemon.proc is not None
+        profiler = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(daemon.proc.pid),
+            "--format", "raw", "--rate", "250",
+            "--duration", str(int(args.hold)), "--nonblocking", "--output", args.profile,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+    scraper = await start_scraper(daemon.port, args)
+    control_scraper = await start_scraper(control.port, args) if control is not None else None
     await asyncio.sleep(2.0)
     burst_start = time.monotonic()
+    burst_wall = time.time()
     burst = await asyncio.gather(*(burst_one(daemon.port) for _ in range(args.burst)))
     burst_seconds = time.monotonic() - burst_start
     out, _ = await scraper.communicate()
-    scrapes = [tuple(x) for x in json.loads(out)]
+    scrapes: list[tuple[float, float, int]] = [tuple(x) for x in json.loads(out)]
+    controls: list[tuple[float, float, int]] = []
+    if control_scraper is not None:
+        control_out, _ = await control_scraper.communicate()
+        controls = [tuple(x) for x in json.loads(control_out)]
+    if profiler is not None:
+        await profiler.wait()
     stop.set()
     await asyncio.gather(*tasks)
     cpu_hostile = daemon.cpu_seconds() - cpu_start
     sampling = False
     sampler.join()
-    daemon.answers += sum(1 for _, s in scrapes if s) + sum(1 for _, s in burst if s)
+    daemon.answers += sum(1 for *_, s in scrapes if s) + sum(1 for _, s in burst if s)
+    if control is not None:
+        control.answers += sum(1 for *_, s in controls if s)
+    window = (burst_wall, burst_wall + burst_seconds)
     daemon.answers += sum(h.answered for h in held)
     cut = [h.closed_after for h in held if h.closed_after]
     return {
         "establish_s": establish,
         "cpu_hostile_s": cpu_hostile,
         "open_p99_s": percentile(opened, 0.99),
-        "scrape_ok": sum(1 for _, s in scrapes if s == 200),
-        "scrape_n": len(scrapes),
-        "scrape_p50_s": percentile([t for t, s in scrapes if s], 0.5),
-        "scrape_p99_s": percentile([t for t, s in scrapes if s], 0.99),
-        "scrape_max_s": max((t for t, s in scrapes if s), default=float("nan")),
+        **scrape_stats("scrape", scrapes),
+        **scrape_stats("burst_scrape", in_window(scrapes, *window)),
+        **scrape_stats("control", controls),
+        **scrape_stats("control_burst", in_window(controls, *window)),
         "burst_ok": sum(1 for _, s in burst if s == 200),
         "burst_p50_s": percentile([t for t, s in burst if s], 0.5),
         "burst_p99_s": percentile([t for t, s in burst if s], 0.99),
@@ -321,9 +363,15 @@ async def hostile(daemon: Daemon, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def measure(name: str, pythonpath: Path, args: argparse.Namespace) -> dict[str, Any]:
+def measure(name: str, pythonpath: Path, args: argparse.Namespace, config_text: str = "") -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"tw-http-{name}-") as tmp:
-        daemon = Daemon(name, pythonpath, Path(tmp))
+        daemon = Daemon(name, pythonpath, Path(tmp) / "attacked", config_text=config_text)
+        daemon.work.mkdir()
+        control = None
+        if args.control:  # the same code and config, scraped in the same seconds, attacked by nobody
+            control = Daemon(f"{name}-control", pythonpath, Path(tmp) / "control", config_text=config_text)
+            control.work.mkdir()
+            control.start()
         daemon.start()
         try:
             time.sleep(2.0)
@@ -331,7 +379,9 @@ def measure(name: str, pythonpath: Path, args: argparse.Namespace) -> dict[str, 
             daemon.answers += sum(1 for _, s in baseline if s)
             threads_idle = daemon.status_field("Threads")
             rss_idle = daemon.status_field("VmRSS") / 1024
-            result = asyncio.run(hostile(daemon, args))
+            load_before = os.getloadavg()[0]
+            result = asyncio.run(hostile(daemon, control, args))
+            result["load"] = (load_before, os.getloadavg()[0])
             time.sleep(1.0)
             answers_before = daemon.answers
             counts = daemon.counted()
@@ -345,9 +395,13 @@ def measure(name: str, pythonpath: Path, args: argparse.Namespace) -> dict[str, 
                 "counted": int(sum(counts.values())),
                 "tracebacks": daemon.log.read_text(errors="replace").count("Traceback"),
                 "alive": daemon.proc is not None and daemon.proc.poll() is None,
+                "burst_scrape_p99_vs_control": result["burst_scrape_p99_s"] / result["control_burst_p99_s"],
+                "scrape_p99_vs_control": result["scrape_p99_s"] / result["control_p99_s"],
             }
         finally:
             daemon.stop()
+            if control is not None:
+                control.stop()
         return result
 
 
@@ -360,6 +414,24 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
          "{:.1f} / {:.1f} / {:.1f} ms", ms),
         ("scrape p99 held + burst / no load", ("scrape_p99_ratio",), "{:.1f}x", 1.0),
         ("scrapes answered 200", ("scrape_ok", "scrape_n"), "{} of {}", 1.0),
+        ("scrape p50 / p99 / max, while the burst was in flight",
+         ("burst_scrape_p50_s", "burst_scrape_p99_s", "burst_scrape_max_s"),
+         "{:.1f} / {:.1f} / {:.1f} ms", ms),
+        ("scrapes in flight during the burst, answered 200", ("burst_scrape_ok", "burst_scrape_n"),
+         "{} of {}", 1.0),
+        ("load average (1 min) before / after the phase", ("load",), "{0[0]:.1f} / {0[1]:.1f}", 1.0),
+    ]  # fmt: skip
+    if args.control:
+        rows += [
+            ("control daemon (no clients) scrape p50 / p99 / max, same seconds",
+             ("control_p50_s", "control_p99_s", "control_max_s"), "{:.1f} / {:.1f} / {:.1f} ms", ms),
+            ("control daemon scrape p99 while the burst was in flight", ("control_burst_p99_s",), "{:.1f} ms",
+             ms),
+            ("**scrape p99 / control's p99, whole phase**", ("scrape_p99_vs_control",), "{:.2f}x", 1.0),
+            ("**scrape p99 / control's p99, during the burst**", ("burst_scrape_p99_vs_control",), "{:.2f}x",
+             1.0),
+        ]  # fmt: skip
+    rows += [
         ("burst connect + answer p50 / p99 / max", ("burst_p50_s", "burst_p99_s", "burst_max_s"),
          "{:.0f} / {:.0f} / {:.0f} ms", ms),
         ("burst answered 200", ("burst_ok",), "{} of " + str(args.burst), 1.0),
@@ -397,6 +469,18 @@ def main() -> int:
         "--scrapes", choices=["keep-alive", "fresh"], default="keep-alive",
         help="scrape over one kept-alive connection like Prometheus (default) or a new one each time",
     )  # fmt: skip
+    parser.add_argument(
+        "--control", action="store_true",
+        help="also run an unattacked daemon of the same code, scraped in the same seconds: the fair"
+        " baseline on a loaded machine (each ratio compares scrapes that shared the machine's load)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+        help="also measure the working tree with these [daemon.http] settings (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile", help="py-spy raw (collapsed) stacks of the held + burst phase to this file"
+    )
     args = parser.parse_args()
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="tw-http-ref-") as tmp:
@@ -408,6 +492,12 @@ def main() -> int:
             print(json.dumps(results[args.ref], indent=1), file=sys.stderr)
         results["working tree"] = measure("tree", REPO / "src", args)
         print(json.dumps(results["working tree"], indent=1), file=sys.stderr)
+        for variant in args.variant:
+            settings = "\n".join(item.strip() for item in variant.split(","))
+            results[f"tree, {variant}"] = measure(
+                "variant", REPO / "src", args, f"[daemon.http]\n{settings}\n"
+            )
+            print(json.dumps(results[f"tree, {variant}"], indent=1), file=sys.stderr)
     print(report(results, args))
     return 0
 

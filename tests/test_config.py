@@ -30,7 +30,7 @@ def problems_of(text: str) -> list[str]:
         ("[deamon]\nlisten = '127.0.0.1:1'\n", "deamon: unknown section (valid: collectors, daemon,"),
         (
             "[daemon]\nlisten_addr = '0.0.0.0:1'\n",
-            "[daemon] listen_addr: unknown key (valid keys: listen, log_level",
+            "[daemon] listen_addr: unknown key (valid keys: http, listen, log_level",
         ),
         ("[daemon]\nlisten = 9871\n", "[daemon] listen: expected str, got int 9871"),
         ("[daemon]\nlisten = 'localhost'\n", "[daemon] listen: expected HOST:PORT, got 'localhost'"),

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from trainwarden.errors import ConfigError, ConfigProblem
+from trainwarden.http_limits import HttpLimits
 from trainwarden.paths import HostPaths
 from trainwarden.policy_config import PolicyConfig
 from trainwarden.webhook_config import WebhookConfig, listen_problems
@@ -85,6 +86,8 @@ class DaemonConfig:
     # This node's name in alerts, Slurm and the scrape config (an alert about another node's
     # workers is not this daemon's to act on); default the short hostname.
     node_name: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
+    # `[daemon.http]`: the HTTP server's limits per client (deadlines, sizes, connections).
+    http: HttpLimits = field(default_factory=HttpLimits)
 
     def problems(self) -> list[tuple[str, str]]:
         """`listen` must be HOST:PORT with a valid port."""

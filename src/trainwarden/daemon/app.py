@@ -66,7 +66,7 @@ RELOADS = MetricSpec(
     ("result",),
 )
 # Settings a running daemon cannot change in place (sockets and directories are open already).
-RESTART_ONLY = ("listen", "runtime_dir", "state_dir", "window_seconds", "node_name")
+RESTART_ONLY = ("listen", "runtime_dir", "state_dir", "window_seconds", "node_name", "http")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +164,7 @@ class Daemon:
         """Listen, then start collecting; READY=1 goes to systemd after the first full round."""
         host, port = parse_listen(self.config.daemon.listen)
         try:
-            self._http = HttpServer(host, port, self.routes, store=self.store)
+            self._http = HttpServer(host, port, self.routes, store=self.store, limits=self.config.daemon.http)
         except OSError as exc:
             raise TrainwardenError(
                 f"cannot listen on {self.config.daemon.listen}: {exc.strerror or exc}"

@@ -214,7 +214,9 @@ class HttpServer:
         # asyncio accepts up to `backlog` connections per loop turn; a small batch lets a scrape
         # in the middle of a 1,000-connect burst be served between batches. The kernel's queue
         # keeps the full backlog (listen() again after asyncio set it to the batch size).
-        server = await asyncio.start_server(self._accept, sock=self._socket, backlog=_ACCEPTS_PER_TURN)
+        server = await asyncio.start_server(
+            self._accept, sock=self._socket, backlog=self.limits.accepts_per_turn
+        )
         self._socket.listen(self.limits.backlog)
         self._serving.set()
         try:
@@ -270,8 +272,6 @@ class HttpServer:
 
         self._pool.submit(run)
 
-
-_ACCEPTS_PER_TURN = 32
 
 _OVERLOADED = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"

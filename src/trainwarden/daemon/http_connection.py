@@ -16,13 +16,15 @@ import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 import h11
 
 from trainwarden.daemon.http_routes import Request, Response, Route
+from trainwarden.http_limits import HttpLimits
+
+__all__ = ["INVALID", "Connection", "HttpLimits"]
 
 log = logging.getLogger("trainwarden.daemon.http")
 
@@ -34,30 +36,6 @@ _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 1 << 20
 _HEAD_END = re.compile(rb"\n\r?\n")
 _CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
-
-
-@dataclass(frozen=True)
-class HttpLimits:
-    """How much one client may take; every limit ends in an answer or a close, never a hang."""
-
-    workers: int = 4
-    """Threads running handlers; connections waiting on the network hold none."""
-    max_connections: int = 4096
-    """Open connections; one more is answered 503 and closed."""
-    backlog: int = 1024
-    """Listen backlog: a burst of connects waits in the kernel instead of being dropped."""
-    head_seconds: float = 10.0
-    """From a new connection (or a request's first byte on a kept-alive one) to the end of the head."""
-    request_seconds: float = 30.0
-    """From the start of a request to the last byte of its body."""
-    idle_seconds: float = 120.0
-    """A kept-alive connection with no new request is closed after this (Prometheus reuses it)."""
-    write_seconds: float = 30.0
-    """To hand the whole answer to a client that does not read it."""
-    max_head_bytes: int = 16 * 1024
-    """Request line + headers (431 above it)."""
-    max_target_bytes: int = 8 * 1024
-    """Request line (414 above it)."""
 
 
 class _DoneError(Exception):
