@@ -114,6 +114,8 @@ class CheckpointManager:
         self.refused_saves = 0
         """Saves refused because parameters or optimizer state held NaN/Inf (nothing was written)."""
         self.last_refusal: CheckpointError | None = None
+        self.local_wait_seconds = 0.0
+        """Time local saves spent waiting for the previous write: above zero, `local_every` is too small."""
         self._durable = CheckpointDirectory(
             self.root, keep_last=keep_last, keep_best=keep_best, best_mode=best_mode
         )
@@ -240,7 +242,9 @@ class CheckpointManager:
         assert self._local is not None
         final = self._local.directory.final(step)
         with checkpoint_phase(self.reporter):
+            waited = time.monotonic()
             self._join()
+            self.local_wait_seconds += time.monotonic() - waited
             bad = nonfinite_tensors(state)
             if bad:
                 self.refused_saves += 1
