@@ -17,6 +17,11 @@ docs/CLIENT.md asks, so the daemon's `skip_batches` name batches.
 Output on stdout (rank 0): ``RESUMED <step>``, ``SKIP <step>``, ``STEP <step> <loss>`` and at the end
 ``FINAL <sha256> finite=<0|1>``; `--out` gets ``final.json`` with the digest and whether every
 parameter is finite.
+
+With ``--rollback-every N`` the loop is the documented rollback loop (`Snapshotter.steps` and
+`after_step`, the reporter advertising the capability): rank 0 prints ``ROLLBACK <at> <to> <skipped>``
+and `--out` also gets ``final.pt`` (rank 0's parameters) and ``rank<r>.json`` (pid, rollbacks, skipped
+batches); without it too, `--out` gets ``final.pt``, so a rollback is judged against a plain run.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from trainwarden.client.clipping import AdaptiveClipper
 from trainwarden.client.distributed import init_process_group
 from trainwarden.client.interrupt import PlannedInterrupt
 from trainwarden.client.reporter import Reporter
+from trainwarden.client.snapshot import Snapshotter
 from trainwarden.control import ClipSettings
 
 BATCH = 8
@@ -129,13 +135,15 @@ def main() -> int:  # noqa: C901 - a training loop, read top to bottom
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--job", help="job name for the reporter (default: the launcher's)")
+    parser.add_argument("--rollback-every", type=int, default=0, help="snapshot interval (0: no rollback)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     init_process_group("gloo")
     rank = dist.get_rank()
     # After the process group, before anything slow: a SIGTERM from here on checkpoints and exits.
-    reporter = Reporter.from_env(job=args.job)
+    capabilities = Snapshotter.CAPABILITIES if args.rollback_every else ()
+    reporter = Reporter.from_env(job=args.job, capabilities=capabilities)
     guard = PlannedInterrupt((signal.SIGTERM, signal.SIGUSR1), reporter=reporter).install()
 
     inputs = np.load(args.data / "inputs.npy", mmap_mode="r")
@@ -148,6 +156,13 @@ def main() -> int:  # noqa: C901 - a training loop, read top to bottom
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(args.schedule, args.steps, args.warmup))
     clipper = AdaptiveClipper(model.parameters(), ClipSettings())
     state = {"train": ModelOptimizerState(model, optimizer), "scheduler": scheduler}
+    snap = None
+    if args.rollback_every:
+        snap = Snapshotter(
+            {"model": model, "optimizer": optimizer, "scheduler": scheduler, "clipper": clipper},
+            every=args.rollback_every,
+            reporter=reporter,
+        )
 
     start = 0
     manager = None
@@ -158,6 +173,8 @@ def main() -> int:  # noqa: C901 - a training loop, read top to bottom
             start = int(resume.data_position["next_batch"])
             clipper.load_state_dict(resume.local["clipper"])
             guard.load_state_dict(resume.local["interrupt"])
+            if snap is not None and "snapshot" in resume.local:
+                snap.load_state_dict(resume.local["snapshot"])
             if rank == 0:
                 say(f"RESUMED {resume.step}")
     # Read once before the first step, so every rank skips the same batches (docs/CLIENT.md).
@@ -167,7 +184,8 @@ def main() -> int:  # noqa: C901 - a training loop, read top to bottom
     reporter.clip_in_use(clipper.settings)
 
     loss_fn = nn.CrossEntropyLoss()
-    for step in range(start, args.steps):
+    steps = snap.steps(start, args.steps) if snap is not None else range(start, args.steps)
+    for step in steps:
         if control.should_skip(step):
             if rank == 0:
                 say(f"SKIP {step}")
@@ -183,6 +201,11 @@ def main() -> int:  # noqa: C901 - a training loop, read top to bottom
         reporter.step(step, loss=loss.detach(), grad_norm=grad_norm, lr=scheduler.get_last_lr()[0])
         if rank == 0:
             say(f"STEP {step} {float(loss):.6f}")
+        if snap is not None and snap.after_step(step, loss=loss.detach(), grad_norm=grad_norm):
+            if rank == 0:
+                last = snap.rollbacks[-1]
+                say(f"ROLLBACK {last.at_step} {last.next_step} {last.skipped}")
+            continue  # the loop goes on from the snapshot; this step's state is gone
         boundary = guard.at_boundary(step)
         if boundary.control is not None and boundary.control.clip is not None:
             clipper.update(boundary.control.clip)
@@ -193,7 +216,11 @@ def main() -> int:  # noqa: C901 - a training loop, read top to bottom
                 step,
                 state,
                 data_position={"next_batch": step + 1},
-                local={"clipper": clipper.state_dict(), "interrupt": guard.state_dict()},
+                local={
+                    "clipper": clipper.state_dict(),
+                    "interrupt": guard.state_dict(),
+                    **({"snapshot": snap.state_dict()} if snap is not None else {}),
+                },
             )
         if boundary.stop:
             if manager is not None:
@@ -206,6 +233,14 @@ def main() -> int:  # noqa: C901 - a training loop, read top to bottom
     if manager is not None:
         manager.close()
     sha, finite = digest(model)
+    if snap is not None and args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        rollbacks = [[r.at_step, r.next_step, r.skipped] for r in snap.rollbacks]
+        record = {"pid": os.getpid(), "rollbacks": rollbacks, "skipped": list(snap.skipped)}
+        (args.out / f"rank{rank}.json").write_text(json.dumps(record), encoding="utf-8")
+    if args.out is not None and rank == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), args.out / "final.pt")
     if rank == 0:
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)

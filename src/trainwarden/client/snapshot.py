@@ -1,0 +1,279 @@
+"""In-place rollback: a recent known-good snapshot in host memory, restored without a restart.
+
+A non-finite loss or gradient poisons the weights within a step; restarting the process to undo it
+costs seconds. A `Snapshotter` keeps the last `keep` snapshots of everything the step changes
+(model, optimizer(s), scheduler, clipper — anything with `state_dict`/`load_state_dict` — and every
+RNG) and the step they were taken after. Every `every` steps (a *boundary*) the ranks agree, with
+one small all-reduce, whether any of them saw a non-finite loss or grad-norm since the last
+boundary, or read a rollback request from the daemon (`ControlState.rollback_request`). If so,
+every rank restores the same snapshot in place, the first bad batch is skipped from then on, and
+`steps()` continues from the snapshot; otherwise a new snapshot is taken. Nothing is read from the
+device between boundaries: the finite checks stay on the device until the boundary's all-reduce.
+
+    reporter = Reporter.from_env(job="llm", capabilities=Snapshotter.CAPABILITIES)
+    snap = Snapshotter({"model": model, "optim": optimizer, "sched": scheduler, "clip": clipper},
+                       every=5, reporter=reporter)
+    for step in snap.steps(start, total_steps):     # jumps back after a rollback, skips bad batches
+        loss = train_step(batch_at(step))            # the batch index is the step (docs/CLIENT.md)
+        reporter.step(step, loss=loss.detach(), grad_norm=norm)
+        snap.after_step(step, loss=loss.detach(), grad_norm=norm)
+
+Exactness: a run that rolled back ends bit-identical to one that skipped the same batches, because
+the restored state, RNG included, is the state that run had before the skipped batch. A rollback that
+keeps failing is bounded (`max_rollbacks` in a row without a new snapshot); past that the job goes
+on with the fault visible, and the daemon escalates to a checkpoint restart.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from trainwarden.client import rng
+from trainwarden.control import ControlState
+
+log = logging.getLogger(__name__)
+
+MAX_HANDLED_REQUESTS = 64
+
+
+class Stateful(Protocol):
+    """What a snapshot holds: the `state_dict` protocol of torch modules, optimizers and schedulers."""
+
+    def state_dict(self) -> Any: ...  # noqa: D102 - the torch protocol
+
+    def load_state_dict(self, state: Any, /) -> Any: ...  # noqa: D102 - the torch protocol
+
+
+class ControlSource(Protocol):
+    """Where the daemon's requests come from: `Reporter.poll_control` (cheap: a rate-limited stat)."""
+
+    def poll_control(self) -> ControlState: ...  # noqa: D102 - see Reporter.poll_control
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Host copies of the state after step `next_step - 1`, so training resumes at `next_step`."""
+
+    next_step: int
+    states: dict[str, Any]
+    rng: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """One rollback: found at `at_step`, back to `next_step`, batch `skipped` skipped from now on."""
+
+    at_step: int
+    next_step: int
+    skipped: int
+    reason: str
+
+
+class Snapshotter:
+    """Takes snapshots at boundaries and rolls every rank back together (see the module docstring)."""
+
+    CAPABILITIES = ("rollback",)
+    """Pass to `Reporter(capabilities=...)`: the hello then tells the daemon it may ask for a rollback."""
+
+    def __init__(
+        self,
+        state: Mapping[str, Stateful],
+        *,
+        every: int = 5,
+        keep: int = 2,
+        reporter: ControlSource | None = None,
+        auto: bool = True,
+        max_rollbacks: int = 3,
+        group: Any = None,
+    ) -> None:
+        if every < 1 or keep < 1 or max_rollbacks < 0:
+            raise ValueError(
+                f"every={every} and keep={keep} must be >= 1, max_rollbacks={max_rollbacks} >= 0"
+            )
+        self._state = dict(state)
+        self.every = every
+        self.keep = keep
+        self.auto = auto
+        self.max_rollbacks = max_rollbacks
+        self._reporter = reporter
+        self._group = group
+        self._snapshots: list[Snapshot] = []
+        self._flags: list[tuple[int, Any]] = []  # (step, non-finite flag: bool or a device tensor)
+        self._skipped: set[int] = set()
+        self._handled: list[str] = []  # daemon request ids acted upon (or found already done)
+        self._in_a_row = 0  # rollbacks since the last new snapshot
+        self._jump: int | None = None
+        self.rollbacks: list[Rollback] = []
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def steps(self, start: int, stop: int) -> Iterator[int]:
+        """Step indices `start..stop-1`, minus skipped batches, going back after each rollback.
+
+        Takes the first snapshot before `start`; at the end checks the last steps too, so a fault in
+        the final steps is rolled back before the loop ends.
+        """
+        self._snapshots = [self._take(start)]
+        step = start
+        while True:
+            if step >= stop:
+                if not self._flags or not self._boundary(stop - 1):
+                    return
+            elif step in self._skipped:
+                step += 1
+                continue
+            else:
+                yield step
+            if self._jump is not None:
+                step, self._jump = self._jump, None
+            elif step < stop:
+                step += 1
+
+    def after_step(self, step: int, loss: Any = None, grad_norm: Any = None) -> bool:
+        """Note this step's loss and grad-norm (tensors stay on the device); True when it rolled back.
+
+        Call it once per completed step, on every rank. At every `every`-th call the ranks agree and
+        either snapshot or roll back; `steps()` then continues from the snapshot.
+        """
+        self._flags.append((step, _nonfinite(loss, grad_norm)))
+        if len(self._flags) < self.every:
+            return False
+        return self._boundary(step)
+
+    @property
+    def skipped(self) -> tuple[int, ...]:
+        """Batches skipped after a rollback, ascending (identical on every rank)."""
+        return tuple(sorted(self._skipped))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Skipped batches and handled request ids, for the checkpoint's `local` state."""
+        return {"skipped": list(self.skipped), "handled": list(self._handled)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()` after a resume, so a restarted job skips the same batches."""
+        skipped, handled = state.get("skipped", ()), state.get("handled", [])
+        if not all(isinstance(s, int) and s >= 0 for s in skipped):
+            raise ValueError(f"snapshot state: 'skipped' must be step numbers, got {skipped!r}")
+        if not all(isinstance(h, str) for h in handled):
+            raise ValueError(f"snapshot state: 'handled' must be request ids, got {handled!r}")
+        self._skipped = set(skipped)
+        self._handled = list(handled)[-MAX_HANDLED_REQUESTS:]
+
+    # --- boundaries ---------------------------------------------------------------------------
+
+    def _boundary(self, step: int) -> bool:
+        request = self._new_request()
+        bad, requested = self._agree(request.step if request is not None else None)
+        if request is not None:
+            self._handled.append(request.id)
+            del self._handled[:-MAX_HANDLED_REQUESTS]
+        self._flags.clear()
+        candidates = []
+        if bad is not None and self.auto and self._in_a_row < self.max_rollbacks:
+            candidates.append((bad, "non-finite loss or grad-norm"))
+        if requested is not None and requested not in self._skipped:
+            candidates.append((requested, "the daemon asked"))
+        if not candidates:
+            if bad is None:  # never snapshot a state that may hold the fault
+                self._snapshots = [*self._snapshots, self._take(step + 1)][-self.keep :]
+                self._in_a_row = 0
+            elif not self.auto or self._in_a_row >= self.max_rollbacks:
+                log.warning("step %d: non-finite values since the last boundary; not rolling back", step)
+            return False
+        first_bad, reason = min(candidates)
+        return self._roll_back(step, first_bad, reason)
+
+    def _roll_back(self, step: int, first_bad: int, reason: str) -> bool:
+        usable = [s for s in self._snapshots if s.next_step <= first_bad]
+        if not usable:
+            log.warning("step %d: no snapshot from before step %d; cannot roll back", step, first_bad)
+            return False
+        snapshot = usable[-1]
+        for name, target in self._state.items():
+            # a copy: an optimizer adopts the tensors it is given, and would change the snapshot
+            target.load_state_dict(copy.deepcopy(snapshot.states[name]))
+        rng.restore(snapshot.rng)
+        self._snapshots = usable
+        self._skipped.add(first_bad)
+        self._in_a_row += 1
+        self._jump = snapshot.next_step
+        done = Rollback(step, snapshot.next_step, first_bad, reason)
+        self.rollbacks.append(done)
+        log.warning(
+            "step %d: %s; rolled back to step %d, skipping batch %d",
+            step,
+            reason,
+            snapshot.next_step,
+            first_bad,
+        )
+        return True
+
+    def _take(self, next_step: int) -> Snapshot:
+        states = {name: _host_copy(target.state_dict()) for name, target in self._state.items()}
+        return Snapshot(next_step, states, rng.capture())
+
+    def _new_request(self) -> Any:
+        if self._reporter is None:
+            return None
+        request = self._reporter.poll_control().rollback_request
+        if request is None or request.id in self._handled:
+            return None
+        return request
+
+    def _agree(self, requested: int | None) -> tuple[int | None, int | None]:
+        """First step with a non-finite value on any rank, and the request's step: one all-reduce."""
+        import torch  # noqa: PLC0415 - torch is imported lazily on purpose
+        import torch.distributed as dist  # noqa: PLC0415
+
+        raw = [f for _, f in self._flags]
+        device = next((f.device for f in raw if isinstance(f, torch.Tensor)), torch.device("cpu"))
+        flags = [
+            f.to(device=device, dtype=torch.int64)
+            if isinstance(f, torch.Tensor)
+            else torch.tensor(int(f), device=device)
+            for f in raw
+        ]
+        wanted = torch.tensor(-1 if requested is None else requested, dtype=torch.int64, device=device)
+        local = torch.stack([*flags, wanted])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self._group) > 1:
+            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self._group)
+        values = local.tolist()  # the one host read of the interval
+        bad = next((step for (step, _), v in zip(self._flags, values, strict=False) if v), None)
+        return bad, (None if values[-1] < 0 else int(values[-1]))
+
+
+def _nonfinite(loss: Any, grad_norm: Any) -> Any:
+    """True (or a device bool tensor) when either value is non-finite; None values count as finite."""
+    flags = []
+    for value in (loss, grad_norm):
+        if value is None:
+            continue
+        if isinstance(value, int | float):
+            if not math.isfinite(value):
+                return True
+            continue
+        import torch  # noqa: PLC0415
+
+        flags.append(~torch.isfinite(value.detach()).all())  # stays on the device: no sync
+    if not flags:
+        return False
+    return flags[0] if len(flags) == 1 else flags[0] | flags[1]
+
+
+def _host_copy(value: Any) -> Any:
+    """A deep copy with every tensor cloned to host memory (the live state keeps changing)."""
+    import torch  # noqa: PLC0415
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _host_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
+        copied = [_host_copy(v) for v in value]
+        return copied if isinstance(value, list) else tuple(copied)
+    return copy.deepcopy(value)
