@@ -8,9 +8,11 @@ r"""FSDP2 checks run on real gloo ranks (under torchrun) for tests/test_fsdp.py;
 the same global batches (the sharded one gets this rank's half): per step the sharded clipper's
 norm, the unsharded clipper's norm, both skip flags, and the number of collectives `clip()` issued.
 ``accumulate``: the norm after two micro-batches with gradient sync only on the second, against
-the whole model's norm on the full batch. ``save`` trains a few steps and saves through
-`CheckpointManager`, writing the full parameters and optimizer state it saved; ``load`` (on any
-world size) loads the newest checkpoint and writes what it got.
+the whole model's norm on the full batch. ``layouts``: `grad_norm.total_norm` of DTensors on
+other placements (the fallback through DTensor's own norm) beside a plain tensor. ``save``
+trains a few steps and saves through `CheckpointManager`, writing the full parameters and
+optimizer state it saved; ``load`` (on any world size) loads the newest checkpoint and writes
+what it got.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.debug import CommDebugMode
 
+from trainwarden.client import grad_norm
 from trainwarden.client.checkpoint import CheckpointManager, ModelOptimizerState
 from trainwarden.client.clipping import AdaptiveClipper
 from trainwarden.client.distributed import init_process_group
@@ -119,6 +122,22 @@ def accumulate_check() -> dict[str, Any]:
     }
 
 
+def layouts_check() -> dict[str, Any]:
+    """The global norm of DTensors sharded on either dim, replicated, and a plain tensor beside them."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh  # noqa: PLC0415
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(3)
+    whole = [torch.randn(6, 5), torch.randn(4, 7), torch.randn(3), torch.randn(2, 2)]
+    placements = [Shard(0), Shard(1), Replicate()]
+    grads = [distribute_tensor(t, mesh, [p]) for t, p in zip(whole, placements, strict=False)]
+    norm = grad_norm.total_norm([*grads, whole[3]])
+    return {
+        "norm": float(norm),
+        "want": float(torch.linalg.vector_norm(torch.cat([t.flatten() for t in whole]))),
+    }
+
+
 def train_and_save(ckpt: Path) -> dict[str, Any]:
     model = sharded(net())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -156,7 +175,7 @@ def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("checks", nargs="+", choices=["clip", "accumulate", "save", "load"])
+    parser.add_argument("checks", nargs="+", choices=["clip", "accumulate", "layouts", "save", "load"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--ckpt", type=Path)
     args = parser.parse_args()
@@ -165,6 +184,7 @@ def main() -> int:
     runs = {
         "clip": clip_check,
         "accumulate": accumulate_check,
+        "layouts": layouts_check,
         "save": lambda: train_and_save(args.ckpt),
         "load": lambda: load(args.ckpt),
     }

@@ -54,7 +54,7 @@ def reference(tmp: Path, data: Path, steps: int) -> dict[str, object]:
 def test_sharded_norm_equals_the_whole_models_and_every_rank_clips_and_skips_alike(tmp_path: Path) -> None:
     """With FSDP2 shards the clipper's norm is the whole model's norm (one scalar all-reduce), and both
     ranks clip and skip exactly the steps the unsharded clipper does, ending at the unsharded parameters."""
-    checks(tmp_path, ["clip", "accumulate"])
+    checks(tmp_path, ["clip", "accumulate", "layouts"])
     ranks = [result(tmp_path, "clip", r) for r in (0, 1)]
     assert ranks[0] == ranks[1], "every rank must see the same norm and take the same decision"
     steps = ranks[0]["steps"]
@@ -69,20 +69,26 @@ def test_sharded_norm_equals_the_whole_models_and_every_rank_clips_and_skips_ali
     for rank in (0, 1):
         accumulated = result(tmp_path, "accumulate", rank)
         assert accumulated["norm"] == pytest.approx(accumulated["whole_norm"], rel=1e-5)
+        layouts = result(tmp_path, "layouts", rank)
+        assert layouts["norm"] == pytest.approx(layouts["want"], rel=1e-6)
 
 
 @pytest.mark.timeout(300)
-def test_sharded_checkpoint_of_two_ranks_loads_on_one(tmp_path: Path) -> None:
-    """A CheckpointManager save of FSDP2 model and optimizer state on 2 ranks loads on 1 rank (DCP
-    reshards) with every parameter and Adam moment equal to what was saved."""
-    checks(tmp_path, ["save"])
+@pytest.mark.parametrize(("saved_on", "loaded_on"), [(2, 1), (1, 2)], ids=["2-to-1", "1-to-2"])
+def test_sharded_checkpoint_loads_on_another_world_size(
+    tmp_path: Path, saved_on: int, loaded_on: int
+) -> None:
+    """A CheckpointManager save of FSDP2 model and optimizer state on one number of ranks loads on another
+    (DCP reshards) with every parameter and Adam moment equal to what was saved."""
+    checks(tmp_path, ["save"], nproc=saved_on)
     saved = result(tmp_path, "save", 0)
-    assert result(tmp_path, "save", 1) == saved
-    checks(tmp_path, ["load"], nproc=1)
-    loaded = result(tmp_path, "load", 0)
-    assert loaded["step"] == 3
-    assert loaded["params"] == saved["params"]
-    assert loaded["moments"] == saved["moments"]
+    assert all(result(tmp_path, "save", r) == saved for r in range(saved_on))
+    checks(tmp_path, ["load"], nproc=loaded_on)
+    for rank in range(loaded_on):
+        loaded = result(tmp_path, "load", rank)
+        assert loaded["step"] == 3
+        assert loaded["params"] == saved["params"]
+        assert loaded["moments"] == saved["moments"]
     assert len(saved["moments"]) == 12  # exp_avg and exp_avg_sq of 6 tensors: the optimizer state is there
 
 
