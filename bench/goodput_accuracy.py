@@ -11,6 +11,11 @@ from the old process's last step line to the new one's first).
 
     .venv/bin/python bench/goodput_accuracy.py            # 3 crash runs + 1 healthy, Markdown table
     .venv/bin/python bench/goodput_accuracy.py --runs 1 --json out.json
+    .venv/bin/python bench/goodput_accuracy.py --overhead  # the accounting's cost on the socket thread
+
+`--overhead` instead measures what the accounting costs the daemon: the same stream of step
+records through a real `TrainingCollector` socket with and without the accountant listening,
+interleaved, as the ratio of the time to apply them (the baseline measured in the same run).
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ import argparse
 import json
 import os
 import signal
+import socket
+import statistics
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +37,13 @@ sys.path.insert(0, str(TESTS))
 
 from goodput_support import outside, saved  # noqa: E402 - after the path insert
 from heal_support import JOB, start_run  # noqa: E402
+from training_support import hello  # noqa: E402
+from trainwarden.collectors.base import CollectorContext  # noqa: E402
+from trainwarden.collectors.training import TrainingCollector, TrainingOptions  # noqa: E402
+from trainwarden.daemon.goodput import GoodputAccountant  # noqa: E402
 from trainwarden.goodput_report import goodput_lines  # noqa: E402
+from trainwarden.protocol import encode  # noqa: E402
+from trainwarden.store import Store  # noqa: E402
 
 STEPS = 130
 CRASH_AFTER = 50
@@ -123,11 +137,55 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def apply_seconds(records: int, *, accounted: bool) -> float:
+    """Seconds for a started collector to apply `records` step records sent over its socket."""
+    with tempfile.TemporaryDirectory(prefix="tw-goodput-cost-") as root:
+        accountant = GoodputAccountant(Path(root) / "state", Store(), time.time)
+        listeners = (accountant.on_record,) if accounted else ()
+        context = CollectorContext(runtime_dir=Path(root), state_dir=Path(root), record_listeners=listeners)
+        collector = TrainingCollector(TrainingOptions(), context)
+        collector.start()
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(collector.socket_path))
+            payload = encode(hello(0, job="bench", world_size=1)) + b"".join(
+                encode({"type": "step", "step": s, "step_seconds": 0.1, "loss": 1.0}) for s in range(records)
+            )
+            began = time.perf_counter()
+            sock.sendall(payload)
+            while collector.status()["received"] < records + 1:
+                time.sleep(0.001)
+            elapsed = time.perf_counter() - began
+            sock.close()
+        finally:
+            collector.close()
+            accountant.close()
+    return elapsed
+
+
+def overhead(records: int = 50_000, rounds: int = 7) -> None:
+    """Print the median time to apply `records` with and without accounting, and their ratio."""
+    plain, accounted = [], []
+    for _ in range(rounds):
+        plain.append(apply_seconds(records, accounted=False))
+        accounted.append(apply_seconds(records, accounted=True))
+    base, with_goodput = statistics.median(plain), statistics.median(accounted)
+    print(f"{records} step records, median of {rounds} interleaved rounds:")
+    print(f"  collector alone:     {base:.3f} s ({records / base:,.0f} records/s)")
+    print(f"  with the accountant: {with_goodput:.3f} s ({records / with_goodput:,.0f} records/s)")
+    extra_us = (with_goodput - base) / records * 1e6
+    print(f"  ratio: {with_goodput / base:.3f} ({extra_us:.1f} us more per record)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="crash runs (plus one healthy run)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--overhead", action="store_true", help="measure the accounting's cost instead")
     args = parser.parse_args()
+    if args.overhead:
+        overhead()
+        return 0
     results = []
     with tempfile.TemporaryDirectory(prefix="tw-goodput-") as root:
         for i in range(args.runs):
