@@ -34,6 +34,8 @@ class Served:
     gate: threading.Event = field(default_factory=threading.Event)
     entered: threading.Event = field(default_factory=threading.Event)
     after_done: threading.Event = field(default_factory=threading.Event)
+    stall_gate: threading.Event = field(default_factory=threading.Event)
+    stalled: threading.Event = field(default_factory=threading.Event)
     opened: int = 0
 
     @property
@@ -148,10 +150,11 @@ def trapped_logs() -> Iterator[LogTrap]:
 
 @contextmanager
 def serve(limits: HttpLimits | None = None) -> Iterator[Served]:
-    """The real server on 127.0.0.1: inline /metrics and /healthz; POST /echo, POST /accept, GET /slow."""
+    """The real server on 127.0.0.1: inline /metrics (on the scrape lane) and /healthz; POST /echo,
+    POST /accept, GET /slow; GET /stall, inline, blocks the main event loop until `stall_gate` is set."""
     store = Store()
     routes = Routes()
-    routes.add("GET", "/metrics", metrics_handler(make_registry(store)), inline=True)
+    routes.add("GET", "/metrics", metrics_handler(make_registry(store)), inline=True, lane=True)
     routes.add("GET", "/healthz", lambda _request: Response.text("ok\n"), inline=True)
     server = HttpServer("127.0.0.1", 0, routes, store=store, limits=limits)
     served = Served(server)
@@ -174,6 +177,12 @@ def serve(limits: HttpLimits | None = None) -> Iterator[Served]:
         served.calls.append(request)
         return Response(202, b"accepted\n", after=work)
 
+    def stall(_request: Request) -> Response:
+        served.stalled.set()
+        served.stall_gate.wait(30)
+        return Response.text("stalled\n")
+
+    routes.add("GET", "/stall", stall, inline=True)
     routes.add("POST", "/echo", echo, max_body_bytes=ECHO_LIMIT)
     routes.add("POST", "/accept", accept)
     routes.add("GET", "/slow", slow)
@@ -182,5 +191,6 @@ def serve(limits: HttpLimits | None = None) -> Iterator[Served]:
         yield served
     finally:
         served.gate.set()
+        served.stall_gate.set()
         server.stop()
         wait_until(lambda: not server.alive, 10, "the server thread to stop")

@@ -39,6 +39,7 @@ def test_a_section_sets_the_limits() -> None:
     """Every key of `[daemon.http]` reaches the limits the server is given."""
     text = (
         "[daemon.http]\nworkers = 2\nmax_connections = 50\nbacklog = 64\naccepts_per_turn = 4\n"
+        "lane_connections = 2\n"
         "head_seconds = 1.5\nrequest_seconds = 3.0\nidle_seconds = 9.0\nwrite_seconds = 4.0\n"
         "max_head_bytes = 4096\nmax_target_bytes = 2048\n"
     )
@@ -47,6 +48,7 @@ def test_a_section_sets_the_limits() -> None:
         max_connections=50,
         backlog=64,
         accepts_per_turn=4,
+        lane_connections=2,
         head_seconds=1.5,
         request_seconds=3.0,
         idle_seconds=9.0,
@@ -64,6 +66,7 @@ def test_a_section_sets_the_limits() -> None:
         ("max_connections = 0", "[daemon.http] max_connections: must be between 1 and"),
         ("backlog = 70000", "[daemon.http] backlog: must be between 1 and 65535"),
         ("accepts_per_turn = 0", "[daemon.http] accepts_per_turn: must be between 1 and 1024"),
+        ("lane_connections = 65", "[daemon.http] lane_connections: must be between 0 and 64, got 65"),
         ("head_seconds = 0.0", "[daemon.http] head_seconds: must be > 0, got 0.0"),
         ("idle_seconds = -1.0", "[daemon.http] idle_seconds: must be > 0"),
         ("write_seconds = nan", "[daemon.http] write_seconds: must be finite"),
@@ -121,7 +124,7 @@ def test_any_http_section_is_refused_or_runs(table: dict[str, Any]) -> None:
     for key in KEYS:
         value = getattr(limits, key)
         assert math.isfinite(value)
-        assert value > 0
+        assert value >= 0 if key == "lane_connections" else value > 0
     server = HttpServer("127.0.0.1", 0, Routes(), limits=limits)
     server.start()
     assert server.alive

@@ -21,6 +21,8 @@ MAX_HEAD_BYTES = 1 << 20
 MIN_HEAD_BYTES = 1024
 """Below this a normal browser or Prometheus request head (Accept, User-Agent, ...) would be refused."""
 MAX_ACCEPTS_PER_TURN = 1024
+MAX_LANE_CONNECTIONS = 64
+"""The lane is for scrapers; more than a few dozen would make it a second main loop."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class HttpLimits:
     accepts_per_turn: int = 32
     """New connections taken per event-loop turn: a burst waits in the kernel's queue rather than
     in front of a scrape (docs/BENCHMARKS.md, "HTTP server under hostile clients")."""
+    lane_connections: int = 8
+    """Kept-alive scrapers served on the scrape lane, a thread of their own (0: none); more stay on
+    the main loop. Prometheus, or an HA pair of them, needs one or two."""
     head_seconds: float = 10.0
     """From a new connection (or a request's first byte on a kept-alive one) to the end of the head."""
     request_seconds: float = 30.0
@@ -57,6 +62,7 @@ class HttpLimits:
             ("max_connections", 1, MAX_CONNECTIONS),
             ("backlog", 1, MAX_BACKLOG),
             ("accepts_per_turn", 1, MAX_ACCEPTS_PER_TURN),
+            ("lane_connections", 0, MAX_LANE_CONNECTIONS),
             ("max_head_bytes", MIN_HEAD_BYTES, MAX_HEAD_BYTES),
             ("max_target_bytes", 64, MAX_HEAD_BYTES),
         ):

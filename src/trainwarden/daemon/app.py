@@ -146,7 +146,7 @@ class Daemon:
         # Detect-and-heal (rules, policy, healers); built in start() unless a caller set one first.
         self.healing: Healing | None = None
         self.routes = Routes()
-        self.routes.add("GET", "/metrics", metrics_handler(self.registry), inline=True)
+        self.routes.add("GET", "/metrics", metrics_handler(self.registry), inline=True, lane=True)
         self.routes.add("GET", "/healthz", self._healthz, inline=True)
         self.routes.add("GET", "/status", self._status)
         self.routes.add("GET", "/", self._landing)

@@ -63,6 +63,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from trainwarden.daemon.encoding import fast_encoder
 from trainwarden.daemon.http_connection import Connection, HttpLimits
+from trainwarden.daemon.http_lane import ScrapeLane
 from trainwarden.daemon.http_routes import MAX_BODY_BYTES, Handler, Request, Response, Route, Routes
 from trainwarden.model import MetricKind, MetricSpec
 from trainwarden.store import Store
@@ -137,8 +138,18 @@ class HttpServer:
         self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(_log_loop_error)
         self._connections: set[asyncio.Task[None]] = set()
+        self._finished_lock = threading.Lock()
         self.connections_finished = 0
         """Connections accepted and finished with, whatever their end (tests wait on it)."""
+        self._lane = (
+            ScrapeLane(
+                self.limits.lane_connections,
+                on_finished=self._finished,
+                exception_handler=_log_loop_error,
+            )
+            if self.limits.lane_connections > 0
+            else None
+        )
         self._stopping: asyncio.Event | None = None
         self._serving = threading.Event()
         self._thread = threading.Thread(target=self._run, name="trainwarden-http", daemon=True)
@@ -156,6 +167,8 @@ class HttpServer:
 
     def start(self) -> None:
         """Serve in the background; returns once connections are being accepted."""
+        if self._lane is not None:
+            self._lane.start()
         self._thread.start()
         self._serving.wait(10.0)
 
@@ -166,6 +179,8 @@ class HttpServer:
             self._thread.join(10.0)
         elif not self._thread.is_alive():
             self._socket.close()
+        if self._lane is not None:
+            self._lane.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def dispatch(self, request: Request) -> Response:
@@ -231,13 +246,14 @@ class HttpServer:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._connections) >= self.limits.max_connections:
+        if self.open_connections >= self.limits.max_connections:
             self.count("overload", 503)
             writer.write(_OVERLOADED)
             writer.close()
-            self.connections_finished += 1
+            self._finished()
             return
         self._connections.add(task)
+        moved = False
         try:
             connection = Connection(
                 reader,
@@ -248,6 +264,15 @@ class HttpServer:
                 count=self.count,
             )
             connection.after = self._after
+            if self._lane is not None:
+                lane = self._lane
+
+                async def handover(connection: Connection) -> bool:
+                    nonlocal moved
+                    moved = await lane.take(connection)
+                    return moved
+
+                connection.handover = handover
             await connection.serve()
         except asyncio.CancelledError:
             return  # the server is stopping; asyncio's streams would log a re-raised cancel
@@ -256,12 +281,24 @@ class HttpServer:
             writer.transport.abort()
         finally:
             self._connections.discard(task)
+            if not moved:  # a moved connection is finished by the lane
+                self._finished()
+
+    @property
+    def open_connections(self) -> int:
+        """Connections held now, on the main loop and on the scrape lane."""
+        return len(self._connections) + (self._lane.held if self._lane is not None else 0)
+
+    def _finished(self) -> None:
+        with self._finished_lock:
             self.connections_finished += 1
 
     async def _dispatch(self, route: Route | None, allowed: list[str], request: Request) -> Response:
         if route is None or route.inline:  # 404 / 405 and inline routes need no thread
             return self._call(route, allowed, request)
-        return await self._loop.run_in_executor(self._pool, self._call, route, allowed, request)
+        # The running loop: the main one, or the scrape lane's for a moved connection.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._call, route, allowed, request)
 
     def _after(self, work: Callable[[], None]) -> None:
         def run() -> None:

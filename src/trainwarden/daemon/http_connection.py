@@ -55,6 +55,8 @@ class _RefusedError(Exception):
 Dispatch = Callable[[Route | None, list[str], Request], Awaitable[Response]]
 Count = Callable[[str, int], None]
 Resolve = Callable[[str, str], tuple[Route | None, list[str]]]
+Handover = Callable[["Connection"], Awaitable[bool]]
+"""Takes a kept-alive connection whose last request was on a lane route; True once it is moved."""
 
 
 class Connection:
@@ -82,13 +84,43 @@ class Connection:
         self.client = str(peer[0]) if isinstance(peer, tuple) else ""
         self._request_deadline = self._loop.time() + limits.request_seconds
         self.after: Callable[[Callable[[], None]], None] = lambda _fn: None
+        self.handover: Handover | None = None
+        self._last_route: Route | None = None
 
-    async def serve(self) -> None:
-        """Answer requests until the client is done; never raises for anything a client does."""
-        first = True
+    @property
+    def reader(self) -> asyncio.StreamReader:
+        """The stream this connection reads (the server's handover takes what it still holds)."""
+        return self._reader
+
+    @property
+    def writer(self) -> asyncio.StreamWriter:
+        """The stream this connection answers on."""
+        return self._writer
+
+    @property
+    def has_unparsed_input(self) -> bool:
+        """Bytes received after the last request that h11 holds unparsed (a pipelined request)."""
+        return bool(self._h11.trailing_data[0])
+
+    def rebind(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, unread: bytes) -> None:
+        """Carry on on new streams of the same socket, in the running loop, with `unread` first."""
+        self._reader = reader
+        self._writer = writer
+        self._loop = asyncio.get_running_loop()
+        if unread:  # receive_data(b"") would tell h11 the client closed
+            self._h11.receive_data(unread)
+
+    async def serve(self, *, first: bool = True) -> None:
+        """Answer requests until the client is done or moved; never raises for anything a client does.
+
+        `first`: False when this connection already served requests elsewhere (handed over).
+        """
         try:
             while await self._exchange(first=first):
                 first = False
+                lane = self._last_route is not None and self._last_route.lane
+                if lane and self.handover is not None and await self.handover(self):
+                    return  # served on from now on by the lane
             # Unread input (a body never read, bytes pipelined behind a last request) needs a
             # lingering close; a client that sent exactly one request does not.
             linger = self._h11.their_state is not h11.DONE or bool(self._h11.trailing_data[0])
@@ -143,6 +175,7 @@ class Connection:
         path = url.path or "/"
         method = event.method.decode("ascii", "replace").upper()
         route, allowed = self._resolve(method, path)
+        self._last_route = route
         headers = _headers(event)
         _check_framing(head, headers)
         limit = route.max_body_bytes if route is not None else 0

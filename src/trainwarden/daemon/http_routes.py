@@ -73,11 +73,16 @@ class Route:
     `inline` handlers run on the server's event loop: no thread hand-off and no queue behind
     other requests, for handlers that never block and finish in milliseconds (/metrics,
     /healthz). Everything else runs on the worker pool, where blocking costs one worker.
+
+    `lane` (inline routes only): a kept-alive connection that asked this route is served from
+    then on by the server's scrape lane, an event loop on a thread of its own, so that a scraper
+    never waits in line behind a burst of other clients on the main loop (/metrics).
     """
 
     handler: Handler
     max_body_bytes: int = MAX_BODY_BYTES
     inline: bool = False
+    lane: bool = False
 
 
 class Routes:
@@ -94,6 +99,7 @@ class Routes:
         max_body_bytes: int = MAX_BODY_BYTES,
         *,
         inline: bool = False,
+        lane: bool = False,
     ) -> None:
         """Register one endpoint; registering the same one twice is a programming error."""
         key = (method.upper(), path)
@@ -101,7 +107,9 @@ class Routes:
             raise ValueError(f"route {method} {path} registered twice")
         if max_body_bytes < 0:
             raise ValueError(f"route {method} {path}: max_body_bytes must be >= 0")
-        self._routes[key] = Route(handler, max_body_bytes, inline=inline)
+        if lane and not inline:
+            raise ValueError(f"route {method} {path}: only an inline route can move its client to the lane")
+        self._routes[key] = Route(handler, max_body_bytes, inline=inline, lane=lane)
 
     def paths(self) -> list[str]:
         """Every registered path, sorted (for the landing page)."""
