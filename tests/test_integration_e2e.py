@@ -78,26 +78,25 @@ def test_both_ranks_report_and_a_checkpoint_request_is_answered_with_a_checkpoin
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_a_killed_rank_and_a_stopped_rank_are_each_healed_and_the_run_ends_exact(
+def test_a_stopped_rank_and_a_killed_rank_are_each_healed_and_the_run_ends_exact(
     framework: str, tmp_path: Path, data: Path, expected: dict[str, dict[str, object]]
 ) -> None:
-    """A SIGKILLed rank, then (after the resume) a SIGSTOPped one, from outside the job under `trainwarden
-    run`: one restart each, both resumed from the framework's newest checkpoint, exit 0, and final parameters
-    bit-identical to an uninterrupted run."""
+    """A SIGSTOPped rank, then (after the resume) a SIGKILLed one, from outside the job under
+    `trainwarden run`: one restart each, both resumed from the framework's newest checkpoint, exit 0,
+    and final parameters bit-identical to an uninterrupted run."""
     want = expected[framework]
     run = supervised(framework, tmp_path, data, STEPS, "--step-sleep", "0.05")
     script = script_name(framework)
-    run.proc.wait_for(r"^STEP 25 ", 300)
-    os.kill(run.rank_pid(0, script=script), signal.SIGKILL)
-    resumed = run.proc.wait_for(r"^RESUMED (\d+)$", 300)
-    assert int(resumed.group(1)) < 25
-    run.proc.wait_for(r"^STEP 55 ", 300)
+    run.proc.wait_for(r"^STEP 30 ", 300)
     os.kill(run.rank_pid(1, script=script), signal.SIGSTOP)
+    resumed = run.proc.wait_for(r"^RESUMED (\d+)$", 300)
+    assert int(resumed.group(1)) < 30
+    run.proc.wait_for(r"^STEP 60 ", 300)
+    os.kill(run.rank_pid(0, script=script), signal.SIGKILL)
     assert run.proc.wait(600) == 0, run.proc.output()
     resumes = [int(m.group(1)) for line in run.proc.lines if (m := re.match(r"RESUMED (\d+)$", line))]
     assert len(resumes) == 2, run.proc.output()
-    journal = run.journal()
-    restarts = sorted(str(e.rule) for e in taken(journal, "checkpoint_restart"))
+    restarts = sorted(str(e.rule) for e in taken(run.journal(), "checkpoint_restart"))
     assert restarts.count("stall") == 1, restarts
     assert sum(restarts.count(r) for r in ("process_exit", "process_gone")) == 1, restarts
     assert len(restarts) == 2, restarts
