@@ -1,7 +1,8 @@
 """A two-rank job without torch for the restart-stage tests: a launcher that never gives up on a rank.
 
-`python tests/stages_job.py MARKER_DIR` starts two ranks (this file with `--rank N`) and waits for
-both, as a launcher whose ranks would wait for a dead peer forever. On the first run (no marker)
+`python tests/stages_job.py MARKER_DIR [--like-torchrun]` starts two ranks (this file with `--rank N`)
+and waits for both, as a launcher whose ranks would wait for a dead peer forever (or, like torchrun,
+exits 1 once a rank failed). On the first run (no marker)
 rank 1 reports three steps and dies (`os._exit(1)`, no goodbye) while rank 0 reports three steps and
 then blocks, like a rank inside a collective with a dead peer: only a daemon that kills it ends the
 run. On the next run both ranks report their start-up stages and six steps and say goodbye.
@@ -46,8 +47,11 @@ def rank_main(rank: int, marker_dir: Path) -> int:
     return 0
 
 
-def launcher(marker_dir: Path) -> int:
-    """Start both ranks and wait for each, whatever happens to the other."""
+def launcher(marker_dir: Path, *, like_torchrun: bool) -> int:
+    """Start both ranks and wait for each, whatever happens to the other.
+
+    `like_torchrun`: as torchrun's agent does, once a rank failed stop the others and exit 1.
+    """
     marker_dir.mkdir(parents=True, exist_ok=True)
     ranks = [
         subprocess.Popen(  # this test file itself, no shell
@@ -56,6 +60,13 @@ def launcher(marker_dir: Path) -> int:
         )
         for rank in (0, 1)
     ]
+    if like_torchrun:
+        while all(proc.poll() in {None, 0} for proc in ranks) and any(p.poll() is None for p in ranks):
+            time.sleep(0.2)  # torchrun's monitor interval
+        if any(proc.poll() not in {None, 0} for proc in ranks):
+            for proc in ranks:
+                proc.kill()
+            return 1
     codes = [proc.wait() for proc in ranks]
     return max(codes)
 
@@ -63,4 +74,4 @@ def launcher(marker_dir: Path) -> int:
 if __name__ == "__main__":
     if "--rank" in sys.argv:
         sys.exit(rank_main(int(sys.argv[sys.argv.index("--rank") + 1]), Path(sys.argv[1])))
-    sys.exit(launcher(Path(sys.argv[1])))
+    sys.exit(launcher(Path(sys.argv[1]), like_torchrun="--like-torchrun" in sys.argv))

@@ -4,12 +4,14 @@ record, and `trainwarden run` killing a crashed job's surviving rank instead of 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from support import wait_until
@@ -19,6 +21,7 @@ from trainwarden.config import Config, config_from_dict
 from trainwarden.daemon.rank_exits import RankExits
 from trainwarden.daemon.run_cli import STAGES_FILE, run_job
 from trainwarden.daemon.timeline import EventKind, TimelineEvent
+from trainwarden.healers.checkpoint_restart import running
 from trainwarden.model import Finding, RankProcess
 from trainwarden.plugins import plugin_groups
 from trainwarden.protocol import Reason, RecordError, StartupRecord, encode, parse
@@ -199,6 +202,36 @@ def _config(tmp: Path) -> Config:
         "rules": {"stall": {"enabled": False}},
     }
     return config_from_dict(data, plugin_groups())
+
+
+def test_a_launcher_exiting_after_its_rank_crashed_is_the_same_fault_and_restarts_once(
+    tmp_path: Path,
+) -> None:
+    """A launcher that exits 1 once its rank died (as torchrun does) is that crash seen twice: one restart."""
+    events: list[TimelineEvent] = []
+    code = run_job(
+        _config(tmp_path),
+        [sys.executable, str(STAGES_JOB), str(tmp_path / "markers"), "--like-torchrun"],
+        job="stages",
+        on_event=events.append,
+    )
+    assert code == 0
+    assert [e.kind for e in events].count(EventKind.CHILD_STARTED) == 2
+    applied = [e for e in events if e.kind is EventKind.ACTION_APPLIED]
+    assert [(e.rule, e.healer) for e in applied] == [("process_gone", "checkpoint_restart")]
+    assert len(read_journal(tmp_path / "state" / STAGES_FILE)) == 1
+
+
+def test_a_crashed_rank_not_yet_reaped_has_no_stack_to_capture() -> None:
+    """A rank that exited but is not reaped yet (a zombie) is not running: no stack capture waits on it."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        wait_until(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE, 30, "a zombie")
+        assert not running(proc.pid)
+        assert running(os.getpid())
+    finally:
+        proc.wait()
+    assert not running(proc.pid)
 
 
 def test_a_crashed_ranks_blocked_peer_is_killed_and_the_job_restarts_once_with_every_stage(

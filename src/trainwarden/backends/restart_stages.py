@@ -58,6 +58,7 @@ STAGE_NAMES = {
 }
 STAGES = tuple(STAGE_NAMES.values())
 HISTORY = 32  # completed restarts kept in memory for /status
+FAULT_TTL_SECONDS = 60.0  # a fault seen longer ago than this before a restart began is not its cause
 LATEST_OF_RANKS = frozenset({"process_started", "imported", "rendezvous", "checkpoint_loaded"})
 
 STAGE_SECONDS = MetricSpec(
@@ -169,7 +170,7 @@ class RestartStages:
             count = self._restarts[job] = self._restarts.get(job, 0) + 1
             timeline = RestartTimeline(job, count, last_step_before=self._last_step.get(job))
             fault = self._faults.pop(job, None)
-            if fault is not None and fault[0] <= at:
+            if fault is not None and at - FAULT_TTL_SECONDS <= fault[0] <= at:
                 timeline.mark("fault", fault[0])
                 timeline.cause = fault[1]
             timeline.mark("kill_started", at)
@@ -193,7 +194,7 @@ class RestartStages:
             if timeline is None:
                 return
             timeline.mark("decided", at)
-            timeline.cause = timeline.cause or cause
+            timeline.cause = cause  # the finding the policy acted on
             if fault_at is not None and fault_at <= at:
                 timeline.mark("fault", fault_at)
             if "first_step" not in timeline.marks:

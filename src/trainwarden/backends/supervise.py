@@ -47,6 +47,15 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def tree_pids(pid: int) -> list[int]:
+    """`pid` and its descendants now ([] when it is gone)."""
+    try:
+        root = psutil.Process(pid)
+        return [root.pid, *(c.pid for c in root.children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def kill_tree(pid: int, grace: float = 5.0) -> list[int]:
     """SIGKILL `pid` and every descendant (whatever session they moved to); return the pids signalled.
 
@@ -327,6 +336,7 @@ class Supervisor(RestartBackend):
         killed: list[int] = []
         if proc is not None:
             if alive:
+                self.retire(tree_pids(proc.pid))  # first: their exits, seen at once, are no crash
                 killed = kill_tree(proc.pid, self.kill_grace_seconds)
                 self.retire(killed)
             try:

@@ -60,6 +60,7 @@ class RankExits:
         self._watcher = ExitWatcher(self._exited)
         self.crashes = 0
         self._lock = threading.Lock()
+        self._handling = 0  # exits seen whose decision has not returned yet
 
     def on_record(self, now: float, job: str, rank: int, pid: int, record: Record) -> None:
         """A record listener of the training collector: watch each rank from its hello on."""
@@ -71,7 +72,21 @@ class RankExits:
         """Stop watching."""
         self._watcher.stop()
 
+    def busy(self) -> bool:
+        """True while a rank's exit is being looked at or decided on (the job's own exit waits for it)."""
+        with self._lock:
+            return self._handling > 0
+
     def _exited(self, pid: int) -> None:
+        with self._lock:
+            self._handling += 1
+        try:
+            self._handle(pid)
+        finally:
+            with self._lock:
+                self._handling -= 1
+
+    def _handle(self, pid: int) -> None:
         seen = self._clock()
         if self._ignore(pid):
             return

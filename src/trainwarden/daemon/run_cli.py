@@ -64,6 +64,7 @@ POLL_SECONDS = 0.5
 DRAIN_SECONDS = 2.0
 _FINAL = frozenset({"budget", "circuit_open", "healer_disabled", "no_route", "failed", "dry_run"})
 STAGES_FILE = "restart_stages.jsonl"
+CRASH_WAIT_SECONDS = 60.0  # a crash decision's stacks, kill and start; longer, and the exit is decided on
 
 
 def job_env(config: Config, job: str) -> dict[str, str]:
@@ -234,6 +235,8 @@ class _Run:
     def _heal_exit(self, code: int) -> bool:
         """Let the policy restart the exited job; False when it will not (the run ends)."""
         generation = self.supervisor.generation
+        if self._restarted_for_crash(generation):
+            return True  # a rank's crash, seen first, restarted it: the launcher's exit is that fault
         finding = exit_finding(self._reported_job(), code, self.daemon.clock())
         self.stages.fault(self.job, finding.since, finding.rule)
         # A cooldown refusal means "not yet": wait it out (bounded), then the policy decides again.
@@ -260,6 +263,18 @@ class _Run:
                 return False
             self.stopping.wait(1.0)
         return False
+
+    def _restarted_for_crash(self, generation: int) -> bool:
+        """Whether a rank's crash being decided on now restarts the child that exited (bounded wait).
+
+        A launcher exits once a rank died (torchrun after its monitor interval); the exit watcher
+        usually saw the rank first and its decision (stacks, kill, start) may still be running.
+        """
+        deadline = time.monotonic() + CRASH_WAIT_SECONDS
+        time.sleep(0.05)  # the rank's exit reaches the watcher within this (it precedes the launcher's)
+        while self.exits.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.supervisor.generation != generation
 
     def _learn_startup(self) -> None:
         """The child's first start-up (start to first step) sets the bound a restart must be back in."""

@@ -111,6 +111,18 @@ class CheckpointRestartOptions(PluginOptions):
         return found
 
 
+def running(pid: int) -> bool:
+    """True for a live process; a crashed rank not yet reaped (a zombie) has no stack to capture.
+
+    Trying one anyway cost a crash's restart the whole `stack_timeout_seconds` (py-spy fails on a
+    zombie, then the faulthandler fallback waits for a dump that never comes).
+    """
+    try:
+        return pid > 0 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def request_id(action_key: str) -> str:
     """A stable checkpoint request id for one action (the same action asks once)."""
     return "tw-" + hashlib.sha256(action_key.encode()).hexdigest()[:16]
@@ -318,7 +330,7 @@ class CheckpointRestartHealer(Healer):
 
     def _capture(self, job: str, action: Action) -> dict[str, str | float | int | bool]:
         opts = self.opts
-        ranks = [r for r in self._processes(job) if r.pid > 0 and psutil.pid_exists(r.pid)]
+        ranks = [r for r in self._processes(job) if running(r.pid)]
         data: dict[str, str | float | int | bool] = {}
         if opts.flight_recorder_pipe:
             dumped = trigger_flight_recorder(opts.flight_recorder_pipe, [r.rank for r in ranks])
