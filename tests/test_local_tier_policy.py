@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -163,8 +164,26 @@ def test_local_save_returns_before_its_write_and_a_failed_write_is_counted(
 
 
 def test_default_local_dir_is_per_job_on_the_node_tmpfs() -> None:
-    """The default local directory is /dev/shm/trainwarden/<job>; a name that could escape it is refused."""
-    assert default_local_dir("llm-7b.run_2") == Path("/dev/shm/trainwarden/llm-7b.run_2")
+    """The default local directory is /dev/shm/trainwarden-<uid>/<job>; a name that escapes it is refused."""
+    assert default_local_dir("llm-7b.run_2") == Path(f"/dev/shm/trainwarden-{os.getuid()}/llm-7b.run_2")
     for bad in ("../etc", "a/b", "", ".hidden", "x" * 200):
         with pytest.raises(ValueError, match="job="):
             default_local_dir(bad)
+
+
+def test_unusable_local_storage_leaves_the_durable_tier_working(tmp_path: Path) -> None:
+    """A local directory that cannot be created (a file in the way) is reported, and saves and resume
+    go on through the durable tier."""
+    (tmp_path / "blocked").write_text("not a directory")
+    model, opt = _model()
+    manager = _manager(tmp_path, local_dir=tmp_path / "blocked" / "job", durable_every=2)
+    assert isinstance(manager.local_tier_error, OSError)
+    for step in range(4):
+        _train(model, opt)
+        manager.save(step, {"train": ModelOptimizerState(model, opt)})
+    manager.close()
+    assert _steps(manager.checkpoints()) == [1, 3]
+    loader = _manager(tmp_path, local_dir=tmp_path / "blocked" / "job")
+    resume = loader.load_latest({"train": ModelOptimizerState(*_model())})
+    assert resume is not None
+    assert (resume.step, resume.tier) == (3, "durable")

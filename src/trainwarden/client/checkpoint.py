@@ -27,7 +27,6 @@ validate, publish, prune), `checkpoint_writer` (one write, the writer thread), `
 from __future__ import annotations
 
 import logging
-import math
 import operator
 import time
 from collections import Counter
@@ -44,12 +43,17 @@ from trainwarden.client.checkpoint_resume import ResumePoint, prepared_rng, resu
 from trainwarden.client.checkpoint_state import (
     ModelOptimizerState,
     cpu_copy,
-    json_copy,
     quiet_single_process,
-    resolve_state,
 )
 from trainwarden.client.checkpoint_store import STATE_DIR, CheckpointDirectory
-from trainwarden.client.checkpoint_writer import SaveJob, SaveThread, write_coordinated, write_private
+from trainwarden.client.checkpoint_writer import (
+    SaveInputs,
+    SaveJob,
+    SaveThread,
+    capture,
+    write_coordinated,
+    write_private,
+)
 from trainwarden.client.finite import nonfinite_tensors
 from trainwarden.client.manifest import MAX_STEP, CheckpointError, Manifest, read_manifest
 
@@ -125,14 +129,26 @@ class CheckpointManager:
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
         self._local: LocalTier | None = None
+        self._local_configured = local_dir is not None
+        self.local_tier_error: OSError | None = None
+        """Why this rank's local tier could not be created (it then saves to the durable tier only)."""
         if local_dir is not None:
-            self._local = LocalTier(
+            tier = LocalTier(
                 Path(local_dir),
                 rank=self.rank,
                 world_size=self.world_size,
                 every=local_every,
                 keep_last=local_keep_last,
             )
+            try:
+                tier.create()
+            except OSError as exc:
+                self.local_tier_error = exc
+                log.error(  # noqa: TRY400 - the message is the whole story
+                    "local checkpoint tier unusable on rank %d, durable tier only: %s", self.rank, exc
+                )
+            else:
+                self._local = tier
 
     # --- saving -------------------------------------------------------------------------------
 
@@ -170,11 +186,10 @@ class CheckpointManager:
             step = -1
         if not 0 <= step <= MAX_STEP:
             raise ValueError(f"step={given!r} must be an integer in [0, {MAX_STEP}]")
+        inputs = SaveInputs(data_position, extras, local, metric)
         if not (durable or (step + 1) % self.durable_every == 0):
             if self._local is not None and self._local.due(step):
-                return self._save_local(
-                    step, state, data_position=data_position, extras=extras, local=local, metric=metric
-                )
+                return self._save_local(step, state, inputs)
             return None
         self._join()  # first: the check below is a collective on the group the writer thread uses
         refusal = self._nonfinite_refusal(step, state)
@@ -186,15 +201,7 @@ class CheckpointManager:
         final = self._durable.final(step)
         with checkpoint_phase(self.reporter):
             started = time.monotonic()
-            job = self._job(
-                step,
-                state,
-                data_position=data_position,
-                extras=extras,
-                local=local,
-                metric=metric,
-                started=started,
-            )
+            job = capture(step, state, self.rank, inputs, started)
             if not self.async_save:
                 self._write(job)
                 return final
@@ -202,38 +209,7 @@ class CheckpointManager:
         self._writer.start(lambda: self._write(job), final, name=f"trainwarden-ckpt-{step}")
         return final
 
-    def _job(
-        self,
-        step: int,
-        state: Mapping[str, Any],
-        *,
-        data_position: Any,
-        extras: Mapping[str, Any] | None,
-        local: Mapping[str, Any] | None,
-        metric: float | None,
-        started: float,
-    ) -> SaveJob:
-        """Capture one save at the step boundary (the tensors still live, not copied)."""
-        rank_state = {
-            "rank": self.rank,
-            "rng": rng.capture(),
-            "data_position": json_copy(data_position, "data_position"),
-            "local": json_copy(dict(local or {}), "local"),
-        }
-        job_extras = json_copy(dict(extras or {}), "extras")
-        metric_value = None if metric is None or not math.isfinite(float(metric)) else float(metric)
-        return SaveJob(step, resolve_state(state), rank_state, job_extras, metric_value, started)
-
-    def _save_local(
-        self,
-        step: int,
-        state: Mapping[str, Any],
-        *,
-        data_position: Any,
-        extras: Mapping[str, Any] | None,
-        local: Mapping[str, Any] | None,
-        metric: float | None,
-    ) -> Path | None:
+    def _save_local(self, step: int, state: Mapping[str, Any], inputs: SaveInputs) -> Path | None:
         """Save to the local tier; blocking: the previous write, the finite check, the CPU copy.
 
         No collective: a rank that refuses (non-finite state) leaves the step missing on that rank,
@@ -255,15 +231,7 @@ class CheckpointManager:
                 )
                 log.error("local checkpoint not saved: %s", self.last_refusal)
                 return None
-            job = self._job(
-                step,
-                state,
-                data_position=data_position,
-                extras=extras,
-                local=local,
-                metric=metric,
-                started=time.monotonic(),
-            )
+            job = capture(step, state, self.rank, inputs, time.monotonic())
             job = replace(job, state=cpu_copy(job.state))
         tier = self._local
         self._writer.start(
@@ -356,8 +324,8 @@ class CheckpointManager:
         )
         plan: list[tuple[int, bool, Path | None]] = [(step, False, path) for step, path in durable]
         local_valid: dict[int, tuple[Path, Manifest]] = {}
-        if self._local is not None:
-            local_valid = self._local.valid(self._reject)
+        if self._local_configured:  # every rank takes part, even one whose tier is unusable
+            local_valid = {} if self._local is None else self._local.valid(self._reject)
             common = set.intersection(*(set(steps) for steps in group.gather_all(sorted(local_valid))))
             plan += [(step, True, None) for step in common]
         plan.sort(key=lambda entry: (-entry[0], not entry[1]))

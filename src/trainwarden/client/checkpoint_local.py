@@ -12,6 +12,7 @@ copy of it.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -22,17 +23,20 @@ from trainwarden.client.manifest import MANIFEST_NAME, CheckpointError, Manifest
 
 log = logging.getLogger(__name__)
 
-SHM_ROOT = Path("/dev/shm/trainwarden")  # noqa: S108 - a per-job directory on the node's tmpfs, by design
+SHM_ROOT = Path("/dev/shm")  # noqa: S108 - the node's tmpfs, by design; a directory per user below
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VALIDATED_EXTRA = 2
 """Local candidates validated beyond keep-last (older ones are leftovers, never resumed from)."""
 
 
 def default_local_dir(job: str) -> Path:
-    """``/dev/shm/trainwarden/<job>``: the node's tmpfs (RAM), one directory per job."""
+    """``/dev/shm/trainwarden-<uid>/<job>``: the node's tmpfs (RAM), one directory per user and job.
+
+    Per user, so one user's directory never stops another's job from creating its own.
+    """
     if not _JOB_NAME.match(job) or ".." in job:
         raise ValueError(f"job={job!r} must be 1-128 of [A-Za-z0-9._-], starting with a letter or digit")
-    return SHM_ROOT / job
+    return SHM_ROOT / f"trainwarden-{os.getuid()}" / job
 
 
 class LocalTier:
@@ -47,6 +51,9 @@ class LocalTier:
         self.rank = rank
         self.world_size = world_size
         self.directory = CheckpointDirectory(local_dir / f"rank_{rank:05d}", keep_last=keep_last)
+
+    def create(self) -> None:
+        """Create this rank's directory (only its owner may read it); OSError when the storage can't."""
         self.directory.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def due(self, step: int) -> bool:

@@ -8,16 +8,18 @@ state, hashes every file and publishes. `SaveThread` runs one write at a time of
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainwarden.client import rng
 from trainwarden.client.checkpoint_group import CheckpointGroup
-from trainwarden.client.checkpoint_state import quiet_single_process
+from trainwarden.client.checkpoint_state import json_copy, quiet_single_process, resolve_state
 from trainwarden.client.checkpoint_store import STATE_DIR, CheckpointDirectory
 from trainwarden.client.manifest import FileEntry, Manifest, RankState
 
@@ -34,6 +36,30 @@ class SaveJob:
     extras: dict[str, Any]
     metric: float | None
     started: float
+
+
+@dataclass(frozen=True, slots=True)
+class SaveInputs:
+    """What `save` takes besides the tensors: small values that go into the manifest as JSON."""
+
+    data_position: Any = None
+    extras: Mapping[str, Any] | None = None
+    local: Mapping[str, Any] | None = None
+    metric: float | None = None
+
+
+def capture(step: int, state: Mapping[str, Any], rank: int, inputs: SaveInputs, started: float) -> SaveJob:
+    """Capture one save at the step boundary (the tensors still live, not copied)."""
+    rank_state = {
+        "rank": rank,
+        "rng": rng.capture(),
+        "data_position": json_copy(inputs.data_position, "data_position"),
+        "local": json_copy(dict(inputs.local or {}), "local"),
+    }
+    extras = json_copy(dict(inputs.extras or {}), "extras")
+    metric = inputs.metric
+    metric_value = None if metric is None or not math.isfinite(float(metric)) else float(metric)
+    return SaveJob(step, resolve_state(state), rank_state, extras, metric_value, started)
 
 
 def build_manifest(
