@@ -502,7 +502,7 @@ def test_policy_docstring_example_loads() -> None:
     policy = config.policy
     assert policy.actions_enabled is True
     assert policy.effective_routes()["spike"] == ("clip", "checkpoint_restart")
-    assert policy.effective_routes()["nonfinite"] == ("checkpoint_restart",)  # default kept
+    assert policy.effective_routes()["nonfinite"] == ("rollback", "checkpoint_restart")  # default kept
     assert policy.effective_ladders()["persistent"] == ("checkpoint_restart", "slurm_drain")
     registered = healer_classes()
     unknown = [p.why.split("'")[1] for p in validate_healer_names(policy, registered)]

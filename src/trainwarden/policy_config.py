@@ -35,7 +35,8 @@ INTERRUPTIONS: tuple[Interruption, ...] = ("transient", "persistent", "planned")
 DEFAULT_ROUTES: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
         "spike": (),  # changes the training: opt in with e.g. spike = ["clip", "checkpoint_restart"]
-        "nonfinite": ("checkpoint_restart",),
+        # in place when the job's hello says it can (else that rung is skipped), then a restart
+        "nonfinite": ("rollback", "checkpoint_restart"),
         "straggler": (),
         "throughput_drop": (),
         "threshold": (),

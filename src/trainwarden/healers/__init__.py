@@ -17,6 +17,7 @@ HEALER_MODULES: tuple[str, ...] = (
     "trainwarden.healers.k8s_drain",
     "trainwarden.healers.command_drain",
     "trainwarden.healers.checkpoint_restart",
+    "trainwarden.healers.rollback",
 )
 
 

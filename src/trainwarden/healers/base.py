@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -68,3 +68,11 @@ class Healer(abc.ABC):
         """
         del action
         return applied_at
+
+    def can_act(self, subject: Mapping[str, str]) -> bool:
+        """Whether this healer can act on `subject` at all; the policy skips a rung that cannot.
+
+        Default: yes. A rollback needs the job to have said in its hello that it can roll back.
+        """
+        del subject
+        return True

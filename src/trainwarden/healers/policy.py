@@ -304,6 +304,7 @@ class Policy(PolicyRecords):
                 detail=plan,
             )
         rung, why = plan
+        rung = self._first_able(ladder, rung, finding)
         if rung >= len(ladder):
             return self._give_up(finding, key, ladder, len(incident), now, why=why)
         healer_name = ladder[rung]
@@ -352,6 +353,15 @@ class Policy(PolicyRecords):
         if self._journal.by_action_key(action.key) is not None:
             return None  # journaled before a crash: never apply an action key twice
         return self._act(finding, key, healer, action, now)
+
+    def _first_able(self, ladder: tuple[str, ...], rung: int, finding: Finding) -> int:
+        """The first rung from `rung` whose healer can act on the subject (a rollback needs the job's say)."""
+        while rung < len(ladder):
+            healer = self._healers.get(ladder[rung])
+            if healer is None or healer.can_act(finding.subject):
+                return rung  # an absent healer is refused further on, with its reason journaled
+            rung += 1
+        return rung
 
     def _plan(  # noqa: PLR0911 - one return per case, in order
         self, finding: Finding, key: str, incident: list[Entry], ladder: tuple[str, ...], now: float
@@ -417,6 +427,7 @@ class Policy(PolicyRecords):
             reason=entry.reason,
             subject=parse_subject(entry.subject),
             params={"rule": entry.rule},
+            evidence=dict(entry.evidence),  # e.g. the first bad step a rollback must go back past
         )
         try:
             effect = healer.took_effect(action, done)

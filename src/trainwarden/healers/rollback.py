@@ -1,0 +1,155 @@
+"""Rollback: ask a job to roll back in place to its last good snapshot, skipping the bad batch.
+
+For a healthy-but-bad job (a non-finite loss or gradient; an unabsorbed spike when spike actions
+are routed here) whose every rank said in its hello that it can (`Snapshotter`, capability
+`rollback`, exported as `trainwarden_train_rollback_capable`). The healer writes
+`rollback_request = {id, step}` (the first bad step from the finding's evidence) into the job's
+control file; the ranks agree at their next boundary, restore the snapshot and skip that batch,
+without a process restart. The policy skips this rung for a job that cannot roll back
+(`can_act`), so its next rung (checkpoint-restart) acts at once.
+
+It took effect when the job's step records go back (a step below the bad step after a higher one);
+a non-finite value seen after that is evidence that the rollback did not heal, and the policy
+climbs to the next rung. Idempotent: the same action key is written once; a dry run reads only::
+
+    [policy.routes]
+    nonfinite = ["rollback", "checkpoint_restart"]           # the default
+    spike = ["clip", "rollback", "checkpoint_restart"]       # opt in, like every spike action
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainwarden.config import PluginOptions
+from trainwarden.control import (
+    MAX_REQUEST_CHARS,
+    ControlFileError,
+    ControlState,
+    RollbackRequest,
+    control_path,
+    read_control,
+    write_control,
+)
+from trainwarden.healers.base import Action, ActionOutcome, ActionResult, Healer
+from trainwarden.protocol import default_control_dir
+
+log = logging.getLogger(__name__)
+
+CAPABLE = "trainwarden_train_rollback_capable"
+TRAIN_STEP = "trainwarden_train_step"
+LOOKBACK_SECONDS = 120.0
+"""How far before the action the step records are searched: the job may roll back on its own first."""
+
+
+@dataclass(frozen=True)
+class RollbackOptions(PluginOptions):
+    """`control_dir` defaults to `<runtime_dir>/control`, where the client looks for its control file."""
+
+    control_dir: Path | None = None
+
+
+class RollbackHealer(Healer):
+    """Writes `ControlState.rollback_request` for the job named in the action's subject."""
+
+    name = "rollback"
+    Options = RollbackOptions
+
+    def can_act(self, subject: Mapping[str, str]) -> bool:
+        """Whether every reporting rank of the job advertised the rollback capability (at least one)."""
+        store = self.context.store
+        job = subject.get("job")
+        if store is None or not job:
+            return False
+        values = [s.value for s in store.find(CAPABLE) if dict(s.labels).get("job") == job]
+        return bool(values) and all(value == 1.0 for value in values)
+
+    def control_file(self, job: str) -> Path:
+        """The control file of `job`."""
+        options = self.options
+        assert isinstance(options, RollbackOptions)
+        directory = options.control_dir or default_control_dir(self.context.runtime_dir)
+        return control_path(directory, job)
+
+    def apply(self, action: Action, *, dry_run: bool) -> ActionResult:  # noqa: PLR0911 - one return per checked state
+        """Write the rollback request (once per action key)."""
+        job = action.subject.get("job", "")
+        step = _first_bad_step(action)
+        if step is None:
+            return ActionResult(ActionOutcome.FAILED, "the finding names no bad step to roll back before")
+        if not self.can_act(action.subject):
+            return ActionResult(ActionOutcome.FAILED, f"job {job!r} did not say it can roll back")
+        try:
+            path = self.control_file(job)
+            state = read_control(path) if path.exists() else ControlState(job=job)
+        except ControlFileError as exc:
+            # never overwrite a file we cannot read: it may hold a checkpoint or stop request
+            return ActionResult(ActionOutcome.FAILED, f"control file of job {job!r} unusable: {exc}")
+        request = RollbackRequest(request_id(action.key), step)
+        data: dict[str, str | float | int | bool] = {"job": job, "first_bad_step": step}
+        if state.rollback_request == request:
+            return ActionResult(ActionOutcome.NOOP, f"rollback before step {step} already requested", data)
+        change = f"roll job {job} back to a snapshot before step {step}, skipping batch {step}"
+        if dry_run:
+            return ActionResult(ActionOutcome.DRY_RUN, f"would {change}", data)
+        new_state = dataclasses.replace(
+            state, job=job, rollback_request=request, updated_at=self.context.clock()
+        )
+        try:
+            write_control(path, new_state)
+        except OSError as exc:
+            return ActionResult(ActionOutcome.FAILED, f"cannot write {path}: {exc.strerror or exc}", data)
+        log.info("rollback: %s", change)
+        return ActionResult(ActionOutcome.APPLIED, f"requested: {change}", data)
+
+    def took_effect(self, action: Action, applied_at: float) -> float | None:
+        """When the job's steps went back below the bad step (never before `applied_at`); None until then.
+
+        A job that rolled back on its own before the request counts as rolled back when the action
+        was applied: a non-finite value after that means the rollback did not heal.
+        """
+        store = self.context.store
+        job = action.subject.get("job", "")
+        first = _first_bad_step(action)
+        if store is None or first is None:
+            return applied_at
+        since = applied_at - LOOKBACK_SECONDS
+        back: list[float] = []
+        for labels, points in store.windows(TRAIN_STEP):
+            if dict(labels).get("job") != job:
+                continue
+            highest = -1.0
+            for point in points:
+                if point.timestamp < since:
+                    continue
+                if point.value < highest and point.value <= first:
+                    back.append(point.timestamp)
+                    break
+                highest = max(highest, point.value)
+        if not back:
+            return None
+        return max(applied_at, min(back))
+
+
+def _first_bad_step(action: Action) -> int | None:
+    """The finding's first bad step, from the action's params (or, when journaled, its evidence)."""
+    for source in (action.params, action.evidence):
+        value = source.get("first_step", source.get("step"))
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 2**53:
+            return int(value)
+    return None
+
+
+def request_id(action_key: str) -> str:
+    """The control file's request id: the action key, or its digest when too long for the field."""
+    if len(action_key) <= MAX_REQUEST_CHARS:
+        return action_key
+    return "sha256:" + hashlib.sha256(action_key.encode()).hexdigest()
+
+
+HEALER = RollbackHealer
