@@ -9,6 +9,9 @@ use to talk back (under `<runtime_dir>/control/` by default, see `protocol.defau
 
 Windowed series get one point per record (timestamp = arrival time), not one per collection:
 points that arrived since the last `collect()` are emitted in order before the latest value.
+Every applied record also goes, in arrival order, to the context's `record_listeners` (the
+goodput accountant). The socket server is `training_server`, the per-rank state and its record
+handlers `training_state`, the metric contract `training_metrics`.
 """
 
 from __future__ import annotations
