@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch._dynamo  # see IMPORTED_AT
 import torch.distributed as dist
 from torch import nn
 from torch._C._distributed_c10d import PrefixStore, TCPStore
@@ -67,7 +68,10 @@ from trainwarden.client.interrupt import PlannedInterrupt
 from trainwarden.control import ClipSettings, ControlState
 
 log = logging.getLogger("train_toy")
-IMPORTED_AT = time.time()  # torch and the client imported: the first start-up stage a restart measures
+# torch and the client imported: the first start-up stage a restart measures. torch._dynamo is
+# imported with them: torch.optim's first optimizer imports it lazily (seconds, under load), which
+# would otherwise count as checkpoint loading.
+IMPORTED_AT = time.time()
 
 IN_FEATURES = 16
 CLASSES = 4
