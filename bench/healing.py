@@ -1,46 +1,46 @@
-"""Healing under a campaign of mixed faults: trainwarden (`run_job`) vs plain `torchrun --max-restarts`.
+"""Healing side by side in one run: trainwarden now vs today's path (an older tree) vs plain torchrun.
 
-The same 2-rank CPU toy job (torchrun, gloo, checkpoint every 10 steps, ~0.1 s a step) meets the
-same scripted faults, each firing once: hung ranks (a rank sleeps forever), crashed ranks (exit 1)
-and a NaN burst (the loss times NaN; parameters turn NaN). It runs three times:
+The 2-rank CPU toy job (`trainwarden.demo.toy_job`: torchrun, gloo, DDP, ~0.1 s a step of which
+0.1 s is a sleep standing in for compute, a durable checkpoint every 10 steps) meets scripted
+faults, each firing once: a loss spike (a batch x1000), a hung rank (sleeps forever), a crashed
+rank (exit 1) and a NaN (the loss times NaN). The same faults run under:
 
-- **trainwarden**: under `trainwarden.daemon.run_cli.run_job` with the demo's config (learned stall
-  timeout, floor 3 s; checkpoint-restart through the `supervise` backend; NaN: restart from the
-  newest finite checkpoint and skip the bad batches; the restart budget raised to the campaign's
-  fault count + 2 per 10 min, where the demo allows 4);
-- **no faults**: the same job under plain torchrun without faults, the ceiling of the ratio below
-  (it loses only startup, checkpoints and teardown; the 0.1 s sleep of each step stands in for
-  compute and counts as productive);
-- **baseline**: `torchrun --max-restarts N` alone. A crash restarts the worker group. A hang is only
-  caught by the collective timeout of the surviving rank: gloo's default is 30 min (NCCL's watchdog
-  10 min), far beyond a benchmark, so the baseline runs with `--pg-timeout` (default 30 s), a
-  *tuned* watchdog; with the defaults each hang would cost 600 s (NCCL) or 1800 s (gloo) instead.
-  Nothing notices a NaN: the job trains on with NaN parameters.
+- **trainwarden**: `run_job` of this tree's last commit (`--tree`, exported like `--ref`, so
+  uncommitted edits never run) with the demo's config; the node-local checkpoint tier (under
+  /dev/shm, every step, asynchronous) beside the durable one;
+- **today**: `run_job` of an older tree (`--ref`, default the commit before issue 12's part 4),
+  exported with `git archive` and put first on PYTHONPATH, its own toy job included;
+- **torchrun**: plain `torchrun --max-restarts N` with a tuned collective timeout (`--pg-timeout`,
+  gloo's default is 30 min); nothing in it notices a NaN or a spike;
+- **no faults**: the same job under plain torchrun, the ceiling.
 
-Measured per fault and per run:
+Measured from outside, on the toy's own step log (rank 0's `events.jsonl`, wall clock):
 
-- detection latency: fault → finding (trainwarden), or → the surviving rank's "Timed out waiting"
-  (baseline hang) / torchrun's "Worker group FAILED" (baseline crash) log line; for hangs also as a
-  ratio to the learned timeout and to NCCL's 600 s default;
-- MTTR: detection → the first step completed after the restart;
-- steps lost: steps done after the newest checkpoint that the resumed job repeats;
-- effective training time ratio: productive step time (the final lineage's steps with a finite
-  loss, each counted once) / wall time from launch to exit.
+- per fault: *back* = the fault's own timestamp to the first step completed after it by the run
+  that goes on (after a restart, the first step of the new run; without one, the next finite
+  step); *repeated* = steps done before the fault that the run does again; *restart* = whether a
+  new process group was started;
+- per run: wall time (launch to exit), productive time (each step of the final lineage counted
+  once, finite losses only, its own seconds), goodput = productive / wall, and its ratio to the
+  no-fault run's; the daemon's own goodput ratio (its /status, last read before the job ended,
+  where the tree has one) beside it;
+- trainwarden's restarts stage by stage from `state_dir/restart_stages.jsonl`.
 
-Run (a few minutes on 2 cores)::
+`--quick` runs the four fault kinds once per path (a few minutes on an idle 2-core machine); the
+full run adds a campaign with a fault every `--every` seconds of mixed kinds, and one of NaNs and
+spikes only (trainwarden vs plain torchrun vs no faults)::
 
-    .venv/bin/python bench/healing.py                      # both, prints Markdown tables
-    .venv/bin/python bench/healing.py --only trainwarden --json out.json
+    .venv/bin/python bench/healing.py --quick
+    .venv/bin/python bench/healing.py --json /tmp/healing.json       # long: per kind + campaigns
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
-import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,44 +51,108 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainwarden.config import load_config
-from trainwarden.daemon.timeline import EventKind, TimelineEvent
-from trainwarden.demo.narrator import Narrator
-from trainwarden.demo.runner import free_port
-from trainwarden.demo.scenario import JOB, ScriptedFault, config_text, toy_command
-from trainwarden.plugins import plugin_groups
-
-NCCL_WATCHDOG_SECONDS = 600.0
-GLOO_DEFAULT_SECONDS = 1800.0
-RESTART = ("checkpoint_restart",)
-HANG_RULES = ("stall", "collective_stuck")
-CRASH_RULES = ("process_exit", "process_gone")
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_REF = "fa41cf3"  # the tree before the pidfd exit watcher, the stage journal and the fast kill
+STEP_SECONDS = 0.12  # the toy's step on this machine: 0.1 s sleep + compute, for spacing faults in time
+RULES = {
+    "hang": ("stall", "collective_stuck"),
+    "crash": ("process_exit", "process_gone"),
+    "nan": ("nonfinite",),
+    "spike": ("spike",),
+}
 
 
-def campaign(steps: int) -> list[ScriptedFault]:
-    """Hang, crash, hang, crash, NaN (last, so the baseline's NaN is not undone by a later restart)."""
-    kinds = [
-        ("hang", 1, HANG_RULES),
-        ("crash", 0, CRASH_RULES),
-        ("hang", 0, HANG_RULES),
-        ("crash", 1, CRASH_RULES),
-        ("nan", 1, ("nonfinite",)),
-    ]
-    gap = steps // (len(kinds) + 1)
-    return [
-        ScriptedFault(kind, gap * (i + 1) // 10 * 10 + 5, rank, rules, RESTART, kind)
-        for i, (kind, rank, rules) in enumerate(kinds)
-    ]
+# --- the worker: one run of `run_job` in this interpreter (whichever tree PYTHONPATH gives) --------
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Run the toy under `run_job` of the importable trainwarden; write what happened to `--out-json`."""
+    from trainwarden.config import load_config  # noqa: PLC0415 - the tree under test, not this one
+    from trainwarden.daemon.run_cli import run_job  # noqa: PLC0415
+    from trainwarden.demo.runner import free_port  # noqa: PLC0415
+    from trainwarden.demo.scenario import JOB, ScriptedFault, config_text, toy_command  # noqa: PLC0415
+    from trainwarden.plugins import plugin_groups  # noqa: PLC0415
+
+    root = Path(args.root)
+    faults = [parse_fault(text, ScriptedFault) for text in args.fault]
+    port = free_port()
+    config_path = root / "config.toml"
+    config_path.write_text(config_text(root, port, restarts_per_window=len(faults) + 2), encoding="utf-8")
+    config = load_config(config_path, plugin_groups())
+    command = toy_command(root, args.steps, faults, free_port())
+    if args.local_dir:
+        command += ["--local-dir", args.local_dir, "--local-every", "1"]
+    goodput: dict[str, Any] = {}
+    done = threading.Event()
+    poller = threading.Thread(target=poll_goodput, args=(f"http://127.0.0.1:{port}", JOB, goodput, done))
+    poller.start()
+    start = time.time()
+    code = run_job(config, command, job=JOB)
+    wall = time.time() - start
+    done.set()
+    poller.join(10)
+    stages = root / "state" / "restart_stages.jsonl"
+    result = {
+        "exit_code": code,
+        "start": start,
+        "wall_s": wall,
+        "events": read_jsonl(root / "events.jsonl"),
+        "stages": read_jsonl(stages),
+        "goodput": goodput.get("last"),
+    }
+    Path(args.out_json).write_text(json.dumps(result), encoding="utf-8")
+    return 0
+
+
+def parse_fault(text: str, factory: Any) -> Any:
+    """`KIND@STEP:RANK` into the demo's ScriptedFault (rules only name what may notice it)."""
+    kind, _, rest = text.partition("@")
+    step, _, rank = rest.partition(":")
+    healers = ("clip",) if kind == "spike" else ("checkpoint_restart",)
+    return factory(kind, int(step), int(rank or 0), RULES[kind], healers, kind)
+
+
+def poll_goodput(url: str, job: str, out: dict[str, Any], done: threading.Event) -> None:
+    """Keep the daemon's last goodput for `job` (trees without goodput accounting leave nothing)."""
+    try:
+        from trainwarden.goodput_report import fetch_goodput  # noqa: PLC0415 - absent in older trees
+    except ImportError:
+        return
+    while not done.wait(1.0):
+        try:
+            found = fetch_goodput(url, job, timeout=2.0)
+        except (OSError, ValueError):
+            continue
+        if found is not None:
+            out["last"] = found
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every JSON object line of `path` (a line cut by a kill is skipped)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            out.append(entry)
+    return out
+
+
+# --- the runs ------------------------------------------------------------------------------------
 
 
 @dataclass
 class FaultResult:
     kind: str
     step: int
-    detected_s: float | None = None  # fault -> detection
-    timeout_s: float | None = None  # the learned stall timeout (trainwarden hangs)
-    mttr_s: float | None = None  # detection -> first step after the restart
-    steps_lost: int | None = None
+    fired: bool = False
+    restart: bool = False
+    back_s: float | None = None  # fault -> first step after it by the run that goes on
+    repeated: int | None = None
 
 
 @dataclass
@@ -98,281 +162,322 @@ class RunResult:
     wall_s: float
     productive_s: float
     final_step: int | None
-    final_loss_finite: bool
+    final_finite: bool
+    daemon_goodput: float | None = None
     faults: list[FaultResult] = field(default_factory=list)
+    stages: list[dict[str, Any]] = field(default_factory=list)
 
     @property
-    def etr(self) -> float:
+    def goodput(self) -> float:
         return self.productive_s / self.wall_s if self.wall_s > 0 else 0.0
 
 
-def read_events(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
+def run_daemon(
+    name: str, root: Path, steps: int, faults: list[str], *, src: Path, local_tier: bool
+) -> RunResult:
+    """One `run_job` run in a worker process of the tree exported at `src` (local tier on or off)."""
+    if (root / "result.json").exists():  # --keep of an earlier, interrupted bench: reuse its run
+        data = json.loads((root / "result.json").read_text(encoding="utf-8"))
+        return from_result(name, data, faults)
+    root.mkdir(parents=True)
+    env = dict(os.environ)
+    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", "--root", str(root)]
+    argv += ["--steps", str(steps), "--out-json", str(root / "result.json")]
+    argv += [arg for fault in faults for arg in ("--fault", fault)]
+    env["PYTHONPATH"] = str(src)
+    if local_tier:
+        local = Path(
+            tempfile.mkdtemp(prefix="tw-bench-local-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+        )
+        argv += ["--local-dir", str(local)]
+    with (root / "job.log").open("wb") as log:
+        subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, check=False, timeout=3600)
+    if local_tier:
+        shutil.rmtree(local, ignore_errors=True)
+    return from_result(name, json.loads((root / "result.json").read_text(encoding="utf-8")), faults)
 
 
-def productive(events: list[dict[str, Any]]) -> tuple[float, int | None, bool]:
-    """Step time of the final lineage (each step's last execution), finite losses only."""
+def from_result(name: str, data: dict[str, Any], faults: list[str]) -> RunResult:
+    """A worker's result file, analysed."""
+    ratio = (data.get("goodput") or {}).get("ratio")
+    return analyse(
+        name,
+        data["exit_code"],
+        data["wall_s"],
+        data["events"],
+        faults,
+        stages=data["stages"],
+        daemon_goodput=float(ratio) if isinstance(ratio, int | float) else None,
+    )
+
+
+def run_torchrun(
+    name: str, root: Path, steps: int, faults: list[str], pg_timeout: float, src: Path
+) -> RunResult:
+    """Plain `torchrun --max-restarts N` (or, without faults, the ceiling)."""
+    if (root / "result.json").exists():  # --keep of an earlier, interrupted bench: reuse its run
+        data = json.loads((root / "result.json").read_text(encoding="utf-8"))
+        return analyse(name, data["exit_code"], data["wall_s"], data["events"], faults)
+    root.mkdir(parents=True)
+    from trainwarden.demo.runner import free_port  # noqa: PLC0415
+    from trainwarden.demo.scenario import ScriptedFault, toy_command  # noqa: PLC0415
+
+    cmd = toy_command(root, steps, [parse_fault(f, ScriptedFault) for f in faults], free_port())
+    cmd[cmd.index("--max-restarts") + 1] = str(len(faults) + 2)
+    cmd += ["--pg-timeout", str(pg_timeout)]
+    env = {**os.environ, "PYTHONPATH": str(src), "TRAINWARDEN_SOCKET": str(root / "no-daemon.sock")}
+    env["TRAINWARDEN_CONTROL_DIR"] = str(root / "control")
+    start = time.time()
+    with (root / "job.log").open("wb") as log:
+        code = subprocess.run(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=False, timeout=3600
+        ).returncode
+    data = {"exit_code": code, "wall_s": time.time() - start, "events": read_jsonl(root / "events.jsonl")}
+    (root / "result.json").write_text(json.dumps(data), encoding="utf-8")
+    return analyse(name, data["exit_code"], data["wall_s"], data["events"], faults)
+
+
+def analyse(
+    name: str,
+    code: int,
+    wall: float,
+    events: list[dict[str, Any]],
+    faults: list[str],
+    *,
+    stages: list[dict[str, Any]] | None = None,
+    daemon_goodput: float | None = None,
+) -> RunResult:
+    """The run's numbers from the toy's step log."""
     last: dict[int, dict[str, Any]] = {}
     for e in events:
         if e.get("event") == "step":
             last[int(e["step"])] = e
-    total = sum(
-        float(e.get("seconds", 0.0))
-        for e in last.values()
-        if isinstance(e.get("loss"), float) and math.isfinite(e["loss"])
-    )
+    productive = sum(float(e.get("seconds", 0.0)) for e in last.values() if finite(e.get("loss")))
     final = max(last) if last else None
-    finite = (
-        final is not None
-        and isinstance(last[final].get("loss"), float)
-        and math.isfinite(last[final]["loss"])
+    result = RunResult(
+        name,
+        code,
+        wall,
+        productive,
+        final,
+        final is not None and finite(last[final].get("loss")),
+        daemon_goodput,
+        stages=stages or [],
     )
-    return total, final, finite
-
-
-def recovery(events: list[dict[str, Any]], fired: float, detected: float) -> tuple[float | None, int | None]:
-    """(detection -> first step after the next start, steps lost) for a fault that restarts the job."""
-    starts = [e for e in events if e.get("event") == "start"]
-    began = max((float(e["time"]) for e in starts if float(e["time"]) <= fired), default=0.0)
-    resumed = next((e for e in starts if float(e["time"]) > fired), None)
-    if resumed is None:
-        return None, None
-    at = float(resumed["time"])
-    first = next((e for e in events if e.get("event") == "step" and float(e["time"]) > at), None)
-    mttr = None if first is None else float(first["time"]) - detected
-    done = [int(e["step"]) for e in events if e.get("event") == "step" and began <= float(e["time"]) < at]
-    start_step = int(resumed.get("step", 0))
-    lost = max(0, (max(done) if done else start_step - 1) + 1 - start_step)
-    return mttr, lost
-
-
-def fault_times(events: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
-    return {(str(e["kind"]), int(e["step"])): float(e["time"]) for e in events if e.get("event") == "fault"}
-
-
-# --- trainwarden --------------------------------------------------------------------------------
-
-
-def run_trainwarden(root: Path, steps: int, faults: list[ScriptedFault]) -> RunResult:
-    from trainwarden.daemon.run_cli import run_job  # noqa: PLC0415
-
-    port = free_port()
-    config_path = root / "config.toml"
-    config_path.write_text(config_text(root, port, restarts_per_window=len(faults) + 2), encoding="utf-8")
-    config = load_config(config_path, plugin_groups())
-    command = toy_command(root, steps, faults, free_port())
-    narrator = Narrator(io.StringIO(), time.time(), steps)
-    log = (root / "job.log").open("ab")
-    saved = os.dup(1), os.dup(2)
-    start = time.time()
-    try:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        code = run_job(config, command, on_event=narrator.on_event, job=JOB)
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
-        log.close()
-    wall = time.time() - start
-    events = read_events(root / "events.jsonl")
-    total, final, finite = productive(events)
-    result = RunResult("trainwarden", code, wall, total, final, finite)
-    fired_at = fault_times(events)
-    timeline = sorted(narrator.events, key=lambda e: e.time)
-    for fault in faults:
-        fr = FaultResult(fault.kind, fault.step)
-        fired = fired_at.get((fault.kind, fault.step))
-        if fired is not None:
-            hit = first_finding(timeline, fault.rules, fired)
-            if hit is not None:
-                fr.detected_s = hit.time - fired
-                timeout = hit.data.get("timeout_seconds")
-                fr.timeout_s = float(timeout) if isinstance(timeout, int | float) else None
-                fr.mttr_s, fr.steps_lost = recovery(events, fired, hit.time)
-        result.faults.append(fr)
+    fired = sorted(
+        ((float(e["time"]), str(e["kind"]), int(e["step"])) for e in events if e.get("event") == "fault"),
+    )
+    for text in faults:
+        kind, _, rest = text.partition("@")
+        step = int(rest.partition(":")[0])
+        fault = FaultResult(kind, step)
+        at = next((t for t, k, s in fired if (k, s) == (kind, step)), None)
+        if at is not None:
+            fault.fired = True
+            later = [t for t, _k, _s in fired if t > at]
+            measure(fault, at, min(later, default=math.inf), events)
+        result.faults.append(fault)
     return result
 
 
-def first_finding(events: list[TimelineEvent], rules: tuple[str, ...], after: float) -> TimelineEvent | None:
-    return next(
-        (e for e in events if e.kind is EventKind.FINDING_FIRED and e.rule in rules and e.time >= after), None
+def finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def measure(fault: FaultResult, at: float, until: float, events: list[dict[str, Any]]) -> None:
+    """Back-to-training time and steps repeated of the fault at `at` (before the next one, `until`)."""
+    timed = [e for e in events if "time" in e]
+    start = next((e for e in timed if e.get("event") == "start" and at < float(e["time"]) < until), None)
+    steps = [e for e in timed if e.get("event") == "step"]
+    if start is not None:
+        fault.restart = True
+        began = float(start["time"])
+        first = next((e for e in steps if float(e["time"]) > began), None)
+        before = [int(e["step"]) for e in steps if float(e["time"]) < began]
+        fault.back_s = None if first is None else float(first["time"]) - at
+        fault.repeated = max(0, max(before, default=-1) - int(start.get("step", 0)) + 1)
+        return
+    first = next(
+        (e for e in steps if float(e["time"]) > at and int(e["step"]) > fault.step and finite(e.get("loss"))),
+        None,
     )
+    if first is not None and float(first["time"]) < until:
+        fault.back_s = float(first["time"]) - at
+        fault.repeated = 0
 
 
-# --- baseline -----------------------------------------------------------------------------------
-
-# The surviving rank's collective timing out is the baseline's hang detection; torchrun's own
-# "Worker group FAILED" (after its 30 s SIGTERM grace for the hung rank) is its crash detection.
-_DETECTED = re.compile(r"Worker group (FAILED|UNHEALTHY)|Timed out waiting")
+# --- the report ----------------------------------------------------------------------------------
 
 
-def baseline_command(root: Path, steps: int, faults: list[ScriptedFault], pg_timeout: float) -> list[str]:
-    cmd = toy_command(root, steps, faults, free_port())
-    cmd[cmd.index("--max-restarts") + 1] = str(len(faults) + 2)
-    return [*cmd, "--pg-timeout", str(pg_timeout)]
-
-
-def run_baseline(
-    root: Path, steps: int, faults: list[ScriptedFault], pg_timeout: float, limit: float
-) -> RunResult:
-    env = {**os.environ, "LOGLEVEL": "INFO", "TRAINWARDEN_SOCKET": str(root / "no-daemon.sock")}
-    env["TRAINWARDEN_CONTROL_DIR"] = str(root / "control")
-    start = time.time()
-    proc = subprocess.Popen(
-        baseline_command(root, steps, faults, pg_timeout),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    failures: list[float] = []
-    log = (root / "job.log").open("w", encoding="utf-8")
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            if _DETECTED.search(line):
-                failures.append(time.time())
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        code = proc.wait(limit)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        code = proc.wait()
-    reader.join(10)
-    log.close()
-    wall = time.time() - start
-    events = read_events(root / "events.jsonl")
-    total, final, finite = productive(events)
-    result = RunResult("baseline" if faults else "no faults", code, wall, total, final, finite)
-    fired_at = fault_times(events)
-    for fault in faults:
-        fr = FaultResult(fault.kind, fault.step)
-        fired = fired_at.get((fault.kind, fault.step))
-        if fired is not None and fault.kind != "nan":
-            detected = next((t for t in failures if t >= fired), None)
-            if detected is not None:
-                fr.detected_s = detected - fired
-                fr.mttr_s, fr.steps_lost = recovery(events, fired, detected)
-        result.faults.append(fr)
-    return result
-
-
-# --- report -------------------------------------------------------------------------------------
-
-
-def _fmt(value: float | None, unit: str = "s", digits: int = 1) -> str:
-    return "not detected" if value is None else f"{value:.{digits}f}{unit}"
-
-
-def report(runs: list[RunResult], pg_timeout: float) -> str:
+def per_kind_table(runs: list[RunResult]) -> str:
     lines = [
-        "| run | fault | step | detection | vs learned timeout | vs NCCL 600 s | MTTR | steps lost |",
-        "|---|---|---|---|---|---|---|---|",
+        "| fault | " + " | ".join(f"{r.name}: back / repeated / restart" for r in runs) + " |",
+        "|---|" + "---|" * len(runs),
     ]
-    for run in runs:
-        for f in run.faults:
-            ratio = (
-                "-" if f.detected_s is None or f.timeout_s is None else f"{f.detected_s / f.timeout_s:.2f}x"
-            )
-            nccl = (
-                "-"
-                if f.detected_s is None or f.kind != "hang"
-                else f"{f.detected_s / NCCL_WATCHDOG_SECONDS:.4f}x"
-            )
-            lines.append(
-                f"| {run.name} | {f.kind} | {f.step} | {_fmt(f.detected_s)} | {ratio} | {nccl} | "
-                f"{'-' if f.mttr_s is None else f'{f.mttr_s:.1f}s'} | "
-                f"{'-' if f.steps_lost is None else f.steps_lost} |"
-            )
-    lines += [
-        "",
-        (
-            "| run | exit | wall | productive step time | effective training time ratio | final step "
-            "| final loss finite |"
-        ),
-        "|---|---|---|---|---|---|---|",
-    ]
-    for run in runs:
-        lines.append(
-            f"| {run.name} | {run.exit_code} | {run.wall_s:.1f}s | {run.productive_s:.1f}s | {run.etr:.2f} | "
-            f"{'-' if run.final_step is None else run.final_step + 1} | "
-            f"{'yes' if run.final_loss_finite else 'no'} |"
-        )
-    base = next((r for r in runs if r.name == "baseline"), None)
-    if base is not None:
-        caught = sum(1 for f in base.faults if f.kind == "hang" and f.detected_s is not None)
-        for name, timeout in (
-            ("NCCL watchdog", NCCL_WATCHDOG_SECONDS),
-            ("gloo default", GLOO_DEFAULT_SECONDS),
-        ):
-            wall = base.wall_s + caught * (timeout - pg_timeout)
-            lines.append(
-                f"\nbaseline projected with the {name} ({timeout:.0f} s) instead of {pg_timeout:.0f} s: "
-                f"wall {wall:.0f}s, effective training time ratio {base.productive_s / wall:.3f}"
-            )
-    tw = next((r for r in runs if r.name == "trainwarden"), None)
-    if tw is not None:
-        hangs = [f for f in tw.faults if f.kind == "hang" and f.detected_s is not None]
-        if hangs:
-            lines.append(
-                f"\ntrainwarden hang detection: median "
-                f"{statistics.median(f.detected_s or 0 for f in hangs):.1f}s "
-                f"vs {NCCL_WATCHDOG_SECONDS:.0f}s NCCL watchdog / {GLOO_DEFAULT_SECONDS:.0f}s gloo default; "
-                f"baseline ran with --pg-timeout {pg_timeout:.0f}s."
-            )
+    kinds = [(f.kind, f.step) for f in runs[0].faults] if runs else []
+    for i, (kind, step) in enumerate(kinds):
+        cells = []
+        for run in runs:
+            f = run.faults[i]
+            if not f.fired:
+                cells.append("did not fire")
+            elif f.back_s is None:
+                cells.append("never back" + (" (NaN parameters)" if kind == "nan" else ""))
+            else:
+                cells.append(f"{f.back_s:.1f} s / {f.repeated} / {'yes' if f.restart else 'no'}")
+        lines.append(f"| {kind}@{step} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def runs_table(runs: list[RunResult], ceiling: RunResult | None) -> str:
+    lines = [
+        "| run | exit | wall | productive | goodput | vs no faults | daemon's | final step | finite |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        vs = "-" if ceiling is None or ceiling.goodput <= 0 else f"{run.goodput / ceiling.goodput:.2f}"
+        daemon = "-" if run.daemon_goodput is None else f"{run.daemon_goodput:.2f}"
+        final = "-" if run.final_step is None else str(run.final_step + 1)
+        lines.append(
+            f"| {run.name} | {run.exit_code} | {run.wall_s:.1f} s | {run.productive_s:.1f} s | "
+            f"{run.goodput:.2f} | {vs} | {daemon} | {final} | {'yes' if run.final_finite else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+STAGE_ORDER = (
+    "detect",
+    "capture",
+    "kill",
+    "spawn",
+    "process_start",
+    "imports",
+    "rendezvous",
+    "checkpoint_load",
+    "first_step",
+)
+
+
+def stages_table(run: RunResult) -> str:
+    if not run.stages:
+        return f"({run.name}: no restart measured stage by stage)"
+    lines = [
+        "| restart | cause | " + " | ".join(STAGE_ORDER) + " | total | repeated |",
+        "|---|---|" + "---|" * (len(STAGE_ORDER) + 2),
+    ]
+    for entry in run.stages:
+        stages = entry.get("stages", {})
+        cells = [f"{stages[s]:.2f}" if s in stages else "-" for s in STAGE_ORDER]
+        total = entry.get("total_seconds")
+        lines.append(
+            f"| {entry.get('restart')} | {entry.get('cause')} | "
+            + " | ".join(cells)
+            + f" | {'-' if total is None else f'{total:.2f}'} | {entry.get('steps_repeated')} |"
+        )
+    medians = [
+        statistics.median(e["stages"][s] for e in run.stages if s in e.get("stages", {}))
+        if any(s in e.get("stages", {}) for e in run.stages)
+        else None
+        for s in STAGE_ORDER
+    ]
+    lines.append("| median | | " + " | ".join("-" if m is None else f"{m:.2f}" for m in medians) + " | | |")
+    return "\n".join(lines)
+
+
+def export_ref(ref: str, into: Path) -> Path:
+    """`ref`'s src/ exported (git archive) under `into`; its path, for PYTHONPATH."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", ref, "src"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "src"
+
+
+def spaced(kinds: list[str], every_steps: int, first: int) -> list[str]:
+    """Faults of `kinds` in turn, one every `every_steps` steps from `first`, alternating ranks."""
+    return [f"{kind}@{first + i * every_steps}:{i % 2}" for i, kind in enumerate(kinds)]
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=240)
-    parser.add_argument("--pg-timeout", type=float, default=30.0, help="baseline's gloo collective timeout")
-    parser.add_argument("--only", choices=["trainwarden", "baseline", "clean"], default=None)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="each fault kind once per path, no campaigns")
+    parser.add_argument("--ref", default=DEFAULT_REF, help="the tree of 'today' (a git revision)")
+    parser.add_argument("--tree", default="HEAD", help="the tree of trainwarden and the toy (committed)")
+    parser.add_argument("--pg-timeout", type=float, default=30.0, help="plain torchrun's collective timeout")
+    parser.add_argument("--every", type=float, default=30.0, help="campaign: seconds between faults")
+    parser.add_argument("--campaign-faults", type=int, default=8)
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--limit", type=float, default=600.0, help="seconds before the baseline is killed")
     parser.add_argument("--keep", type=Path, default=None, help="keep the runs' directories here")
+    # worker mode (internal)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--fault", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--out-json", help=argparse.SUPPRESS)
+    parser.add_argument("--local-dir", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    faults = campaign(args.steps)
-    runs: list[RunResult] = []
+    if args.worker:
+        return worker(args)
+
+    sections: dict[str, list[RunResult]] = {}
     with tempfile.TemporaryDirectory(prefix="tw-bench-healing-") as scratch:
-        tmp = str(args.keep) if args.keep is not None else scratch
-        if args.only in (None, "trainwarden"):
-            root = Path(tmp) / "trainwarden"
-            root.mkdir(parents=True)
-            runs.append(run_trainwarden(root, args.steps, faults))
-            print(f"trainwarden: exit {runs[-1].exit_code} in {runs[-1].wall_s:.0f}s", file=sys.stderr)
-        if args.only in (None, "baseline"):
-            root = Path(tmp) / "baseline"
-            root.mkdir(parents=True)
-            runs.append(run_baseline(root, args.steps, faults, args.pg_timeout, args.limit))
-            print(f"baseline: exit {runs[-1].exit_code} in {runs[-1].wall_s:.0f}s", file=sys.stderr)
-        if args.only in (None, "clean"):
-            root = Path(tmp) / "clean"
-            root.mkdir(parents=True)
-            runs.append(run_baseline(root, args.steps, [], args.pg_timeout, args.limit))
-            print(f"no faults: exit {runs[-1].exit_code} in {runs[-1].wall_s:.0f}s", file=sys.stderr)
-    print(
-        f"campaign: {args.steps} steps, faults " + ", ".join(f"{f.kind}@{f.step}:r{f.rank}" for f in faults)
-    )
-    print(report(runs, args.pg_timeout))
+        tmp = args.keep or Path(scratch)
+        ref_src = export_ref(args.ref, tmp / "ref")
+        src = export_ref(args.tree, tmp / "tree")
+        kinds_faults = spaced(["spike", "crash", "hang", "nan"], 60, 55)  # mid-way between checkpoints
+        kinds_steps = 55 + 4 * 60 + 15
+        per_kind = [
+            run_daemon(
+                "trainwarden", tmp / "kinds-trainwarden", kinds_steps, kinds_faults, src=src, local_tier=True
+            ),
+            run_daemon(
+                f"today ({args.ref})",
+                tmp / "kinds-today",
+                kinds_steps,
+                kinds_faults,
+                src=ref_src,
+                local_tier=False,
+            ),
+            run_torchrun("torchrun", tmp / "kinds-torchrun", kinds_steps, kinds_faults, args.pg_timeout, src),
+            run_torchrun("no faults", tmp / "kinds-clean", kinds_steps, [], args.pg_timeout, src),
+        ]
+        sections["per fault kind"] = per_kind
+        if not args.quick:
+            every = max(1, round(args.every / STEP_SECONDS))
+            mixed = ["crash", "nan", "hang", "spike"] * args.campaign_faults
+            mixed = spaced(mixed[: args.campaign_faults], every, every)
+            soft = spaced((["nan", "spike"] * args.campaign_faults)[: args.campaign_faults], every, every)
+            steps = every * (args.campaign_faults + 1)
+            sections["campaign, mixed"] = [
+                run_daemon("trainwarden", tmp / "mixed-trainwarden", steps, mixed, src=src, local_tier=True),
+                run_torchrun("torchrun", tmp / "mixed-torchrun", steps, mixed, args.pg_timeout, src),
+                run_torchrun("no faults", tmp / "mixed-clean", steps, [], args.pg_timeout, src),
+            ]
+            sections["campaign, NaN and spike only"] = [
+                run_daemon("trainwarden", tmp / "soft-trainwarden", steps, soft, src=src, local_tier=True),
+                sections["campaign, mixed"][2],
+            ]
+    for title, runs in sections.items():
+        ceiling = next((r for r in runs if r.name == "no faults"), None)
+        print(f"\n### {title}\n")
+        faulted = [r for r in runs if r.faults]
+        if faulted and faulted[0].faults and len(faulted[0].faults) <= 8:
+            print(per_kind_table(faulted))
+            print()
+        print(runs_table(runs, ceiling))
+        for run in runs:
+            if run.stages:
+                print(f"\n{run.name}, restarts stage by stage (seconds):\n")
+                print(stages_table(run))
     if args.json is not None:
         args.json.write_text(
-            json.dumps([{**asdict(r), "etr": r.etr} for r in runs], indent=2), encoding="utf-8"
+            json.dumps(
+                {k: [{**asdict(r), "goodput": r.goodput} for r in v] for k, v in sections.items()}, indent=2
+            ),
+            encoding="utf-8",
         )
     return 0
 

@@ -93,6 +93,51 @@ def fired(state: Path) -> list[dict[str, object]]:
     return [r for r in map(json.loads, lines) if r["event"] == "fired"]
 
 
+RULES = {
+    "nan": ("nonfinite",),
+    "hang": ("stall", "collective_stuck"),
+    "spike": ("spike",),
+    "crash": ("process_gone", "process_exit"),
+}
+
+
+def fault_row(
+    kind: str,
+    step: int,
+    at: float,
+    until: float,
+    findings: list[dict[str, object]],
+    steps_seen: list[tuple[float, int]],
+) -> str:
+    """One fault's row: its own rules' first finding, and training again, both before the next fault.
+
+    A restart shows as the step counter dropping; without one (the spike, absorbed by the clipper)
+    training goes on at the next step, and nothing after the next fault is this fault's doing.
+    """
+    rules = RULES[kind]
+    hit = next(
+        (f for f in findings if f["rule"] in rules and at - 0.5 <= float(str(f["time"])) < until),
+        None,
+    )
+    detected = "-" if hit is None else f"{float(str(hit['time'])) - at:.1f}s ({hit['rule']})"
+    back, repeated, last = "-", 0, None
+    window = [(when, seen) for when, seen in steps_seen if when < until]
+    for seen_at, seen in window:
+        if seen_at < at:
+            last = seen
+            continue
+        if last is not None and seen <= last:  # the step counter dropped: the restarted run's first step
+            back = f"{seen_at - at:.1f}s"
+            repeated = last - seen + 1
+            break
+        last = seen
+    else:
+        after = next(((when, seen) for when, seen in window if when >= at and seen > step), None)
+        if after is not None:
+            back = f"{after[0] - at:.1f}s (no restart)"
+    return f"| {kind} | {step} | {detected} | {back} | {repeated} |"
+
+
 def run(root: Path, steps: int, sleep: float) -> tuple[str, str]:
     nan_step, hang_at, spike_step, crash_at = (int(steps * f) for f in (0.25, 0.4, 0.55, 0.75))
     data = make_data(root, steps, {nan_step: ("nan", 1), spike_step: ("spike", 0)})
@@ -122,23 +167,9 @@ def run(root: Path, steps: int, sleep: float) -> tuple[str, str]:
     findings = fired(root / "state")
     steps_seen = proc.steps()
     rows = []
-    for kind, step, at in faults:
-        hit = next((f for f in findings if float(str(f["time"])) >= at - 0.5), None)
-        detected = "-" if hit is None else f"{float(str(hit['time'])) - at:.1f}s ({hit['rule']})"
-        # back to training: the first step after the fault that follows a drop in the step counter
-        back = "-"
-        repeated = 0
-        last = None
-        for seen_at, seen in steps_seen:
-            if seen_at < at:
-                last = seen
-                continue
-            if last is not None and seen <= last:
-                back = f"{seen_at - at:.1f}s"
-                repeated = last - seen + 1
-                break
-            last = seen
-        rows.append(f"| {kind} | {step} | {detected} | {back} | {repeated} |")
+    for i, (kind, step, at) in enumerate(faults):
+        until = faults[i + 1][2] if i + 1 < len(faults) else float("inf")
+        rows.append(fault_row(kind, step, at, until, findings, steps_seen))
     outcome = json.loads((root / "out" / "final.json").read_text()) if code == 0 else {}
     journal = subprocess.run(
         [*TRAINWARDEN, "actions", "--state-dir", str(root / "state"), "--json"],
