@@ -28,10 +28,14 @@ norms; it then starts from their median and MAD-derived spread, which a spike in
 cannot drag. Non-finite norms are never fed into the statistics (NaN/Inf is a fault for the
 daemon, not a spike) and their gradients are left untouched.
 
-Everything per step is tensor arithmetic on the gradients' device (``torch.where``, no
-``.item()``), so the clipper adds no host-device synchronisation. The returned pre-clip norm is a
-tensor; read it one step late if you report it. ``fixed`` mode is plain clipping at
-``warmup_max_norm`` (the daemon can still change it).
+On an accelerator everything per step is tensor arithmetic on the gradients' device
+(``torch.where``, no ``.item()``), so the clipper adds no host-device synchronisation; CPU
+gradients are in host memory already, so there the statistics are Python floats and an unclipped
+step is not multiplied (`trainwarden.client.clip_math`; same decisions). The norm is global:
+FSDP2's sharded DTensor gradients are reduced across ranks (`trainwarden.client.grad_norm`), so
+every rank clips and skips alike. The returned pre-clip norm is a tensor; read it one step late
+if you report it. ``fixed`` mode is plain clipping at ``warmup_max_norm`` (the daemon can still
+change it).
 
 torch is imported lazily, so importing this module costs nothing in the daemon.
 """
@@ -44,7 +48,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from trainwarden.client import grad_norm
+from trainwarden.client import clip_math, grad_norm
 from trainwarden.control import ClipSettings, clip_settings_problems
 from trainwarden.errors import TrainwardenError
 
@@ -56,8 +60,6 @@ log = logging.getLogger(__name__)
 ClipMode = Literal["zscore", "reciprocal", "fixed"]
 CLIP_MODES: tuple[ClipMode, ...] = ("zscore", "reciprocal", "fixed")
 _EPS = 1e-6
-# Scale of the MAD to a normal standard deviation.
-_MAD_TO_STD = 1.4826
 
 
 class ClipSettingsError(TrainwardenError):
@@ -91,85 +93,9 @@ class ClipStats:
     mode: ClipMode
 
 
-class _HostMath:
-    """The clipper's scalar arithmetic on Python floats, for gradients in host memory (CPU).
-
-    A CPU tensor's value is already in host memory, so reading the norm is a load, not a sync,
-    and some 40 tiny tensor ops (3-5 µs of dispatch each) become float arithmetic.
-    """
-
-    on_host = True
-
-    @staticmethod
-    def where(cond: Any, a: Any, b: Any) -> Any:
-        return a if cond else b
-
-    @staticmethod
-    def isfinite(x: Any) -> Any:
-        return math.isfinite(x)
-
-    @staticmethod
-    def sqrt(x: Any) -> Any:
-        return math.sqrt(x)
-
-    @staticmethod
-    def floor(x: Any, low: float) -> Any:
-        return max(x, low)  # x first, like clamp_min: NaN stays NaN
-
-    @staticmethod
-    def cap(x: Any, high: float) -> Any:
-        return min(x, high)  # x first, like clamp_max: NaN stays NaN
-
-    @staticmethod
-    def not_(x: Any) -> Any:
-        return not x
-
-
-class _DeviceMath:
-    """The same arithmetic as 0-d tensors on the gradients' device: no host-device sync."""
-
-    on_host = False
-
-    def __init__(self, torch: Any) -> None:
-        self._torch = torch
-
-    def where(self, cond: Any, a: Any, b: Any) -> Any:
-        return self._torch.where(cond, a, b)
-
-    def isfinite(self, x: Any) -> Any:
-        return self._torch.isfinite(x)
-
-    def sqrt(self, x: Any) -> Any:
-        return self._torch.sqrt(x)
-
-    @staticmethod
-    def floor(x: Any, low: float) -> Any:
-        return x.clamp_min(low)
-
-    @staticmethod
-    def cap(x: Any, high: float) -> Any:
-        return x.clamp_max(high)
-
-    @staticmethod
-    def not_(x: Any) -> Any:
-        return ~x
-
-
 def _host_side(device: torch.device) -> bool:
     """True when the clipper's statistics live in host memory (gradients on the CPU)."""
     return device.type == "cpu"
-
-
-@dataclass(slots=True)
-class _Stats:
-    """Running statistics: Python numbers (`_HostMath`) or 0-d tensors (`_DeviceMath`)."""
-
-    mean: Any
-    var: Any
-    run: Any  # consecutive skips so far
-    clipped: Any
-    skipped: Any
-    warm: Any  # warm-up norms, NaN where not (yet) finite: list[float] or a float32 tensor
 
 
 class AdaptiveClipper:
@@ -204,8 +130,10 @@ class AdaptiveClipper:
         self.mode: ClipMode = mode
         self.rejected_updates = 0
         self._step = 0  # host-side count: we know it without asking the device
-        self._math: _HostMath | _DeviceMath | None = None  # set with the statistics, at the first clip()
-        self._st = _Stats(0.0, 0.0, 0, 0, 0, [])
+        self._math: clip_math.HostMath | clip_math.DeviceMath | None = (
+            None  # set with the statistics, at the first clip()
+        )
+        self._st = clip_math.Stats(0.0, 0.0, 0, 0, 0, [])
         self._flags: tuple[Any, Any] = (None, None)  # (0.0, 1.0) as tensors on the device
         self._skip_flag: Any = None
 
@@ -217,12 +145,12 @@ class AdaptiveClipper:
         f32 = torch.float32
         warmup = self._settings.warmup_steps
         if _host_side(device):
-            self._math = _HostMath()
-            self._st = _Stats(0.0, 0.0, 0, 0, 0, [math.nan] * warmup)
+            self._math = clip_math.HostMath()
+            self._st = clip_math.Stats(0.0, 0.0, 0, 0, 0, [math.nan] * warmup)
         else:
-            self._math = _DeviceMath(torch)
+            self._math = clip_math.DeviceMath(torch)
             zero = torch.zeros((), dtype=torch.int64, device=device)
-            self._st = _Stats(
+            self._st = clip_math.Stats(
                 mean=torch.zeros((), dtype=f32, device=device),
                 var=torch.zeros((), dtype=f32, device=device),
                 run=zero,
@@ -366,20 +294,10 @@ class AdaptiveClipper:
         """Seed mean/variance from the warm-up norms with median and MAD (robust to a spike)."""
         st = self._st
         if isinstance(st.warm, list):
-            mean, var = _robust_start([v for v in st.warm if math.isfinite(v)])
+            mean, var = clip_math.robust_start([v for v in st.warm if math.isfinite(v)])
             st.mean, st.var = mean, var
             return
-        import torch  # noqa: PLC0415
-
-        warm = st.warm
-        valid = torch.isfinite(warm)
-        # nanmedian ignores the NaNs we stored for non-finite norms; all-NaN gives NaN, handled below.
-        median = torch.nanmedian(warm)
-        mad = torch.nanmedian((warm - median).abs().where(valid, torch.full_like(warm, math.nan)))
-        std = torch.maximum(mad * _MAD_TO_STD, median.abs() * 0.01)
-        ok = torch.isfinite(median) & torch.isfinite(std)
-        st.mean = torch.where(ok, median, torch.zeros_like(median))
-        st.var = torch.where(ok, std * std, torch.zeros_like(std))
+        st.mean, st.var = clip_math.robust_start_on_device(st.warm)
 
     def _adaptive_target(self, total: Any, finite: Any) -> tuple[Any, Any]:
         """(norm to scale the gradients to, whether the step is skipped), host or device numbers."""
@@ -519,22 +437,6 @@ class AdaptiveClipper:
         st.clipped = torch.tensor(clipped, dtype=i64, device=device)
         st.skipped = torch.tensor(skipped, dtype=i64, device=device)
         st.run = torch.tensor(run, dtype=i64, device=device)
-
-
-def _robust_start(norms: list[float]) -> tuple[float, float]:
-    """(mean, variance) from finite warm-up norms: median and MAD, as `torch.nanmedian` picks them."""
-    if not norms:
-        return 0.0, 0.0
-    median = _lower_median(norms)
-    mad = _lower_median([abs(v - median) for v in norms])
-    std = max(mad * _MAD_TO_STD, abs(median) * 0.01)
-    return median, std * std
-
-
-def _lower_median(values: list[float]) -> float:
-    """The lower of the two middle values for an even count, like torch's median."""
-    ordered = sorted(values)
-    return ordered[(len(ordered) - 1) // 2]
 
 
 def _check_state(
