@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from heal_support import taken
 from toy_launch import Proc, torchrun_command, toy_env
-from user_support import make_data, reference, trainer_args
+from user_support import make_data, reference, supervised, trainer_args
 
 pytestmark = [pytest.mark.slow]
 
@@ -47,4 +48,46 @@ def test_nan_on_one_rank_rolls_both_back_in_place_and_ends_bit_identical(tmp_pat
     assert records[0]["rollbacks"] == records[1]["rollbacks"] == [[24, 20, nan_step]], proc.output()
     assert records[0]["skipped"] == records[1]["skipped"] == [nan_step]
     assert len(re.findall(r"^ROLLBACK ", proc.output(), re.MULTILINE)) == 1
+    assert_same_parameters(out, tmp_path / "reference" / "out")
+
+
+@pytest.mark.timeout(500)
+def test_nan_under_trainwarden_run_is_rolled_back_without_a_restart(tmp_path: Path) -> None:
+    """Under `trainwarden run` (actions on, default routes), a NaN batch on rank 1 only is rolled back in
+    place by both ranks at the same step: the same two processes finish, no restart is taken, and the final
+    parameters equal those of an uninterrupted run that skipped that batch."""
+    steps, nan_step = 120, 60
+    data = make_data(tmp_path, steps, {nan_step: ("nan", 1)})
+    reference(tmp_path / "reference", data, steps, skip=(nan_step,))
+    out = tmp_path / "out"
+    args = ["--rollback-every", "5", "--step-sleep", "0.05"]
+    run = supervised(tmp_path, trainer_args(data, steps, *args, ckpt=tmp_path / "ckpt", out=out))
+    pids = [run.rank_pid(r, 60, script="user_trainer") for r in (0, 1)]
+    assert run.proc.wait(400) == 0, run.proc.output()
+    records = rank_records(out)
+    assert [r["pid"] for r in records] == pids, "a rank was restarted"
+    assert records[0]["rollbacks"] == records[1]["rollbacks"] == [[64, 60, nan_step]], run.proc.output()
+    journal = run.journal()
+    assert taken(journal, "checkpoint_restart") == [], [(e.rule, e.healer, e.result) for e in journal]
+    assert len(taken(journal, "rollback")) <= 1  # the job was quicker; the daemon's request changes nothing
+    assert_same_parameters(out, tmp_path / "reference" / "out")
+
+
+@pytest.mark.timeout(600)
+def test_rollback_that_does_not_heal_escalates_to_one_checkpoint_restart(tmp_path: Path) -> None:
+    """Four poisoned batches in a row outlast the job's own rollbacks (three in a row at most), so the NaN
+    goes on after the rollback took effect: the daemon escalates to exactly one checkpoint restart, the
+    restarted job skips the rest, and the run ends finite and bit-identical to one that skipped all four."""
+    steps, first = 120, 60
+    bad = tuple(range(first, first + 4))
+    data = make_data(tmp_path, steps, dict.fromkeys(bad, ("nan", 1)))
+    reference(tmp_path / "reference", data, steps, skip=bad)
+    out = tmp_path / "out"
+    args = ["--rollback-every", "5", "--step-sleep", "0.05"]
+    run = supervised(tmp_path, trainer_args(data, steps, *args, ckpt=tmp_path / "ckpt", out=out))
+    assert run.proc.wait(500) == 0, run.proc.output()
+    journal = run.journal()
+    summary = [(e.rule, e.healer, e.decision, e.result) for e in journal]
+    assert len(taken(journal, "rollback")) == 1, summary
+    assert len(taken(journal, "checkpoint_restart")) == 1, summary
     assert_same_parameters(out, tmp_path / "reference" / "out")
