@@ -148,6 +148,23 @@ def test_other_ranks_and_old_processes_do_not_count() -> None:
     assert job.steps_repeated == 0  # step 3 was never counted before
 
 
+def test_a_restart_that_brings_other_ranks_to_this_node_is_followed_through_them() -> None:
+    """After a restart the node may host other ranks: the lowest one that says hello ends the restart."""
+    tl = GoodputTimeline()
+    tl.hello(0.0, LEAD)
+    tl.step(1.0, LEAD, 1)
+    tl.hello(1.5, Sender("job", 4, 400))  # a higher rank while the lead lives: not followed
+    tl.step(2.0, LEAD, 2)
+    tl.restart(3.0, "job", "process_gone")
+    moved = Sender("job", 4, 401)  # the job came back with ranks 4-7 here
+    tl.hello(5.0, moved)
+    tl.step(6.0, moved, 3)
+    tl.step(7.0, moved, 4)
+    job = only(tl, 7.0)
+    assert seconds(job) == {"initialising": 1.0, "productive": 2.0, "restarting": 3.0, "detecting": 1.0}
+    assert job.mode == "running"
+
+
 def test_restored_totals_continue_after_a_daemon_restart() -> None:
     """After a daemon restart the same process reconnects: steps at or below the high water are repeats."""
     totals = Totals(high_water=10, lead_rank=0, lead_pid=100, steps_repeated=1, restarts={"stall": 1})

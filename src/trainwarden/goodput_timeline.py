@@ -158,7 +158,10 @@ class GoodputTimeline:
         job, rank, pid = sender.job, sender.rank, sender.pid
         state = self._jobs.setdefault(job, _Job())
         totals = state.totals
-        if totals.lead_rank is not None and rank > totals.lead_rank:
+        # A higher rank is followed only when the lead has no live process here (restarted and not
+        # back, finished, or unknown to this daemon run): the job may now run other ranks here.
+        lead_live = totals.lead_pid != 0 and state.mode not in (Mode.ABSENT, Mode.FINISHED)
+        if totals.lead_rank is not None and rank > totals.lead_rank and lead_live:
             return
         same_process = rank == totals.lead_rank and pid == totals.lead_pid
         new_lead = totals.lead_rank is not None and rank < totals.lead_rank  # a lower rank joined
