@@ -227,10 +227,7 @@ class AdaptiveClipper:
 
     @property
     def skip_flag(self) -> torch.Tensor | None:
-        """0-d float32 tensor on the device: 1.0 when the last `clip()` skipped the step (None before it).
-
-        Read it, never write it: the clipper hands the same tensor out again.
-        """
+        """0-d float32 tensor on the device: 1.0 when the last `clip()` skipped (None before); read-only."""
         return self._skip_flag if self._ready else None
 
     def step(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> None:
@@ -264,8 +261,8 @@ class AdaptiveClipper:
 
     def _scaler_step(self, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
         """``scaler.step(optimizer)`` with the skip flag added to the step's own decision."""
-        flag = self._skip_flag if self._ready else None
-        if flag is None:
+        flag = self._skip_flag
+        if not self._ready:
             scaler.step(optimizer)
             return
         own = vars(optimizer)
