@@ -15,8 +15,15 @@ ref, one after the other, so both are measured in the same run) on loopback and 
    held connections the server cut off, reads "Traceback" lines from the daemon's log, and
    checks that `trainwarden_http_requests_total` adds up to the answers the clients received.
 
-    .venv/bin/python bench/http_hostile.py --ref cc3ed91        # before (cc3ed91) and after
-    .venv/bin/python bench/http_hostile.py --hold 30 --burst 500  # a shorter run
+Fair under load (`--control`): a second daemon of the same code and config runs beside the
+attacked one, attacked by nobody, and a second scraper scrapes it in the same seconds. Both
+share whatever else the machine is doing, so "scrape p99 / control's p99" compares the server
+with itself, not with a quieter minute; the scrapes in flight while the burst was are reported
+on their own too. The 1-minute load average is printed next to each number.
+
+    .venv/bin/python bench/http_hostile.py --ref 97978ca --control  # before (97978ca) and after
+    .venv/bin/python bench/http_hostile.py --hold 30 --control --variant lane_connections=0
+    .venv/bin/python bench/http_hostile.py --hold 30 --profile /tmp/http.txt   # py-spy stacks
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from http_support import Served, read_all, serve, statuses
 from support import wait_until
 from trainwarden.daemon.http import HttpLimits
+from trainwarden.model import MetricSpec
 
 SCRAPE = b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n"
 LIMITS = HttpLimits(head_seconds=5.0, request_seconds=5.0, idle_seconds=5.0, write_seconds=5.0)
@@ -85,6 +87,45 @@ def test_requests_sent_right_after_an_answer_are_not_lost_in_the_move(served: Se
             assert read_answers(sock, 3) == [200, 200, 200]
     wait_until(served.idle, 10, "every connection finished")
     assert served.counts() == {("/metrics", "200"): 60, ("/healthz", "200"): 20}
+
+
+def read_one_answer(sock: socket.socket) -> tuple[bytes, bytes]:
+    """The head and the whole body of one answer, read by its Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {data[:200]!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    length = next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {len(body)} of {length} bytes"
+        body += chunk
+    assert len(body) == length
+    return head, body
+
+
+def test_a_large_answer_is_delivered_whole_before_and_after_the_move(served: Served) -> None:
+    """A megabyte /metrics answer read through a small receive buffer arrives whole on the main loop,
+    and again on the lane once the connection moved."""
+    spec = MetricSpec("trainwarden_test_padding", "Padding for a large exposition.", labelnames=("i",))
+    store = served.server._store
+    assert store is not None
+    store.replace("padding", [spec.sample(1.0, i=f"{n:06d}-{'x' * 200}") for n in range(5000)], time.time())
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", served.port))
+    served.opened += 1
+    with sock:
+        for _ in range(2):
+            sock.sendall(SCRAPE)
+            head, body = read_one_answer(sock)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert body.count(b"\ntrainwarden_test_padding{") == 5000
+        assert lane_held(served) == 1
 
 
 def test_pipelined_scrapes_stay_on_the_main_loop_and_are_answered_in_order(served: Served) -> None:

@@ -21,7 +21,9 @@ How to add an endpoint (the Alertmanager webhook does exactly this)::
 - Handlers run on a pool of `HttpLimits.workers` threads and may block briefly; one that raises
   gives a 500 and one log line with its traceback. `add(..., inline=True)` runs a handler on
   the event loop instead (no hand-off, no queue): only for ones that never block and take
-  milliseconds, like /metrics and /healthz. To answer 2xx fast, return the response and
+  milliseconds, like /metrics and /healthz; `lane=True` as well (/metrics) moves a kept-alive
+  client of that route to the scrape lane (`http_lane`), a loop on its own thread that a burst
+  on the main loop cannot hold up. To answer 2xx fast, return the response and
   let your own thread do the work, or set `Response(..., after=fn)`: `fn` runs on the pool once
   the answer has been written (keep it short; it holds a worker).
 - Every answer is counted in `trainwarden_http_requests_total{handler,code}`: handler is the
@@ -144,6 +146,7 @@ class HttpServer:
         self._lane = (
             ScrapeLane(
                 self.limits.lane_connections,
+                write_seconds=self.limits.write_seconds,
                 on_finished=self._finished,
                 exception_handler=_log_loop_error,
             )

@@ -37,10 +37,12 @@ class ScrapeLane:
         self,
         capacity: int,
         *,
+        write_seconds: float,
         on_finished: Callable[[], None],
         exception_handler: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None],
     ) -> None:
         self.capacity = capacity
+        self._write_seconds = write_seconds
         self._on_finished = on_finished
         self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(exception_handler)
@@ -87,11 +89,15 @@ class ScrapeLane:
         await asyncio.sleep(0)  # a read the selector already queued in this turn lands in the reader
         connection.reader.feed_eof()
         try:
+            # What this transport still buffers of the answer would be lost with it: flush it all.
+            transport.set_write_buffer_limits(high=0)
+            async with asyncio.timeout(self._write_seconds):
+                await writer.drain()
             unread = await connection.reader.read()
             sock = writer.get_extra_info("socket")
             duplicate = socket.socket(fileno=os.dup(sock.fileno()))
-        except (ConnectionError, OSError) as exc:
-            log.debug("http client %s went away while moving to the scrape lane: %s", connection.client, exc)
+        except (ConnectionError, OSError, TimeoutError) as exc:
+            log.debug("http client %s went away while moving to the scrape lane: %r", connection.client, exc)
             writer.transport.abort()
             self._finished()
             return True
