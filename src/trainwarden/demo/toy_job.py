@@ -379,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
             reporter=reporter,
             on_written=write_pause if args.ckpt_write_delay > 0 else None,
             # with a local tier, save() runs every step and each tier writes when it is due
-            durable_every=max(1, args.ckpt_every) if args.local_dir is not None else 1,
+            # (--ckpt-every 0: the durable tier only on request, never every step)
+            durable_every=(args.ckpt_every if args.ckpt_every > 0 else 10**10) if args.local_dir else 1,
             local_dir=args.local_dir,
             local_every=args.local_every,
         )
