@@ -11,7 +11,9 @@ import pytest
 
 from heal_support import JOB, metric_value, start_run, taken
 from toy_launch import baseline_sha, final_sha
+from trainwarden.backends.restart_stages import MARKS, read_journal
 from trainwarden.control import control_path, read_control
+from trainwarden.daemon.run_cli import STAGES_FILE
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -67,6 +69,23 @@ def test_crashed_rank_is_restarted_and_the_job_completes(tmp_path: Path) -> None
     assert len(restarts) == 1
     assert restarts[0].rule in {"process_exit", "process_gone"}
     assert restarts[0].result == "applied"
+
+
+def test_a_torchrun_crash_is_restarted_once_and_measured_stage_by_stage(tmp_path: Path) -> None:
+    """A rank crashing under torchrun is seen at once (process_gone, not the launcher's exit), restarted once,
+    and the restart's stages are journaled in order from the fault to the first new step."""
+    toy = _toy(
+        tmp_path, 50, "--crash-at-step", "20", "--fault-rank", "1", "--fault-once", str(tmp_path / "f")
+    )
+    run = start_run(tmp_path, toy)
+    assert run.proc.wait() == 0, run.proc.output()
+    restarts = taken(run.journal(), "checkpoint_restart")
+    assert [(r.rule, r.result) for r in restarts] == [("process_gone", "applied")]
+    [line] = read_journal(run.state / STAGES_FILE)
+    assert line["cause"] == "process_gone"
+    assert list(line["marks"]) == list(MARKS)  # every stage reported, in restart order
+    assert line["first_step_after"] <= 20
+    assert line["steps_repeated"] >= 0
 
 
 def test_nan_restarts_from_the_last_valid_checkpoint_and_skips_the_bad_batch(tmp_path: Path) -> None:
