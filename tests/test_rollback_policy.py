@@ -113,7 +113,7 @@ def test_rollback_that_did_not_heal_escalates_to_one_restart(rig: Rig) -> None:
     rig.ranks(capable=True)
     rig.steps((9.0, 44))
     rig.policy.tick(11.0, [nan(10.0)])
-    rig.steps((11.5, 45), (12.0, 39), (12.5, 40), (13.0, 41))  # rolled back to 39, replaying
+    rig.steps((11.5, 45), (12.0, 41), (12.5, 42), (13.0, 43))  # back to 40, batch 40 skipped
     outcomes = rig.policy.tick(14.0, [nan(13.5)])
     assert [(o.healer, o.result) for o in outcomes] == [("checkpoint_restart", "applied")]
     assert "escalating: nonfinite persisted" in rig.restart.calls[0].reason
@@ -128,16 +128,17 @@ def test_rollback_that_healed_gets_no_second_action(rig: Rig) -> None:
     rig.ranks(capable=True)
     rig.steps((9.0, 44))
     rig.policy.tick(11.0, [nan(10.0)])
-    rig.steps((12.0, 39), (13.0, 45))
+    rig.steps((12.0, 41), (13.0, 45))
     assert rig.policy.tick(20.0, [nan(10.0)]) == []
     assert rig.taken() == [("rollback", "applied")]
 
 
 def test_rollback_not_yet_seen_waits_instead_of_restarting(rig: Rig) -> None:
     """Until the job's steps go back, a NaN observed after the request belongs to it (the job has not reached
-    its boundary yet), so no restart is stacked on the rollback."""
+    its boundary yet), so no restart is stacked on the rollback; steps going back before the bad step
+    (an earlier resume) are not taken for it."""
     rig.ranks(capable=True)
-    rig.steps((9.0, 44))
+    rig.steps((5.0, 30), (6.0, 20), (9.0, 44))
     rig.policy.tick(11.0, [nan(10.0)])
     assert rig.policy.tick(11.5, [nan(11.4)]) == []
     assert rig.policy.tick(30.0, [nan(29.0)]) == []

@@ -220,9 +220,12 @@ class Snapshotter:
     def _new_request(self) -> Any:
         if self._reporter is None:
             return None
-        request = self._reporter.poll_control().rollback_request
+        control = self._reporter.poll_control()
+        request = control.rollback_request
         if request is None or request.id in self._handled:
             return None
+        if control.should_skip(request.step):
+            return None  # a restart since skips that batch: a request left in the file is done
         return request
 
     def _agree(self, requested: int | None) -> tuple[int | None, int | None]:

@@ -8,7 +8,7 @@ control file; the ranks agree at their next boundary, restore the snapshot and s
 without a process restart. The policy skips this rung for a job that cannot roll back
 (`can_act`), so its next rung (checkpoint-restart) acts at once.
 
-It took effect when the job's step records go back (a step below the bad step after a higher one);
+It took effect when the job's step records go back (a lower step after one at or past the bad step);
 a non-finite value seen after that is evidence that the rollback did not heal, and the policy
 climbs to the next rung. Idempotent: the same action key is written once; a dry run reads only::
 
@@ -127,7 +127,8 @@ class RollbackHealer(Healer):
             for point in points:
                 if point.timestamp < since:
                     continue
-                if point.value < highest and point.value <= first:
+                # back below a step reached at or after the bad one (the bad batch itself is skipped)
+                if point.value < highest and highest >= first:
                     back.append(point.timestamp)
                     break
                 highest = max(highest, point.value)
