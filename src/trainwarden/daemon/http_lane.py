@@ -85,10 +85,10 @@ class ScrapeLane:
                 return False
             self._held += 1
         writer = connection.writer
-        transport.pause_reading()
-        await asyncio.sleep(0)  # a read the selector already queued in this turn lands in the reader
-        connection.reader.feed_eof()
         try:
+            transport.pause_reading()
+            await asyncio.sleep(0)  # a read the selector already queued in this turn lands in the reader
+            connection.reader.feed_eof()
             # What this transport still buffers of the answer would be lost with it: flush it all.
             transport.set_write_buffer_limits(high=0)
             async with asyncio.timeout(self._write_seconds):
@@ -101,6 +101,10 @@ class ScrapeLane:
             writer.transport.abort()
             self._finished()
             return True
+        except asyncio.CancelledError:  # the server is stopping: the connection stays the main loop's
+            with self._lock:
+                self._held -= 1
+            raise
         writer.transport.abort()  # closes this loop's descriptor only; the duplicate keeps the connection
         self._submit(self._serve(connection, duplicate, unread))
         return True
