@@ -109,3 +109,47 @@ def pieces(stream: bytes, cuts: list[int]) -> list[bytes]:
     offsets = sorted({c for c in cuts if c < len(stream)})
     edges = [0, *offsets, len(stream)]
     return [stream[a:b] for a, b in itertools.pairwise(edges) if b > a]
+
+
+def test_hostile_streams_after_a_scrape_are_answered_on_the_lane_and_counted() -> None:
+    """After a first scrape moves a connection to the scrape lane, random hostile bytes on it are
+    answered or closed there: well-framed answers only, each counted, never a traceback."""
+    scrape = b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n"
+    with serve(LIMITS) as served, trapped_logs() as logs:
+        served.gate.set()
+
+        @settings(
+            derandomize=True,
+            max_examples=max(1, EXAMPLES // 3),
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
+        @given(stream=STREAMS, cuts=st.lists(st.integers(1, 300), max_size=3))
+        def check(stream: bytes, cuts: list[int]) -> None:
+            before = served.total()
+            with served.connect() as sock:
+                sock.sendall(scrape)
+                first = b""
+                while statuses(first) != [200]:
+                    chunk = sock.recv(65536)
+                    assert chunk, first[:300]
+                    first += chunk
+                lane = served.server._lane
+                assert lane is not None
+                wait_until(lambda: lane.held == 1, 10, "the connection on the scrape lane")
+                for piece in pieces(stream, cuts):
+                    try:
+                        sock.sendall(piece)
+                    except OSError:
+                        break
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_WR)
+                answer = read_all(sock)
+            wait_until(served.idle, 10, "the server to finish the connection")
+            codes = statuses(answer)
+            assert codes is not None, answer[:300]
+            assert served.total() - before == 1 + len(codes), (codes, served.counts())
+
+        check()
+        assert logs.tracebacks() == []
+        assert logs.above_debug() == []
