@@ -75,19 +75,26 @@ def test_nan_under_trainwarden_run_is_rolled_back_without_a_restart(tmp_path: Pa
 
 @pytest.mark.timeout(600)
 def test_rollback_that_does_not_heal_escalates_to_one_checkpoint_restart(tmp_path: Path) -> None:
-    """Four poisoned batches in a row outlast the job's own rollbacks (three in a row at most), so the NaN
-    goes on after the rollback took effect: the daemon escalates to exactly one checkpoint restart, the
-    restarted job skips the rest, and the run ends finite and bit-identical to one that skipped all four."""
-    steps, first = 120, 60
-    bad = tuple(range(first, first + 4))
+    """Twenty poisoned batches in a row outlast the job's own rollbacks (three in a row at most), so the NaN
+    goes on after the rollback took effect: the daemon escalates to exactly one checkpoint restart, which
+    skips the bad range (`skip_batches_after`), and the run ends finite and bit-identical to one that
+    skipped those batches."""
+    steps, first, count = 120, 60, 20
+    bad = tuple(range(first, first + count))
     data = make_data(tmp_path, steps, dict.fromkeys(bad, ("nan", 1)))
     reference(tmp_path / "reference", data, steps, skip=bad)
     out = tmp_path / "out"
-    args = ["--rollback-every", "5", "--step-sleep", "0.05"]
-    run = supervised(tmp_path, trainer_args(data, steps, *args, ckpt=tmp_path / "ckpt", out=out))
+    # checkpoints at 59 and 119 only: a finite one inside the bad range would (rightly) refuse the restart
+    args = ["--rollback-every", "5", "--step-sleep", "0.05", "--ckpt-every", "60"]
+    skip_range = f"\n[healers.checkpoint_restart]\nskip_batches_after = {count - 1}\n"
+    run = supervised(
+        tmp_path, trainer_args(data, steps, *args, ckpt=tmp_path / "ckpt", out=out), extra_config=skip_range
+    )
     assert run.proc.wait(500) == 0, run.proc.output()
     journal = run.journal()
-    summary = [(e.rule, e.healer, e.decision, e.result) for e in journal]
+    summary = [(e.rule, e.healer, e.decision, e.result, e.reason[:80]) for e in journal]
     assert len(taken(journal, "rollback")) == 1, summary
-    assert len(taken(journal, "checkpoint_restart")) == 1, summary
+    restarts = taken(journal, "checkpoint_restart")
+    assert len(restarts) == 1, summary
+    assert "escalating: nonfinite persisted" in restarts[0].reason
     assert_same_parameters(out, tmp_path / "reference" / "out")
