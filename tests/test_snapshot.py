@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from trainwarden import protocol
 from trainwarden.client.clipping import AdaptiveClipper
 from trainwarden.client.reporter import Reporter
 from trainwarden.client.snapshot import Snapshotter
@@ -124,6 +125,32 @@ def test_unknown_capability_is_refused_at_construction(tmp_path: Path) -> None:
     """A misspelt capability is a programming error, raised at once rather than silently not advertised."""
     with pytest.raises(ValueError, match="rolback"):
         Reporter(job="job", socket_path=tmp_path / "none.sock", capabilities=("rolback",), stack_dump=False)
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "expected"),
+    [(None, ()), (["rollback"], ("rollback",)), (["rollback", "teleport", "rollback"], ("rollback",))],
+)
+def test_hello_capabilities_are_parsed_and_unknown_names_ignored(
+    capabilities: list[str] | None, expected: tuple[str, ...]
+) -> None:
+    """A hello's capabilities are parsed; names a newer client knows and this daemon does not are ignored."""
+    hello: dict[str, object] = {"type": "hello", "v": 1, "job": "j", "rank": 0, "local_rank": 0,
+                                "world_size": 1, "pid": 1, "restart_count": 0}  # fmt: skip
+    if capabilities is not None:
+        hello["capabilities"] = capabilities
+    record = protocol.parse(json.dumps(hello).encode())
+    assert isinstance(record, protocol.Hello)
+    assert record.capabilities == expected
+
+
+@pytest.mark.parametrize("bad", ["rollback", [1], [""], ["x"] * 17])
+def test_malformed_capabilities_reject_the_hello_by_field(bad: object) -> None:
+    """A capabilities field of the wrong shape is a bad record naming `hello.capabilities`."""
+    hello = {"type": "hello", "v": 1, "job": "j", "rank": 0, "local_rank": 0, "world_size": 1, "pid": 1,
+             "restart_count": 0, "capabilities": bad}  # fmt: skip
+    with pytest.raises(protocol.RecordError, match=r"hello\.capabilities"):
+        protocol.parse(json.dumps(hello).encode())
 
 
 class FakeControl:
