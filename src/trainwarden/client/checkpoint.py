@@ -15,8 +15,12 @@ candidate (manifest format, self-checksum, every file's size and digest); all ra
 with DCP and agree that it worked, or fall back together to the previous one.
 
 Every rank must construct the manager (it creates a gloo process group for checkpoint traffic, so
-an asynchronous save never interleaves with the training's collectives) and call `save` and
-`load_latest` at the same step.
+an asynchronous save never interleaves with the training's collectives) the same way and call
+`save` and `load_latest` at the same step.
+
+With ``local_dir`` a second, node-local tier is written more often (`checkpoint_local`); `save`
+decides per call which tier is due, and `load_latest` takes the newest step every rank can load
+from either tier.
 
 The parts live beside this module, one job each: `checkpoint_state` (state helpers,
 `ModelOptimizerState`), `checkpoint_group` (the gloo group), `checkpoint_store` (one directory:
