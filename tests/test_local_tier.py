@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from support import free_port
-from toy_launch import REPO, Proc, toy_env
+from toy_launch import REPO, Proc, torchrun_command, toy_env
 
 pytestmark = pytest.mark.slow
 
@@ -142,3 +142,13 @@ def test_a_rank_without_its_local_copy_makes_every_rank_use_the_durable_tier(
     resumed, digest = _finish(root, toy_env(tmp_path))
     assert resumed == [(NEWEST_DURABLE, "durable")] * 2
     assert digest == baseline
+
+
+def test_fsdp2_sharded_state_round_trips_through_the_local_tier(tmp_path: Path) -> None:
+    """Two FSDP2 ranks save their DTensor shards to the local tier alone; a freshly sharded model on
+    each rank loads them back from the local tier with the full parameters equal to those saved."""
+    check = REPO / "tests" / "local_tier_fsdp_check.py"
+    run = Proc(torchrun_command([str(check), str(tmp_path)]), toy_env(tmp_path))
+    assert run.wait() == 0, run.output()
+    lines = sorted(line for line in run.lines if line.startswith("RANK "))
+    assert lines == ["RANK 0 0 local True", "RANK 1 0 local True"], run.output()
