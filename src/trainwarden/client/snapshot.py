@@ -29,11 +29,11 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import random
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from trainwarden.client import rng
 from trainwarden.control import ControlState
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class Snapshotter:
         for name, target in self._state.items():
             # a copy: an optimizer adopts the tensors it is given, and would change the snapshot
             target.load_state_dict(copy.deepcopy(snapshot.states[name]))
-        rng.restore(snapshot.rng)
+        _restore_rng(snapshot.rng)
         self._snapshots = usable
         self._skipped.add(first_bad)
         self._in_a_row += 1
@@ -215,7 +215,7 @@ class Snapshotter:
 
     def _take(self, next_step: int) -> Snapshot:
         states = {name: _host_copy(target.state_dict()) for name, target in self._state.items()}
-        return Snapshot(next_step, states, rng.capture())
+        return Snapshot(next_step, states, _capture_rng())
 
     def _new_request(self) -> Any:
         if self._reporter is None:
@@ -266,6 +266,32 @@ def _nonfinite(loss: Any, grad_norm: Any) -> Any:
     if not flags:
         return False
     return flags[0] if len(flags) == 1 else flags[0] | flags[1]
+
+
+def _capture_rng() -> dict[str, Any]:
+    """Every generator's state as it is (not JSON like a checkpoint's `client.rng`: 4x cheaper)."""
+    import numpy as np  # noqa: PLC0415 - a dependency of torch's CPU wheels here, imported lazily
+    import torch  # noqa: PLC0415
+
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),  # noqa: NPY002 - the legacy global generator user code draws from
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002 - see _capture_rng
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _host_copy(value: Any) -> Any:
