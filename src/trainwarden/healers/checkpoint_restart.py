@@ -11,7 +11,8 @@ Three paths, picked by the rule behind the action:
   the job's newest reported checkpoint is at or after that step: it may hold the bad state;
 - a hung or vanished job (stall, collective_stuck, process_gone, process_exit): no request can be
   answered; capture every rank's stacks (`trainwarden.stacks`) and trigger NCCL's flight recorder
-  where configured, then kill and restart.
+  where configured, then kill and restart. After a crash (process_gone, process_exit) no stacks are
+  taken: the dead rank has none and its peers are killed at once, not waited for.
 
 Backends (`backend = ...`): `supervise` (the `trainwarden run` child, lent by the daemon),
 `torchrun`, `systemd` (`systemd_unit`), `slurm` (`slurm_job_id` or a job named `slurm-<id>`),
@@ -53,6 +54,7 @@ LAST_CHECKPOINT_STEP = "trainwarden_train_last_checkpoint_step"
 # restart_unanswered: a restarted job that never stepped again is hung (in set-up), not checkpointable
 HANG_RULES = ("stall", "collective_stuck", "process_gone", "process_exit", "restart_unanswered")
 SKIP_RULES = ("nonfinite",)
+CRASH_RULES = ("process_gone", "process_exit")  # restarted at once: no stacks of the waiting peers
 STACKS_DIR = "stacks"
 Backend = Literal["supervise", "torchrun", "systemd", "slurm", "command"]
 
@@ -335,6 +337,12 @@ class CheckpointRestartHealer(Healer):
         if opts.flight_recorder_pipe:
             dumped = trigger_flight_recorder(opts.flight_recorder_pipe, [r.rank for r in ranks])
             data["flight_recorder"] = ", ".join(f"rank {k}: {v}" for k, v in sorted(dumped.items()))
+        if action.params.get("rule") in CRASH_RULES and opts.capture_stacks:
+            # A crash: the dead rank has no stack, and its peers only wait for it (or are already
+            # tearing down, where py-spy fails and the fallback waits the whole stack timeout).
+            # Killing them promptly is worth more than their stacks.
+            data["stacks"] = "skipped (a crash: the peers are not waited for)"
+            return data
         if not opts.capture_stacks or not ranks:
             data["stacks"] = "none" if opts.capture_stacks else "disabled"
             return data
