@@ -90,7 +90,7 @@ def rank_pid(root_pid: int, rank: int) -> int:
 def fired(state: Path) -> list[dict[str, object]]:
     path = state / "findings.jsonl"
     lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    return [r for r in map(json.loads, lines) if r["event"] == "fired"]
+    return [r for r in map(json.loads, lines) if r["event"] == "firing"]  # the engine's FindingLog word
 
 
 RULES = {
@@ -164,21 +164,26 @@ def run(root: Path, steps: int, sleep: float) -> tuple[str, str]:
     code = proc.popen.wait(600)
     wall = time.time() - started
 
-    findings = fired(root / "state")
-    steps_seen = proc.steps()
-    rows = []
-    for i, (kind, step, at) in enumerate(faults):
-        until = faults[i + 1][2] if i + 1 < len(faults) else float("inf")
-        rows.append(fault_row(kind, step, at, until, findings, steps_seen))
-    outcome = json.loads((root / "out" / "final.json").read_text()) if code == 0 else {}
     journal = subprocess.run(
         [*TRAINWARDEN, "actions", "--state-dir", str(root / "state"), "--json"],
         capture_output=True,
         text=True,
         check=False,
     ).stdout.splitlines()
-    taken = [json.loads(line) for line in journal if line.strip()]
-    taken = [e for e in taken if e.get("decision") == "taken"]
+    decisions = [json.loads(line) for line in journal if line.strip()]
+    taken = [e for e in decisions if e.get("decision") == "taken"]
+    # The rule engine logs its findings; a crash seen by the exit watcher is decided on at once and
+    # is only in the journal (its decision's time), so both count as the fault's detection.
+    findings = sorted(
+        [*fired(root / "state"), *({"rule": e["rule"], "time": e["time"]} for e in decisions)],
+        key=lambda f: float(str(f["time"])),
+    )
+    steps_seen = proc.steps()
+    rows = []
+    for i, (kind, step, at) in enumerate(faults):
+        until = faults[i + 1][2] if i + 1 < len(faults) else float("inf")
+        rows.append(fault_row(kind, step, at, until, findings, steps_seen))
+    outcome = json.loads((root / "out" / "final.json").read_text()) if code == 0 else {}
     per_fault = "\n".join(
         [
             "| fault | step | detected | back to training | steps repeated |",
