@@ -23,10 +23,8 @@ STEPS = 6
 FAULT_STEP = 3
 
 
-def rank_main(rank: int, marker_dir: Path) -> int:
+def rank_main(rank: int, *, first_run: bool) -> int:
     """One rank: start-up stages, steps, and on the first run the fault of its rank."""
-    first_run = not (marker_dir / f"rank{rank}.ran").exists()
-    (marker_dir / f"rank{rank}.ran").write_text("1", encoding="utf-8")
     reporter = Reporter.from_env(job="stages")
     reporter.startup("imported", IMPORTED_AT)
     reporter.startup("rendezvous")
@@ -34,7 +32,7 @@ def rank_main(rank: int, marker_dir: Path) -> int:
     start = FAULT_STEP - 1 if not first_run else 0  # the "checkpoint" of the resumed run
     for step in range(start, STEPS):
         if first_run and step == FAULT_STEP:
-            reporter.flush()
+            reporter.flush(timeout=30.0)  # every step record is in the daemon before the fault
             if rank == 1:
                 os._exit(1)
             print(f"BLOCKED {os.getpid()}", flush=True)
@@ -53,9 +51,12 @@ def launcher(marker_dir: Path, *, like_torchrun: bool) -> int:
     `like_torchrun`: as torchrun's agent does, once a rank failed stop the others and exit 1.
     """
     marker_dir.mkdir(parents=True, exist_ok=True)
+    marker = marker_dir / "ran"
+    first_run = not marker.exists()  # decided once for both ranks, whichever starts first
+    marker.write_text("1", encoding="utf-8")
     ranks = [
         subprocess.Popen(  # this test file itself, no shell
-            [sys.executable, __file__, str(marker_dir), "--rank", str(rank)],
+            [sys.executable, __file__, str(marker_dir), "--rank", str(rank), *(["--first-run"] * first_run)],
             env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"},
         )
         for rank in (0, 1)
@@ -73,5 +74,5 @@ def launcher(marker_dir: Path, *, like_torchrun: bool) -> int:
 
 if __name__ == "__main__":
     if "--rank" in sys.argv:
-        sys.exit(rank_main(int(sys.argv[sys.argv.index("--rank") + 1]), Path(sys.argv[1])))
+        sys.exit(rank_main(int(sys.argv[sys.argv.index("--rank") + 1]), first_run="--first-run" in sys.argv))
     sys.exit(launcher(Path(sys.argv[1]), like_torchrun="--like-torchrun" in sys.argv))

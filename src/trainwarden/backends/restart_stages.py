@@ -208,7 +208,8 @@ class RestartStages:
         with self._lock:
             timeline = self._open.get(job)
             if timeline is None:
-                self._last_step[job] = step  # the latest, not the highest: a resumed run counts down
+                # the highest of this run (ranks' records interleave); a restart's first step resets it
+                self._last_step[job] = max(step, self._last_step.get(job, step))
                 return
             if "spawned" not in timeline.marks:
                 return  # a record of the old run, read after the kill began

@@ -120,6 +120,20 @@ def exit_finding(job: str, code: int, now: float) -> Finding:
     )
 
 
+def process_started_at(pid: int) -> float | None:
+    """When `pid` was created, on the wall clock, to the kernel's tick (10 ms); None when it is gone.
+
+    psutil's `create_time` adds the tick count since boot to the boot time, which /proc/stat gives
+    in whole seconds: up to a second off the wall clock. The time since the process started
+    (CLOCK_BOOTTIME now minus its start in ticks since boot) has no such error.
+    """
+    try:
+        since_boot = psutil.Process(pid).create_time() - psutil.boot_time()  # the ticks, exactly
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - since_boot)
+
+
 class _Run:
     """One supervised run: the child, the daemon around it and the exit-handling loop."""
 
@@ -186,11 +200,8 @@ class _Run:
             if not self._descends(pid):
                 return
             self._ours[pid] = now
-            try:
-                created = psutil.Process(pid).create_time()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                return
-            if created >= self.supervisor.started_at:
+            created = process_started_at(pid)
+            if created is not None and created >= self.supervisor.started_at:
                 self.stages.mark(self.job, "process_started", created)
         elif pid not in self._ours or self.supervisor.retired(pid):
             return
