@@ -23,7 +23,7 @@ Every field is validated; a bad record raises `RecordError` whose `reason` is on
 fixed set, so the daemon can count rejections with a bounded label.
 """
 # Over 450 lines (issue 15): the whole wire contract (records, framing, parsing) in one file, so client
-# and daemon read one definition; kept whole while records are added in parallel (next split: parsing).
+# and daemon read one definition of every record (next split: parsing).
 
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ The main thread only waits for commands (stop, reload) that signal handlers enqu
 happens on the scheduler's and the HTTP server's threads. A reload with an invalid config keeps
 the running one, so a typo pushed by config management never takes monitoring down.
 """
-# Over 450 lines (issue 15): the one class that knows the whole daemon (start, reload, stop); kept whole
-# while features hook into it in parallel (next split: reload and /status apart from start/stop).
+# Over 450 lines (issue 15): the one class that knows the whole daemon (start, reload, stop); one
+# place owns the daemon's lifecycle (next split: reload and /status apart from start/stop).
 
 from __future__ import annotations
 

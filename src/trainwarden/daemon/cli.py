@@ -10,8 +10,8 @@ Examples::
     trainwarden check-config /etc/trainwarden/config.toml
     trainwarden status --url http://127.0.0.1:9871
 """
-# Over 450 lines (issue 15): one argparse tree for every subcommand; kept whole while several commands
-# change in parallel (next split: `status` and `actions` printing into their own *_cli modules).
+# Over 450 lines (issue 15): one argparse tree for every subcommand, so `--help`
+# lists them all from one place (next split: `status` and `actions` printing into their own *_cli modules).
 
 # ruff: noqa: T201 - a command line prints
 from __future__ import annotations

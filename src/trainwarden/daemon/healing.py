@@ -121,7 +121,7 @@ class Healing:
         self._firing: set[str] = set()
         self._lock = threading.Lock()
         self._severities_seen: set[tuple[str, str]] = set()
-        self.restarts = RestartWatch()  # every applied restart must be answered by a step (H4b)
+        self.restarts = RestartWatch()  # every applied restart must be answered by a step
         # Told of every outcome after its healer ran, with the decision time (goodput accounting).
         self.outcome_listeners: list[Callable[[Outcome, float], None]] = []
 

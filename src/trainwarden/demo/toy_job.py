@@ -31,7 +31,7 @@ FILE` appends one JSON line per step (rank 0), resume, skip and fault, with wall
 the demo's summary and bench/healing.py.
 """
 # Over 450 lines (issue 15): the demo's training script, meant to be read top to bottom as one file by a
-# newcomer; kept whole while the demo changes in parallel.
+# newcomer learning the client from it.
 
 # The data augmentation draws from NumPy's legacy global generator on purpose: exact resume must restore it.
 # Its augmentation is not crypto (S311).
