@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from training_series import TrainingFeed, steady
+from trainwarden import policy_config as policy_config_module
 from trainwarden.config import ConfigError, load_config_text
 from trainwarden.control import ControlState, control_path, read_control, write_control
 from trainwarden.daemon.exporter import make_registry
 from trainwarden.healers import healer_classes
-from trainwarden.healers import policy_config as policy_config_module
 from trainwarden.healers.base import Action, ActionOutcome, ActionResult, Healer, HealerContext
 from trainwarden.healers.clip import ClipHealer, ClipOptions
 from trainwarden.healers.policy import Policy, classify, validate_healer_names
