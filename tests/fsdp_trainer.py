@@ -18,7 +18,6 @@ Output on stdout (rank 0): ``RESUMED <step>``, ``SKIP <step>``, ``SAVED <step>``
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import signal
@@ -33,6 +32,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
+from trainer_output import say, state_digest
 from trainwarden.client.checkpoint import CheckpointManager, ModelOptimizerState
 from trainwarden.client.clipping import AdaptiveClipper
 from trainwarden.client.distributed import init_process_group
@@ -72,19 +72,7 @@ def digest(model: nn.Module) -> tuple[str, bool]:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return "", True
-    sha = hashlib.sha256()
-    finite = True
-    for name, tensor in sorted(full.items()):
-        sha.update(name.encode())
-        sha.update(tensor.detach().contiguous().numpy().tobytes())
-        finite = finite and bool(torch.isfinite(tensor).all())
-    return sha.hexdigest(), finite
-
-
-def say(line: str) -> None:
-    """One protocol line in one write, so two ranks sharing torchrun's pipe never interleave within it."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    return state_digest(full)
 
 
 def main() -> int:  # noqa: C901 - a training loop, read top to bottom

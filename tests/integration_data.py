@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from trainer_output import say, state_digest
 
 EPOCH = 25
 """Batches per epoch in the integration jobs (runs span several epochs, so resumes cross one)."""
@@ -26,21 +26,7 @@ def write_data(path: Path, batches: int, world: int = 2, seed: int = 0) -> Path:
 
 def digest(model: Any) -> tuple[str, bool]:
     """sha256 of every parameter's bytes in name order, and whether all are finite."""
-    import torch  # noqa: PLC0415 - the jobs import torch anyway; the tests that only read results do not
-
-    sha = hashlib.sha256()
-    finite = True
-    for name, tensor in sorted(model.state_dict().items()):
-        sha.update(name.encode())
-        sha.update(tensor.detach().contiguous().cpu().numpy().tobytes())
-        finite = finite and bool(torch.isfinite(tensor).all())
-    return sha.hexdigest(), finite
-
-
-def say(line: str) -> None:
-    """One protocol line in one write, so two ranks sharing torchrun's pipe never interleave within it."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    return state_digest(model.state_dict())
 
 
 def write_final(out: Path | None, sha: str, finite: bool, exit_status: int) -> None:

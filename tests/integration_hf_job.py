@@ -27,7 +27,8 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from integration_data import digest, say, write_final
+from integration_data import digest, write_final
+from trainer_output import say
 from trainwarden.integrations.transformers import TrainwardenCallback
 
 

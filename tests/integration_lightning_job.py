@@ -29,7 +29,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
-from integration_data import EPOCH, digest, say, write_final
+from integration_data import EPOCH, digest, write_final
+from trainer_output import say
 from trainwarden.integrations.lightning import TrainwardenCallback
 
 

@@ -27,7 +27,6 @@ batches); without it too, `--out` gets ``final.pt``, so a rollback is judged aga
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -41,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer_output import say, state_digest
 from trainwarden.client.checkpoint import CheckpointManager, ModelOptimizerState
 from trainwarden.client.clipping import AdaptiveClipper
 from trainwarden.client.distributed import init_process_group
@@ -107,19 +107,7 @@ def schedule(kind: str, steps: int, warmup: int):
 
 def digest(model: nn.Module) -> tuple[str, bool]:
     """sha256 of every parameter's bytes, and whether all are finite."""
-    sha = hashlib.sha256()
-    finite = True
-    for name, tensor in sorted(model.state_dict().items()):
-        sha.update(name.encode())
-        sha.update(tensor.detach().contiguous().numpy().tobytes())
-        finite = finite and bool(torch.isfinite(tensor).all())
-    return sha.hexdigest(), finite
-
-
-def say(line: str) -> None:
-    """One protocol line in one write, so two ranks sharing torchrun's pipe never interleave within it."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    return state_digest(model.state_dict())
 
 
 def main() -> int:  # noqa: C901 - a training loop, read top to bottom
