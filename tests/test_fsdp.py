@@ -133,7 +133,9 @@ def test_daemons_checkpoint_request_is_answered_with_a_sharded_checkpoint(tmp_pa
     saved = int(run.proc.wait_for(r"^SAVED (\d+)$", 300).group(1))
     assert saved >= spike
     resumed = int(run.proc.wait_for(r"^RESUMED (\d+)$", 300).group(1))
-    assert resumed == saved
+    # The job resumes from the newest checkpoint: the requested one, or a periodic one (every 10 steps) that
+    # a loaded machine let it write before the restart landed.
+    assert resumed == saved or (resumed > saved and (resumed + 1) % 10 == 0), (saved, resumed)
     assert run.proc.wait(400) == 0, run.proc.output()
     actions = taken(run.journal(), "checkpoint_restart", "spike")
     assert len(actions) == 1, actions
