@@ -9,16 +9,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
 import yaml
 
@@ -141,128 +138,14 @@ def webhook_config(
 # --- a two-node Slurm: one slurmctld, a slurmd for each node name --------------------------------
 
 
-def start_two_node_slurm(nodes: dict[str, str], timeout: float = 60.0) -> Any:
-    """munged, slurmctld and one slurmd per {node name: loopback address}; returns a SlurmCluster.
-
-    The cluster's `node` is the first name; `scontrol` reaches either through `cluster.env`.
-    """
-
-    reason = slurm_cluster.skip_reason()
-    if reason:
-        pytest.skip(reason)
-    root = Path(tempfile.mkdtemp(prefix="tw-slurm2-"))
-    root.chmod(0o755)
-    for sub in ("state", "spool", "log", "run", "munge"):
-        (root / sub).mkdir(mode=0o755)
-    (root / "key").mkdir(mode=0o700)
-    slurm_cluster._write_private(root / "key" / "munge.key", os.urandom(1024), 0o400)
-    munge_socket = root / "munge" / "munge.sock"
-    first = next(iter(nodes))
-    text = slurm_cluster.SLURM_CONF.format(
-        host=socket.gethostname().split(".")[0],  # slurmctld runs only where SlurmctldHost names
-        ctld_port=free_port(),
-        slurmd_port=free_port(),
-        munge_socket=munge_socket,
-        root=root,
-        cpus=1,
-    )
-    lines = [line for line in text.splitlines() if not line.startswith(("NodeName=", "PartitionName="))]
-    lines = [
-        line.replace(
-            "SlurmdPidFile=" + str(root / "run" / "slurmd.pid"), f"SlurmdPidFile={root}/run/slurmd-%n.pid"
-        )
-        .replace(
-            "SlurmdLogFile=" + str(root / "log" / "slurmd.log"), f"SlurmdLogFile={root}/log/slurmd-%n.log"
-        )
-        .replace("SlurmdSpoolDir=" + str(root / "spool"), f"SlurmdSpoolDir={root}/spool/%n")
-        for line in lines
-    ]
-    lines.extend(
-        f"NodeName={name} NodeAddr={address} NodeHostname={name} Port={free_port()} CPUs=1 RealMemory=256"
-        " State=UNKNOWN"
-        for name, address in nodes.items()
-    )
-    lines.append(f"PartitionName=debug Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP")
-    conf = root / "slurm.conf"
-    conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    for name in nodes:
-        (root / "spool" / name).mkdir(mode=0o755)
-    env = {**os.environ, "SLURM_CONF": str(conf), slurm_cluster.MARKER: str(root)}
-    env["PATH"] = ":".join([env.get("PATH", ""), *slurm_cluster.SBIN])
-    cluster = slurm_cluster.SlurmCluster(root, first, conf, env)
-
-    def spawn(name: str, argv: list[str]) -> None:
-        with (root / "log" / f"{name}.stderr").open("wb") as log:
-            cluster.processes[name] = subprocess.Popen(
-                argv,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-
-    which = slurm_cluster._which
-    try:
-        spawn(
-            "munged",
-            [
-                str(which("munged")),
-                "--foreground",
-                f"--socket={munge_socket}",
-                f"--key-file={root / 'key' / 'munge.key'}",
-                f"--pid-file={root / 'run' / 'munged.pid'}",
-                f"--log-file={root / 'log' / 'munged.log'}",
-                f"--seed-file={root / 'run' / 'munged.seed'}",
-            ],
-        )
-        cluster.wait_for("munge socket", munge_socket.exists, 10.0)
-        spawn("slurmctld", [str(which("slurmctld")), "-D", "-i", "-f", str(conf)])
-        cluster.wait_for(
-            "slurmctld answering", lambda: cluster.run("scontrol", "ping").returncode == 0, timeout
-        )
-        for name in nodes:
-            spawn(f"slurmd-{name}", [str(which("slurmd")), "-D", "-N", name, "-f", str(conf)])
-        for name in nodes:
-            cluster.wait_for(f"node {name} IDLE", lambda n=name: node_state(cluster, n) == "IDLE", timeout)
-    except BaseException:
-        print(cluster.logs())
-        stop_slurm(cluster)
-        raise
-    return cluster
+def start_two_node_slurm(nodes: dict[str, str], timeout: float = 60.0) -> slurm_cluster.SlurmCluster:
+    """munged, slurmctld and one slurmd per {node name: loopback address}; `node` is the first name."""
+    return slurm_cluster.start_slurm_cluster(timeout, nodes=nodes)
 
 
-def node_state(cluster: Any, node: str) -> str:
-    """`State=` of one node."""
-    return node_field(cluster, node, "State")
-
-
-def node_field(cluster: Any, node: str, key: str) -> str:
-    """One field of `scontrol show node -o NODE` (Reason runs to the end of the line)."""
-    line = cluster.scontrol("show", "node", "-o", node).strip()
-    marker = f" {key}="
-    start = line.find(marker)
-    if start < 0:
-        return ""
-    rest = line[start + len(marker) :]
-    return rest.strip() if key == "Reason" else rest.split(" ", 1)[0]
-
-
-def stop_slurm(cluster: Any) -> None:
-    """Stop every daemon of the cluster (slurmd ones included) and sweep what it started."""
-
-    for name, proc in sorted(cluster.processes.items(), key=lambda kv: kv[0] != "slurmctld", reverse=True):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        del name
-    for pid in slurm_cluster.marked_pids(str(cluster.root)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
+def stop_slurm(cluster: slurm_cluster.SlurmCluster) -> None:
+    """Stop every daemon of the cluster and sweep what it started, then remove its directory."""
+    cluster.stop()
     shutil.rmtree(cluster.root, ignore_errors=True)
 
 

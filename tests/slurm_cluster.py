@@ -18,7 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,11 +63,11 @@ AuthType=auth/munge
 AuthInfo=socket={munge_socket}
 CredType=cred/munge
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/run/slurmctld.pid
-SlurmdPidFile={root}/run/slurmd.pid
+SlurmdPidFile={root}/run/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 MailProg=/bin/true
@@ -82,9 +82,12 @@ MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/backfill
 MinJobAge=300
-NodeName={host} NodeAddr=127.0.0.1 NodeHostname={host} CPUs={cpus} RealMemory=256 State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
+NODE_LINE = (
+    "NodeName={name} NodeAddr={address} NodeHostname={name} Port={port} CPUs={cpus}"
+    " RealMemory=256 State=UNKNOWN"
+)
+PARTITION_LINE = "PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP"
 
 
 @dataclass
@@ -119,13 +122,13 @@ class SlurmCluster:
         """`scontrol ARGS` output."""
         return self.run("scontrol", *args, check=check).stdout
 
-    def node_line(self) -> str:
-        """`scontrol show node -o NODE`."""
-        return self.scontrol("show", "node", "-o", self.node).strip()
+    def node_line(self, node: str | None = None) -> str:
+        """`scontrol show node -o NODE` (this cluster's first node by default)."""
+        return self.scontrol("show", "node", "-o", node or self.node).strip()
 
-    def node_field(self, key: str) -> str:
-        """One field of the node record (Reason keeps its `[user@time]` stamp)."""
-        line = self.node_line()
+    def node_field(self, key: str, node: str | None = None) -> str:
+        """One field of a node's record (Reason keeps its `[user@time]` stamp and runs to the line's end)."""
+        line = self.node_line(node)
         marker = f" {key}="
         start = line.find(marker)
         if start < 0:
@@ -150,9 +153,10 @@ class SlurmCluster:
             time.sleep(0.2)
         raise AssertionError(f"timed out after {timeout} s waiting for {predicate}\n{self.logs()}")
 
-    def wait_idle(self, timeout: float = 30.0) -> None:
-        """Wait until the node is IDLE and responding (no flags)."""
-        self.wait_for(f"node {self.node} IDLE", lambda: self.node_field("State") == "IDLE", timeout)
+    def wait_idle(self, timeout: float = 30.0, node: str | None = None) -> None:
+        """Wait until a node (the first by default) is IDLE and responding (no flags)."""
+        name = node or self.node
+        self.wait_for(f"node {name} IDLE", lambda: self.node_field("State", name) == "IDLE", timeout)
 
     def reset(self) -> None:
         """Cancel every job and resume the node, so each test starts from an idle node."""
@@ -207,7 +211,8 @@ class SlurmCluster:
                     and self.run("squeue", "-h", check=False, timeout=10).stdout.strip()
                 ):
                     time.sleep(0.2)
-        for name in ("slurmd", "slurmctld", "munged"):
+        slurmds = sorted(name for name in self.processes if name.startswith("slurmd-"))
+        for name in (*slurmds, "slurmctld", "munged"):
             proc = self.processes.get(name)
             if proc is None or proc.poll() is not None:
                 continue
@@ -244,8 +249,25 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
         handle.write(data)
 
 
-def start_slurm_cluster(timeout: float = 40.0) -> SlurmCluster:
-    """Start munged, slurmctld and slurmd under a fresh temp dir and wait for an idle node."""
+def slurm_conf(root: Path, host: str, nodes: Mapping[str, str], cpus: int, munge_socket: Path) -> str:
+    """slurm.conf: slurmctld on `host`, one slurmd per {node name: address}, each on a port of its own."""
+    lines = SLURM_CONF.format(
+        host=host, ctld_port=free_port(), slurmd_port=free_port(), munge_socket=munge_socket, root=root
+    ).splitlines()
+    lines.extend(
+        NODE_LINE.format(name=name, address=address, port=free_port(), cpus=cpus)
+        for name, address in nodes.items()
+    )
+    lines.append(PARTITION_LINE.format(names=",".join(nodes)))
+    return "\n".join(lines) + "\n"
+
+
+def start_slurm_cluster(timeout: float = 40.0, nodes: Mapping[str, str] | None = None) -> SlurmCluster:
+    """Start munged, slurmctld and a slurmd per node under a fresh temp dir; wait until every node is idle.
+
+    Without `nodes`, one node named after this host on 127.0.0.1 with every CPU; with {name: loopback
+    address}, one slurmd each (1 CPU), and the cluster's `node` is the first name.
+    """
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
@@ -256,34 +278,28 @@ def start_slurm_cluster(timeout: float = 40.0) -> SlurmCluster:
         (root / sub).mkdir(mode=0o755)
     (root / "key").mkdir(mode=0o700)
     _write_private(root / "key" / "munge.key", os.urandom(1024), 0o400)
-    node = socket.gethostname().split(".")[0]
+    host = socket.gethostname().split(".")[0]  # slurmctld runs only where SlurmctldHost names
+    cpus = (os.cpu_count() or 1) if nodes is None else 1
+    nodes = {host: "127.0.0.1"} if nodes is None else dict(nodes)
+    for name in nodes:
+        (root / "spool" / name).mkdir(mode=0o755)
     conf = root / "slurm.conf"
     munge_socket = root / "munge" / "munge.sock"
-    conf.write_text(
-        SLURM_CONF.format(
-            host=node,
-            ctld_port=free_port(),
-            slurmd_port=free_port(),
-            munge_socket=munge_socket,
-            root=root,
-            cpus=os.cpu_count() or 1,
-        )
-    )
+    conf.write_text(slurm_conf(root, host, nodes, cpus, munge_socket), encoding="utf-8")
     env = {**os.environ, "SLURM_CONF": str(conf), MARKER: str(root)}
     env["PATH"] = ":".join([env.get("PATH", ""), *SBIN])
-    cluster = SlurmCluster(root, node, conf, env)
+    cluster = SlurmCluster(root, next(iter(nodes)), conf, env)
 
     def spawn(name: str, argv: list[str]) -> None:
-        log = (root / "log" / f"{name}.stderr").open("wb")
-        cluster.processes[name] = subprocess.Popen(
-            argv,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
+        with (root / "log" / f"{name}.stderr").open("wb") as log:
+            cluster.processes[name] = subprocess.Popen(
+                argv,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     try:
         spawn(
@@ -303,8 +319,10 @@ def start_slurm_cluster(timeout: float = 40.0) -> SlurmCluster:
         cluster.wait_for(
             "slurmctld answering", lambda: cluster.run("scontrol", "ping").returncode == 0, timeout
         )
-        spawn("slurmd", [str(_which("slurmd")), "-D", "-N", node, "-f", str(conf)])
-        cluster.wait_idle(timeout)
+        for name in nodes:
+            spawn(f"slurmd-{name}", [str(_which("slurmd")), "-D", "-N", name, "-f", str(conf)])
+        for name in nodes:
+            cluster.wait_idle(timeout, node=name)
     except BaseException:
         logs = cluster.logs()
         cluster.stop()

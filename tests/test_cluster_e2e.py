@@ -26,7 +26,6 @@ from cluster_support import (
     alertmanager_config,
     cluster_daemon_config,
     firing,
-    node_field,
     query,
     servers_skip_reason,
     start_alertmanagers,
@@ -174,10 +173,10 @@ def test_straggler_node_is_drained_once_and_its_recovery_resolves(cluster: Clust
     try:
         (cluster.ctl / "slow-node-b").touch()
         wait_until(
-            lambda: "DRAIN" in node_field(cluster.slurm, "node-b", "State"), 240, "node-b drained in Slurm"
+            lambda: "DRAIN" in cluster.slurm.node_field("State", "node-b"), 240, "node-b drained in Slurm"
         )
-        assert node_field(cluster.slurm, "node-b", "Reason").startswith("trainwarden:")
-        assert "DRAIN" not in node_field(cluster.slurm, "node-a", "State")
+        assert cluster.slurm.node_field("Reason", "node-b").startswith("trainwarden:")
+        assert "DRAIN" not in cluster.slurm.node_field("State", "node-a")
         [drain] = cluster.taken("node-a", "straggler_node")
         assert drain.subject == "job=cluster,node=node-b"
         assert drain.result == "applied"
@@ -246,7 +245,7 @@ def test_unclustered_alertmanagers_deliver_twice_and_node_b_is_drained_once(clus
     """Two Alertmanagers that do not gossip both deliver the straggler alert; the primary drains node-b once
     and counts the second delivery as a duplicate."""
     cluster.slurm.scontrol("update", "NodeName=node-b", "State=RESUME")
-    wait_until(lambda: "DRAIN" not in node_field(cluster.slurm, "node-b", "State"), 30, "node-b resumed")
+    wait_until(lambda: "DRAIN" not in cluster.slurm.node_field("State", "node-b"), 30, "node-b resumed")
     cluster.fresh_daemons("unclustered")
     # The restarts (and the previous test's stall) leave uneven step windows for a few seconds.
     wait_until(cluster.quiet, 120, "step times even again, no straggler alert")
@@ -257,7 +256,7 @@ def test_unclustered_alertmanagers_deliver_twice_and_node_b_is_drained_once(clus
     try:
         (cluster.ctl / "slow-node-b").touch()
         wait_until(
-            lambda: "DRAIN" in node_field(cluster.slurm, "node-b", "State"), 240, "node-b drained again"
+            lambda: "DRAIN" in cluster.slurm.node_field("State", "node-b"), 240, "node-b drained again"
         )
         wait_until(
             lambda: (
