@@ -35,7 +35,6 @@ from cluster_support import (
     alertmanager_config,
     cluster_daemon_config,
     firing,
-    node_field,
     query,
     start_alertmanagers,
     start_job_on_nodes,
@@ -138,7 +137,7 @@ def run() -> dict[str, Any]:
         entry = poll(
             "drain journaled", lambda: (e := journal_entry(state_a, "straggler_node")) and e.finished and e
         )
-        poll("node-b DRAIN", lambda: "DRAIN" in node_field(slurm, "node-b", "State"))
+        poll("node-b DRAIN", lambda: "DRAIN" in slurm.node_field("State", "node-b"))
         drained = time.time()
         straggler = {
             "fault_to_pending_s": pending - t0,
