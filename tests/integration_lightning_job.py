@@ -35,35 +35,39 @@ from trainwarden.integrations.lightning import TrainwardenCallback
 
 
 class Batches:
-    """This rank's batches of one epoch, resumable mid-epoch (Lightning saves `state_dict` with the loop)."""
+    """This rank's batches of one epoch, resumable mid-epoch (Lightning saves `state_dict` with the loop).
+
+    The epoch advances when a pass starts after a complete one, never after the last yield: Lightning
+    stops at `len()` batches without exhausting the iterator, and a checkpoint saved on an epoch's
+    last batch must resume at the next epoch's first batch, as the uninterrupted run continues.
+    """
 
     def __init__(self, data: Path, rank: int) -> None:
         self.inputs = np.load(data / "inputs.npy", mmap_mode="r")
         self.labels = np.load(data / "labels.npy", mmap_mode="r")
         self.rank = rank
         self.epoch = 0
-        self.start = 0  # first batch of the epoch still to yield (after a resume)
+        self.yielded = 0  # batches of this epoch already yielded
 
     def __len__(self) -> int:
         return EPOCH
 
     def __iter__(self) -> Any:
-        start, self.start = self.start, 0
-        for i in range(start, EPOCH):
+        if self.yielded >= EPOCH:
+            self.epoch, self.yielded = self.epoch + 1, 0
+        for i in range(self.yielded, EPOCH):
             index = (self.epoch * EPOCH + i) % len(self.inputs)
             self.yielded = i + 1
             yield (
                 torch.from_numpy(np.array(self.inputs[index, self.rank])),
                 torch.from_numpy(np.array(self.labels[index, self.rank])),
             )
-        self.epoch += 1
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "yielded": getattr(self, "yielded", 0)}
+        return {"epoch": self.epoch, "yielded": self.yielded}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = state["epoch"]
-        self.start = state["yielded"]
+        self.epoch, self.yielded = state["epoch"], state["yielded"]
 
 
 class Classifier(pl.LightningModule):
