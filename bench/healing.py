@@ -7,7 +7,8 @@ rank (exit 1) and a NaN (the loss times NaN). The same faults run under:
 
 - **trainwarden**: `run_job` of this tree's last commit (`--tree`, exported like `--ref`, so
   uncommitted edits never run) with the demo's config; the node-local checkpoint tier (under
-  /dev/shm, every step, asynchronous) beside the durable one;
+  /dev/shm, every step, asynchronous) beside the durable one, and in-place rollback (the toy's
+  `--rollback-every 5`: a NaN is rolled back in the same processes, no restart);
 - **today**: `run_job` of an older tree (`--ref`, default the commit before issue 12's part 4),
   exported with `git archive` and put first on PYTHONPATH, its own toy job included;
 - **torchrun**: plain `torchrun --max-restarts N` with a tuned collective timeout (`--pg-timeout`,
@@ -21,7 +22,8 @@ Measured from outside, on the toy's own step log (rank 0's `events.jsonl`, wall 
   step); *repeated* = steps done before the fault that the run does again; *restart* = whether a
   new process group was started;
 - per run: wall time (launch to exit), productive time (each step of the final lineage counted
-  once, finite losses only, its own seconds), goodput = productive / wall, and its ratio to the
+  once, finite losses only, its own seconds; a batch skipped after a restart or a rollback is not
+  in it), goodput = productive / wall, and its ratio to the
   no-fault run's; the daemon's own goodput ratio (its /status, last read before the job ended,
   where the tree has one) beside it;
 - trainwarden's restarts stage by stage from `state_dir/restart_stages.jsonl`.
@@ -53,6 +55,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_REF = "fa41cf3"  # the tree before the pidfd exit watcher, the stage journal and the fast kill
+ROLLBACK_EVERY = 5  # trainwarden's snapshot interval: 0.67 % of the toy's step (bench/snapshot_cost.py)
 STEP_SECONDS = 0.12  # the toy's step on this machine: 0.1 s sleep + compute, for spacing faults in time
 RULES = {
     "hang": ("stall", "collective_stuck"),
@@ -82,6 +85,8 @@ def worker(args: argparse.Namespace) -> int:
     command = toy_command(root, args.steps, faults, free_port())
     if args.local_dir:
         command += ["--local-dir", args.local_dir, "--local-every", "1"]
+    if args.rollback_every:
+        command += ["--rollback-every", str(args.rollback_every)]
     goodput: dict[str, Any] = {}
     done = threading.Event()
     poller = threading.Thread(target=poll_goodput, args=(f"http://127.0.0.1:{port}", JOB, goodput, done))
@@ -173,9 +178,16 @@ class RunResult:
 
 
 def run_daemon(
-    name: str, root: Path, steps: int, faults: list[str], *, src: Path, local_tier: bool
+    name: str,
+    root: Path,
+    steps: int,
+    faults: list[str],
+    *,
+    src: Path,
+    local_tier: bool,
+    rollback_every: int = 0,
 ) -> RunResult:
-    """One `run_job` run in a worker process of the tree exported at `src` (local tier on or off)."""
+    """One `run_job` run in a worker of the tree exported at `src` (local tier, rollback: on or off)."""
     if (root / "result.json").exists():  # --keep of an earlier, interrupted bench: reuse its run
         data = json.loads((root / "result.json").read_text(encoding="utf-8"))
         return from_result(name, data, faults)
@@ -184,6 +196,8 @@ def run_daemon(
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", "--root", str(root)]
     argv += ["--steps", str(steps), "--out-json", str(root / "result.json")]
     argv += [arg for fault in faults for arg in ("--fault", fault)]
+    if rollback_every:
+        argv += ["--rollback-every", str(rollback_every)]
     env["PYTHONPATH"] = str(src)
     if local_tier:
         local = Path(
@@ -252,6 +266,12 @@ def analyse(
     for e in events:
         if e.get("event") == "step":
             last[int(e["step"])] = e
+    # a batch the final lineage skipped (after a restart or a rollback) was never productive
+    for e in events:
+        if e.get("event") == "skip":
+            last.pop(int(e["step"]), None)
+        elif e.get("event") == "rollback":
+            last.pop(int(e["skipped"]), None)
     productive = sum(float(e.get("seconds", 0.0)) for e in last.values() if finite(e.get("loss")))
     final = max(last) if last else None
     result = RunResult(
@@ -418,6 +438,7 @@ def main() -> int:
     parser.add_argument("--fault", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--out-json", help=argparse.SUPPRESS)
     parser.add_argument("--local-dir", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--rollback-every", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -431,7 +452,13 @@ def main() -> int:
         kinds_steps = 55 + 4 * 60 + 15
         per_kind = [
             run_daemon(
-                "trainwarden", tmp / "kinds-trainwarden", kinds_steps, kinds_faults, src=src, local_tier=True
+                "trainwarden",
+                tmp / "kinds-trainwarden",
+                kinds_steps,
+                kinds_faults,
+                src=src,
+                local_tier=True,
+                rollback_every=ROLLBACK_EVERY,
             ),
             run_daemon(
                 f"today ({args.ref})",
@@ -452,12 +479,28 @@ def main() -> int:
             soft = spaced((["nan", "spike"] * args.campaign_faults)[: args.campaign_faults], every, every)
             steps = every * (args.campaign_faults + 1)
             sections["campaign, mixed"] = [
-                run_daemon("trainwarden", tmp / "mixed-trainwarden", steps, mixed, src=src, local_tier=True),
+                run_daemon(
+                    "trainwarden",
+                    tmp / "mixed-trainwarden",
+                    steps,
+                    mixed,
+                    src=src,
+                    local_tier=True,
+                    rollback_every=ROLLBACK_EVERY,
+                ),
                 run_torchrun("torchrun", tmp / "mixed-torchrun", steps, mixed, args.pg_timeout, src),
                 run_torchrun("no faults", tmp / "mixed-clean", steps, [], args.pg_timeout, src),
             ]
             sections["campaign, NaN and spike only"] = [
-                run_daemon("trainwarden", tmp / "soft-trainwarden", steps, soft, src=src, local_tier=True),
+                run_daemon(
+                    "trainwarden",
+                    tmp / "soft-trainwarden",
+                    steps,
+                    soft,
+                    src=src,
+                    local_tier=True,
+                    rollback_every=ROLLBACK_EVERY,
+                ),
                 sections["campaign, mixed"][2],
             ]
     for title, runs in sections.items():

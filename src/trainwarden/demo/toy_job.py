@@ -12,14 +12,21 @@ checkpoint and ends with parameters bit-identical to an uninterrupted run (`--ou
 the control file) and it checkpoints at the next step boundary and exits with status 75.
 
 The data is synthetic and deterministic: a fixed pool of samples, reshuffled each epoch from the
-seed; each rank reads its own slice. Its position is saved with the checkpoint, and the batch
+seed; each rank reads its own slice. The batch index is the step (batch = f(seed, epoch, index)),
+as docs/CLIENT.md asks, so a checkpoint, a skip and a rollback all name batches by step. The batch
 augmentation draws from Python's, NumPy's and torch's global generators (and the model uses
 dropout) so an exact resume really depends on the RNG states being restored.
 
 A checkpoint is written only while the parameters are finite, so after a NaN the newest valid
 checkpoint is a healthy state. Batch ranges in the control file's `skip_batches` (read once at
 start: the daemon writes them before it restarts the job, and every rank then skips the same
-steps) are drawn from the data but not trained on, as PaLM did around loss spikes.
+steps) are not trained on, as PaLM did around loss spikes.
+
+With `--rollback-every N` the loop is the client's rollback loop (`Snapshotter`: a snapshot in
+host memory every N steps, the reporter advertising the capability): a non-finite loss or
+grad-norm on any rank, or the daemon's rollback request, rolls every rank back in place to the
+last good snapshot and skips the first bad batch, without a restart (rank 0 prints ``ROLLBACK
+<at> <to> <skipped>``). The skipped batches are saved with each checkpoint. Off by default.
 
 Fault injection for end-to-end tests and the demo (all off by default): `--crash-at-step`,
 `--hang-at-step`, `--nan-at-step`, `--spike-at-step` on `--fault-rank`, or any number of
@@ -65,6 +72,7 @@ from trainwarden.client.checkpoint import CheckpointManager, ModelOptimizerState
 from trainwarden.client.clipping import AdaptiveClipper
 from trainwarden.client.identity import restart_count_from_env
 from trainwarden.client.interrupt import PlannedInterrupt
+from trainwarden.client.snapshot import Snapshotter
 from trainwarden.control import ClipSettings, ControlState
 
 log = logging.getLogger("train_toy")
@@ -150,30 +158,35 @@ class EventLog:
 
 
 class SyntheticData:
-    """Deterministic batches: a fixed pool, an epoch-seeded shuffle, one slice per rank."""
+    """Deterministic batches: a fixed pool, an epoch-seeded shuffle, one slice per rank.
+
+    The batch of step s is a function of the seed and s alone (epoch s // per_epoch, index
+    s % per_epoch): nothing to restore on resume or after a rollback but the step.
+    """
 
     def __init__(self, seed: int, rank: int, world: int, batch: int) -> None:
         gen = torch.Generator().manual_seed(seed)
         self.x = torch.randn(POOL, IN_FEATURES, generator=gen)
         weights = torch.randn(IN_FEATURES, CLASSES, generator=gen)
         self.y = (self.x @ weights).argmax(dim=1)
-        self.seed, self.rank, self.world, self.batch = seed, rank, world, batch
+        self.seed, self.rank, self.world, self.batch_size = seed, rank, world, batch
         self.per_epoch = POOL // (batch * world)
-        self.epoch = 0
-        self.index = 0
-        self._order = self._shuffle()
+        self._epoch = -1
+        self._order = torch.arange(POOL)
 
-    def _shuffle(self) -> torch.Tensor:
-        return torch.randperm(POOL, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+    def _shuffled(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:  # one shuffle per epoch, not per batch
+            self._epoch = epoch
+            self._order = torch.randperm(
+                POOL, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch)
+            )
+        return self._order
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next batch of this rank."""
-        if self.index >= self.per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-            self._order = self._shuffle()
-        start = (self.index * self.world + self.rank) * self.batch
-        ids = self._order[start : start + self.batch]
-        self.index += 1
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of `step` on this rank (augmented from the global generators)."""
+        epoch, index = divmod(step, self.per_epoch)
+        start = (index * self.world + self.rank) * self.batch_size
+        ids = self._shuffled(epoch)[start : start + self.batch_size]
         x = self.x[ids].clone()
         # Augmentation from the three global generators, so resume must restore all of them.
         x += torch.randn_like(x) * 0.05
@@ -183,14 +196,10 @@ class SyntheticData:
             return x, self.y[ids].flip(0)
         return x, self.y[ids]
 
-    def state_dict(self) -> dict[str, int]:
-        """Position in the data, saved with each checkpoint."""
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position."""
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        self._order = self._shuffle()
+    def position(self, next_step: int) -> dict[str, int]:
+        """The data position before `next_step`, saved with each checkpoint (for a reader's sake)."""
+        epoch, index = divmod(next_step, self.per_epoch)
+        return {"next_batch": next_step, "epoch": epoch, "index": index}
 
 
 def build_model(seed: int) -> nn.Module:
@@ -220,12 +229,12 @@ def params_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def make_reporter(job: str) -> Any:
+def make_reporter(job: str, capabilities: tuple[str, ...] = ()) -> Any:
     """The daemon's reporter when the client module is there; an absent daemon is fine."""
     try:
         from trainwarden.client.reporter import Reporter  # noqa: PLC0415
 
-        return Reporter.from_env(job=job)
+        return Reporter.from_env(job=job, capabilities=capabilities)
     except Exception as exc:  # training goes on without a daemon
         log.warning("reporting disabled: %s", exc)
         return None
@@ -273,6 +282,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="timeout of the gloo process group's collectives (default: torch's, 30 min for gloo)",
     )
     p.add_argument("--ckpt-write-delay", type=float, default=0.0, help="pause inside each checkpoint write")
+    p.add_argument(
+        "--rollback-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="in-place rollback: a snapshot every N steps (0: off, a NaN takes a restart)",
+    )
     return p.parse_args(argv)
 
 
@@ -355,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
     clipper = None
     if args.clip != "none":
         clipper = AdaptiveClipper(model.parameters(), ClipSettings(warmup_steps=10), mode=args.clip)
-    reporter = make_reporter(args.job)
+    reporter = make_reporter(args.job, Snapshotter.CAPABILITIES if args.rollback_every else ())
     if reporter is not None:
         reporter.startup("imported", IMPORTED_AT)
         reporter.startup("rendezvous", rendezvous_at)
@@ -366,6 +382,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
     def write_pause(tmp: Path) -> None:
         say(f"CKPT_WRITING {tmp.name}")
         time.sleep(args.ckpt_write_delay)
+
+    snap = None
+    if args.rollback_every:
+        rolled: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+        if clipper is not None:
+            rolled["clipper"] = clipper
+        snap = Snapshotter(rolled, every=args.rollback_every, reporter=reporter)
 
     manager = None
     state: dict[str, Any] = {"train": ModelOptimizerState(model, optimizer), "scheduler": scheduler}
@@ -387,9 +410,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
         resume = manager.load_latest(state)
         if resume is not None:
             start = resume.step + 1
-            data.load_state_dict(resume.data_position)
             if clipper is not None and "clipper" in resume.local:
                 clipper.load_state_dict(resume.local["clipper"])
+            if snap is not None and "snapshot" in resume.local:
+                snap.load_state_dict(resume.local["snapshot"])  # skip the batches rolled back past
             guard.load_state_dict(resume.local.get("interrupt", {}))
             say(f"RESUMED {resume.step}")
     if clipper is not None and control is not None and control.clip is not None:
@@ -404,13 +428,19 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
         local = {"interrupt": guard.state_dict()}
         if clipper is not None:
             local["clipper"] = clipper.state_dict()
+        if snap is not None:
+            local["snapshot"] = snap.state_dict()
         began = time.time()
-        manager.save(step, state, data_position=data.state_dict(), local=local, metric=loss, durable=durable)
+        manager.save(
+            step, state, data_position=data.position(step + 1), local=local, metric=loss, durable=durable
+        )
         if rank == 0:  # the blocking part, as the job itself saw it (the goodput test's outside view)
             events.write("checkpoint", step=step, seconds=time.time() - began)
 
     loss_fn = nn.CrossEntropyLoss()
-    for step in range(start, args.steps):
+    # With rollback, the Snapshotter's steps: it jumps back after a rollback and leaves skipped batches out.
+    steps = snap.steps(start, args.steps) if snap is not None else range(start, args.steps)
+    for step in steps:
         began = time.time()
         if faults.fires("crash", step):
             say(f"CRASH {step}")
@@ -419,13 +449,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
             say(f"HANG {step}")
             while True:
                 time.sleep(3600)
-        x, y = data.next()
         if control is not None and control.should_skip(step):
-            # Drawn (so the data position moves on) but not trained on, identically on every rank.
+            # Not trained on, identically on every rank (the batch index is the step: nothing to draw).
             if rank == 0:
                 say(f"SKIP {step}")
                 events.write("skip", step=step)
             continue
+        x, y = data.batch(step)
         if faults.fires("spike", step):
             x = x * 1000.0
         optimizer.zero_grad(set_to_none=True)
@@ -447,6 +477,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
         loss_value = float(loss.item())
         if rank == 0:
             say(f"STEP {step} loss={loss_value:.6f}")
+        if snap is not None and snap.after_step(step, loss=loss.detach(), grad_norm=grad_norm):
+            last = snap.rollbacks[-1]
+            if rank == 0:
+                say(f"ROLLBACK {last.at_step} {last.next_step} {last.skipped}")
+                events.write("step", step=step, loss=loss_value, seconds=time.time() - began)
+                events.write("rollback", step=last.at_step, to=last.next_step, skipped=last.skipped)
+            continue  # the loop goes on from the snapshot: this step's state is gone, never checkpointed
         boundary = guard.at_boundary(step)
         if clipper is not None and boundary.control is not None and boundary.control.clip is not None:
             clipper.update(boundary.control.clip)
