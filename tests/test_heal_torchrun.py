@@ -28,84 +28,19 @@ from trainwarden.journal import JOURNAL_NAME, Entry, Journal
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def _worker(job: Proc, rank: int) -> int:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        for child in psutil.Process(job.popen.pid).children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                if "train_toy" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
-                    return child.pid
-        time.sleep(0.1)
-    raise AssertionError(f"no rank {rank} worker; output:\n{job.output()}")
-
-
 def test_torchrun_agent_restarts_the_workers_the_daemon_killed(tmp_path: Path) -> None:
     """A SIGSTOPped rank under torchrun --max-restarts 1 is detected by the daemon, whose torchrun backend
     kills the local workers; the agent restarts them, they resume, and the final parameters are exact."""
     steps = 110
     expected = baseline_sha(tmp_path / "baseline", steps)
-    config = tmp_path / "config.toml"
-    config.write_text(
-        f"""
-[daemon]
-listen = "127.0.0.1:0"
-runtime_dir = "{tmp_path / "run"}"
-state_dir = "{tmp_path / "state"}"
-
-[policy]
-actions_enabled = true
-cooldown_seconds = 60
-
-[collectors.training]
-interval_seconds = 0.5
-
-[rules.stall]
-floor_seconds = 4.0
-min_samples = 10
-
-[healers.checkpoint_restart]
-backend = "torchrun"
-""",
-        encoding="utf-8",
-    )
-    env = toy_env(tmp_path)
-    env["TRAINWARDEN_SOCKET"] = str(tmp_path / "run" / "client.sock")
-    env["TRAINWARDEN_CONTROL_DIR"] = str(tmp_path / "run" / "control")
-    daemon = Proc([*TRAINWARDEN, "daemon", "--config", str(config)], env)
+    daemon, env = _daemon(tmp_path, cooldown=60)
     job = None
     try:
-        daemon.wait_for(r"first collection done", 30)
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(free_port()),
-            "--max-restarts",
-            "1",
-            "--monitor-interval",
-            "0.1",
-            str(TOY),
-            "--job",
-            "toy",
-            "--steps",
-            str(steps),
-            "--ckpt-dir",
-            str(tmp_path / "ckpt"),
-            "--ckpt-every",
-            "5",
-            "--step-sleep",
-            "0.05",
-            "--out",
-            str(tmp_path / "out"),
-        ]
-        job = Proc(cmd, env)
+        args = ["--job", "toy", "--steps", str(steps), "--step-sleep", "0.05", "--out", str(tmp_path / "out")]
+        args += ["--ckpt-dir", str(tmp_path / "ckpt"), "--ckpt-every", "5"]
+        job = Proc(_torchrun(1, args, script=TOY), env)
         job.wait_for(r"^STEP 40 ", 60)
-        os.kill(_worker(job, 1), signal.SIGSTOP)
+        os.kill(_worker_pid(job, 1, script="train_toy"), signal.SIGSTOP)
         try:
             code = job.wait(60)
         except AssertionError as exc:
@@ -113,9 +48,7 @@ backend = "torchrun"
         assert code == 0, job.output() + "\n--- daemon ---\n" + daemon.output()
         assert any(line.startswith("RESUMED") for line in job.lines)
         assert final_sha(tmp_path / "out") == expected
-        journal = Journal(tmp_path / "state" / JOURNAL_NAME)
-        taken = [e for e in journal.recent(50) if e.decision == "taken"]
-        journal.close()
+        taken = [e for e in _journal(tmp_path) if e.decision == "taken"]
         assert [(e.rule, e.healer, e.result) for e in taken] == [("stall", "checkpoint_restart", "applied")]
         assert "agent" in taken[0].detail
     finally:
@@ -127,21 +60,23 @@ backend = "torchrun"
 WORKER = Path(__file__).resolve().parent / "torchrun_worker.py"
 
 
-def _worker_pid(job: Proc, rank: int) -> int:
+def _worker_pid(job: Proc, rank: int, script: str = "torchrun_worker") -> int:
+    """Pid of the torchrun worker of `rank` running `script` (not the agent, whose cmdline names it too)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         with contextlib.suppress(psutil.NoSuchProcess):
             for child in psutil.Process(job.popen.pid).children(recursive=True):
                 with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                     cmdline = " ".join(child.cmdline())
-                    worker = "torchrun_worker" in cmdline and "torch.distributed.run" not in cmdline
+                    worker = script in cmdline and "torch.distributed.run" not in cmdline
                     if worker and child.environ().get("RANK") == str(rank):
                         return child.pid
         time.sleep(0.1)
     raise AssertionError(f"no rank {rank} worker; output:\n{job.output()}")
 
 
-def _torchrun(max_restarts: int, worker_args: list[str]) -> list[str]:
+def _torchrun(max_restarts: int, worker_args: list[str], script: Path = WORKER) -> list[str]:
+    """torchrun with `max_restarts` of its own (its 0.1 s monitor interval) around `script`."""
     return [
         sys.executable,
         "-m",
@@ -156,12 +91,12 @@ def _torchrun(max_restarts: int, worker_args: list[str]) -> list[str]:
         str(max_restarts),
         "--monitor-interval",
         "0.1",
-        str(WORKER),
+        str(script),
         *worker_args,
     ]
 
 
-def _daemon(tmp: Path, extra: str = "") -> tuple[Proc, dict[str, str]]:
+def _daemon(tmp: Path, extra: str = "", cooldown: float = 5) -> tuple[Proc, dict[str, str]]:
     config = tmp / "config.toml"
     config.write_text(
         f"""
@@ -172,7 +107,7 @@ state_dir = "{tmp / "state"}"
 
 [policy]
 actions_enabled = true
-cooldown_seconds = 5
+cooldown_seconds = {cooldown}
 attempts_per_rung = 1
 
 [collectors.training]
