@@ -6,28 +6,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from fuzz_support import fuzz
 from trainwarden.config import Config, config_from_dict, load_config_text
 from trainwarden.daemon.app import Daemon, Overrides
 from trainwarden.errors import ConfigError
 from trainwarden.plugins import plugin_groups
 
-EXAMPLES = int(os.environ.get("TRAINWARDEN_FUZZ_EXAMPLES", "100"))  # raise it for a longer hunt
-FUZZ = settings(
-    derandomize=True,
-    deadline=None,
-    max_examples=EXAMPLES,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+FUZZ = fuzz(1 / 3)
 EXAMPLE = Path(__file__).parent.parent / "examples" / "config.toml"
 HOST = Path(__file__).parent / "fixtures" / "hosts" / "vm_psi"
 GROUPS = plugin_groups()
@@ -167,7 +161,7 @@ def test_any_document_loads_or_is_a_config_error(data: dict[str, Any]) -> None:
 # --- what is accepted can run -------------------------------------------------------------------
 
 
-@settings(FUZZ, max_examples=max(1, EXAMPLES // 8))
+@fuzz(1 / 24)
 @given(data=documents(plausible=True))
 def test_every_accepted_config_starts_the_daemons_parts(data: dict[str, Any], tmp_path_factory: Any) -> None:
     """An accepted config starts the real daemon on loopback (collectors, scheduler phases, rules,

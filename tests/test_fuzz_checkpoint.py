@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from fuzz_support import fuzz
 from trainwarden.client.checkpoint import CheckpointManager
 from trainwarden.client.manifest import (
     MANIFEST_NAME,
@@ -22,13 +23,7 @@ from trainwarden.client.manifest import (
     parse_manifest,
 )
 
-EXAMPLES = int(os.environ.get("TRAINWARDEN_FUZZ_EXAMPLES", "300"))  # raise it for a longer hunt
-FUZZ = settings(
-    derandomize=True,
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+FUZZ = fuzz()
 STEPS = (1, 2, 3)
 
 scalars = st.one_of(
@@ -141,7 +136,7 @@ def _edit(manifest: Path, n: int, value: Any) -> None:
     manifest.write_text(json.dumps(body))
 
 
-@settings(FUZZ, max_examples=max(1, EXAMPLES // 2))
+@fuzz(1 / 2)
 @given(ops=damages())
 def test_damaged_checkpoints_load_exactly_what_was_saved_or_are_refused(
     pristine: Path, tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[Any, ...]]

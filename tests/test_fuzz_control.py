@@ -9,9 +9,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from fuzz_support import fuzz
 from trainwarden.client.clipping import AdaptiveClipper
 from trainwarden.client.reporter import Reporter
 from trainwarden.control import (
@@ -24,13 +25,7 @@ from trainwarden.control import (
     write_control,
 )
 
-EXAMPLES = int(os.environ.get("TRAINWARDEN_FUZZ_EXAMPLES", "300"))  # raise it for a longer hunt
-FUZZ = settings(
-    derandomize=True,
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+FUZZ = fuzz()
 
 GOOD: dict[str, Any] = json.loads(
     ControlState(
@@ -116,7 +111,7 @@ def test_any_bytes_give_a_valid_state_or_a_control_file_error(tmp_path: Path, bl
     assert read_control(path) == state
 
 
-@settings(FUZZ, max_examples=max(1, EXAMPLES // 3))
+@fuzz(1 / 3)
 @given(blobs=st.lists(mutated_documents(), min_size=1, max_size=4))
 def test_reporter_and_clipper_never_raise_and_keep_the_last_good_state(
     tmp_path: Path, blobs: list[bytes]

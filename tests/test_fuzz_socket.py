@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from fuzz_support import fuzz
 from training_support import connect, hello, received, running_collector, send, wait_until
 from trainwarden.collectors.training import TrainingCollector
 from trainwarden.protocol import MAX_RECORD_BYTES
 
-EXAMPLES = int(os.environ.get("TRAINWARDEN_FUZZ_EXAMPLES", "300"))  # raise it for a longer hunt
-FUZZ = settings(
-    derandomize=True,
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+FUZZ = fuzz()
 
 VALID: list[dict[str, Any]] = [
     hello(0),
@@ -78,7 +72,7 @@ def _accounted(collector: TrainingCollector) -> int:
     return int(status["received"]) + sum(int(n) for n in status["rejected"].values())
 
 
-@settings(FUZZ, max_examples=max(1, EXAMPLES // 3))
+@fuzz(1 / 3)
 @given(frames=st.lists(payloads(), min_size=1, max_size=12), with_hello=st.booleans())
 def test_every_frame_is_received_or_rejected_once_and_the_server_lives(
     collector: TrainingCollector, frames: list[bytes], with_hello: bool
@@ -102,7 +96,7 @@ def test_every_frame_is_received_or_rejected_once_and_the_server_lives(
         assert not (name.endswith("_total") and math.isnan(sample.value))
 
 
-@settings(FUZZ, max_examples=max(1, EXAMPLES // 5))
+@fuzz(1 / 5)
 @given(blob=st.binary(min_size=1, max_size=600))
 def test_byte_soup_then_a_real_client_is_served(collector: TrainingCollector, blob: bytes) -> None:
     """After arbitrary bytes (bad headers, oversized frames, cut-off frames) a real client is still served."""

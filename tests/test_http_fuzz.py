@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import socket
 import struct
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from fuzz_support import fuzz
 from http_support import read_all, serve, statuses, trapped_logs
 from support import wait_until
 from trainwarden.daemon.http import HttpLimits
 
-EXAMPLES = int(os.environ.get("TRAINWARDEN_FUZZ_EXAMPLES", "150"))
 LIMITS = HttpLimits(head_seconds=2.0, request_seconds=3.0, idle_seconds=2.0, write_seconds=2.0)
 
 EOL = st.sampled_from([b"\r\n", b"\n", b"\r", b""])
@@ -63,12 +62,7 @@ def test_hostile_streams_are_answered_or_closed_and_every_answer_is_counted() ->
     with serve(LIMITS) as served, trapped_logs() as logs:
         served.gate.set()  # /slow answers at once
 
-        @settings(
-            derandomize=True,
-            max_examples=EXAMPLES,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-        )
+        @fuzz(1 / 2)
         @given(stream=STREAMS, cuts=st.lists(st.integers(1, 300), max_size=3), ending=st.sampled_from(
             ["half-close", "half-close", "close", "reset"]
         ))  # fmt: skip
@@ -118,12 +112,7 @@ def test_hostile_streams_after_a_scrape_are_answered_on_the_lane_and_counted() -
     with serve(LIMITS) as served, trapped_logs() as logs:
         served.gate.set()
 
-        @settings(
-            derandomize=True,
-            max_examples=max(1, EXAMPLES // 3),
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-        )
+        @fuzz(1 / 6)
         @given(stream=STREAMS, cuts=st.lists(st.integers(1, 300), max_size=3))
         def check(stream: bytes, cuts: list[int]) -> None:
             before = served.total()

@@ -6,9 +6,10 @@ import json
 import tempfile
 from pathlib import Path
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from fuzz_support import fuzz
 from trainwarden.collectors.base import CollectorContext
 from trainwarden.config import CollectorOptions
 from trainwarden.preflight.collector import PreflightResultCollector
@@ -52,14 +53,14 @@ def check_content(raw: bytes) -> None:
         assert "trainwarden_preflight_result_errors_total" in names
 
 
-@settings(derandomize=True, max_examples=150, deadline=None)
+@fuzz(1 / 2)
 @given(st.binary(max_size=200))
 def test_random_bytes_are_refused_by_name(raw: bytes) -> None:
     """Arbitrary bytes in the result file are a PreflightRecordError naming the file, or a result."""
     check_content(raw)
 
 
-@settings(derandomize=True, max_examples=300, deadline=None)
+@fuzz()
 @given(DOCUMENT)
 def test_result_shaped_documents_are_accepted_or_refused(document: dict[str, object]) -> None:
     """Documents of nearly the right shape, mistyped fields included, never crash the reader or collector."""

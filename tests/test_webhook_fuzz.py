@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 import requests
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from cluster_support import alert, drains, payload, post, recorder, webhook_config
+from fuzz_support import fuzz
 from trainwarden.daemon.app import Daemon
 from trainwarden.daemon.http import Request
 from trainwarden.daemon.webhook import Webhook
@@ -201,7 +202,7 @@ def test_fuzzed_notifications_never_crash_and_never_act_on_bad_input(tmp_path: P
     webhook, policy, _ = make_webhook(tmp_path)
     fingerprints = iter(range(1, 1 << 30))
 
-    @settings(derandomize=True, max_examples=250, deadline=None)
+    @fuzz(5 / 6)
     @given(
         top=st.dictionaries(st.sampled_from(TOP_KEYS), json_values, max_size=2),
         item=st.dictionaries(st.sampled_from(ALERT_KEYS), json_values, max_size=2),
