@@ -89,6 +89,7 @@ class RestartTimeline:
     last_step_before: int | None = None
     first_step_after: int | None = None
     cause: str = ""
+    notes: dict[str, int] = field(default_factory=dict)  # counts of the new run, e.g. warm_ranks
 
     def mark(self, name: str, at: float) -> None:
         """Set a mark; rank-reported marks keep the slowest rank's time, the others their first."""
@@ -134,6 +135,7 @@ class RestartTimeline:
             "last_step_before": self.last_step_before,
             "first_step_after": self.first_step_after,
             "steps_repeated": self.steps_repeated(),
+            **({"notes": dict(self.notes)} if self.notes else {}),
         }
 
 
@@ -186,6 +188,13 @@ class RestartStages:
             timeline = self._open.get(job)
             if timeline is not None:
                 timeline.mark(name, at)
+
+    def count(self, job: str, name: str) -> None:
+        """Count one `name` (e.g. a rank that started warm) on `job`'s open restart, if one is open."""
+        with self._lock:
+            timeline = self._open.get(job)
+            if timeline is not None:
+                timeline.notes[name] = timeline.notes.get(name, 0) + 1
 
     def decided(self, job: str, at: float, cause: str, fault_at: float | None) -> None:
         """The policy's decision behind `job`'s open restart: when, for what, and when that fault began."""

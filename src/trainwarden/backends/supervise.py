@@ -9,6 +9,10 @@ The supervised job is every job whose ranks descend from the child, whatever nam
 itself (`Reporter.from_env(job="mine")` under `trainwarden run` without `--job`): the daemon
 knows each rank's pid from SO_PEERCRED, and `trainwarden.backends.lineage` walks its parents.
 
+With warm start (`warm_pool`), the launcher and workers of each new start run in pre-imported
+spares, children of the run rather than of the child: a claimed spare and its descendants count as
+the child's (`owns`), and a restart kills them with the tree.
+
 SIGKILL, not SIGTERM: by the time a restart is asked for, the healer has already taken the
 checkpoint it wanted (or the job is hung and cannot answer), and a SIGTERM would make the job's
 planned-interrupt handler race the restart with a checkpoint of its own.
@@ -20,18 +24,16 @@ import contextlib
 import logging
 import os
 import select
-import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import psutil
-
 from trainwarden.backends.base import RankProcess, RestartBackend
-from trainwarden.backends.lineage import descends_from
+from trainwarden.backends.lineage import descends_from, kill_tree, tree_pids
 from trainwarden.backends.restart_stages import RestartStages
+from trainwarden.backends.warm_pool import WarmPool
 from trainwarden.errors import TrainwardenError
 from trainwarden.model import ActionOutcome, ActionResult, Sample
 from trainwarden.paths import HostPaths
@@ -40,82 +42,12 @@ from trainwarden.timeline import EventKind, EventSink, TimelineEvent, emit
 log = logging.getLogger(__name__)
 
 RESTART_COUNT_ENV = "TRAINWARDEN_RESTART_COUNT"
+AUTO_SPARES = 3  # a launcher and two workers, until the job's local ranks are known
 
 
 def exit_status(returncode: int) -> int:
     """A shell-style status: 128 + N for a child killed by signal N."""
     return 128 - returncode if returncode < 0 else returncode
-
-
-def tree_pids(pid: int) -> list[int]:
-    """`pid` and its descendants now ([] when it is gone)."""
-    try:
-        root = psutil.Process(pid)
-        return [root.pid, *(c.pid for c in root.children(recursive=True))]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def kill_tree(pid: int, grace: float = 5.0) -> list[int]:
-    """SIGKILL `pid` and every descendant (whatever session they moved to); return the pids signalled.
-
-    A SIGSTOPped process dies of SIGKILL too; the kernel needs no cooperation from it. Returns once
-    every one has exited (its memory, sockets and ports released), not once it was reaped: orphans
-    are reaped by pid 1, which in a container may take a second or two (measured: 1.5-2 s here).
-    """
-    try:
-        root = psutil.Process(pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-    exits = _exit_fds([p.pid for p in tree[1:]])  # before the kill, so a reused pid is never waited on
-    for proc in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.send_signal(signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)  # stragglers forked after the snapshot, same group
-    if exits is None:
-        psutil.wait_procs(tree[1:], timeout=grace)
-    else:
-        _wait_exited(exits, grace)
-    return [p.pid for p in tree]
-
-
-def _exit_fds(pids: Sequence[int]) -> list[int] | None:
-    """A pidfd per process (one that is gone already needs none); None where pidfds are missing."""
-    pidfd_open = getattr(os, "pidfd_open", None)
-    if pidfd_open is None:
-        return None
-    fds = []
-    for pid in pids:
-        try:
-            fds.append(pidfd_open(pid))
-        except ProcessLookupError:
-            continue
-        except OSError:
-            for fd in fds:
-                os.close(fd)
-            return None
-    return fds
-
-
-def _wait_exited(fds: list[int], grace: float) -> None:
-    """Wait until every pidfd says its process exited, at most `grace` seconds; close them."""
-    deadline = time.monotonic() + grace
-    try:
-        pending = set(fds)
-        while pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            poller = select.poll()
-            for fd in pending:
-                poller.register(fd, select.POLLIN)
-            pending -= {fd for fd, _event in poller.poll(int(left * 1000) + 1)}
-    finally:
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 class Supervisor(RestartBackend):
@@ -137,10 +69,12 @@ class Supervisor(RestartBackend):
         forget: Callable[[str], None] | None = None,
         paths: HostPaths | None = None,
         stages: RestartStages | None = None,
+        warm: WarmPool | None = None,
     ) -> None:
         """`ranks`: every rank the daemon knows (any job); `forget`: drop a job's ranks after a restart.
 
-        `stages` is told when each restart's kill begins and ends and when the command started again.
+        `stages` is told when each restart's kill begins and ends and when the command started again;
+        `warm`: the pool of spares the command's processes start in (warm start), None for cold starts.
         """
         super().__init__()
         if not command:
@@ -154,6 +88,7 @@ class Supervisor(RestartBackend):
         self.clock = clock
         self.generation = 0
         self.started_at = 0.0
+        self.ended_at: float | None = None  # when the current child exited on its own (None: it runs)
         self._proc: subprocess.Popen[bytes] | None = None
         self._pidfd: int | None = None  # readable the moment the current child exits (no polling)
         self.stages = stages
@@ -163,16 +98,24 @@ class Supervisor(RestartBackend):
         self._forget = forget
         self._paths = paths or HostPaths()
         self._aliases: set[str] = set()  # names the current child's ranks gave themselves
+        self.warm = warm
+        self._auto_spares = warm is not None and warm.size <= 0
+        if warm is not None and self._auto_spares:
+            warm.size = AUTO_SPARES
 
     # --- life cycle -------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the command (the first time, or again after it exited)."""
         with self._state:
+            if self.warm is not None and self.generation == 0:
+                self.warm.start()
             self._spawn()
 
     def _spawn(self) -> None:
         env = {**self.env, RESTART_COUNT_ENV: str(self.generation)}
+        if self.warm is not None:
+            env = self.warm.child_env(env)
         try:
             proc = subprocess.Popen(  # the operator's own argument list, no shell
                 self.command, env=env, cwd=self.cwd, stdin=subprocess.DEVNULL, start_new_session=True
@@ -181,6 +124,7 @@ class Supervisor(RestartBackend):
             raise TrainwardenError(f"cannot start {self.command[0]!r}: {exc.strerror or exc}") from exc
         self._proc = proc
         self._set_pidfd(proc.pid)
+        self.ended_at = None
         self.started_at = self.clock()
         if self.stages is not None:
             self.stages.mark(self.job, "spawned", self.started_at)
@@ -196,6 +140,18 @@ class Supervisor(RestartBackend):
                 data={"pid": proc.pid, "restart_count": self.generation - 1},
             ),
         )
+        if self.warm is not None:
+            self.warm.fill()
+
+    def tick(self) -> None:
+        """Keep the warm pool full (one spare per local rank and the launcher); cheap, call it often."""
+        warm = self.warm
+        if warm is None or self._stopped:
+            return
+        if self._auto_spares:
+            local = len(self.descendant_ranks())
+            warm.size = max(warm.size, local + 1)
+        warm.fill()
 
     def _set_pidfd(self, pid: int) -> None:
         """Hold a pidfd of the new child (closing the old one's); None where pidfds are missing."""
@@ -233,6 +189,8 @@ class Supervisor(RestartBackend):
         with self._state:
             if generation != self.generation or self._stopped:
                 return None  # a restart (or stop) killed it: not the job's own exit
+            if self.ended_at is None:
+                self.ended_at = self.clock()
         return exit_status(code)
 
     def stop(self) -> None:
@@ -242,6 +200,8 @@ class Supervisor(RestartBackend):
             if self._proc is not None and self._proc.poll() is None:
                 kill_tree(self._proc.pid, self.kill_grace_seconds)
                 self._proc.wait(self.kill_grace_seconds)
+            if self.warm is not None:
+                self.warm.stop(self.kill_grace_seconds)
             if self._pidfd is not None:
                 with contextlib.suppress(OSError):
                     os.close(self._pidfd)
@@ -259,16 +219,33 @@ class Supervisor(RestartBackend):
         return proc is not None and proc.poll() is None
 
     def pids(self, job: str) -> set[int] | None:
-        """The current child and every descendant."""
+        """The current child and every descendant (with the claimed warm spares and theirs)."""
         del job
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return set()
-        try:
-            root = psutil.Process(proc.pid)
-            return {root.pid, *(c.pid for c in root.children(recursive=True))}
-        except psutil.NoSuchProcess:
-            return set()
+        out = set(tree_pids(proc.pid))
+        for spare in self.warm.claimed() if self.warm is not None else ():
+            out.update(tree_pids(spare))
+        return out
+
+    def owns(self, pid: int) -> bool:
+        """True when `pid` is the current child, descends from it, or runs in a spare it claimed."""
+        proc = self._proc
+        if proc is None:
+            return False
+        if descends_from(pid, proc.pid, self._paths):
+            return True
+        return self.warm is not None and self.warm.owns(pid)
+
+    def warm_rank(self, pid: int) -> bool:
+        """True when rank `pid` started in a warm spare."""
+        return self.warm is not None and self.warm.claimed_at(pid) is not None
+
+    def rank_started_at(self, pid: int, created: float | None) -> float | None:
+        """When rank `pid`'s start began: its spare's claim for a warm rank, else `created` (its process)."""
+        claimed = None if self.warm is None else self.warm.claimed_at(pid)
+        return created if claimed is None else claimed
 
     # --- which jobs are ours ------------------------------------------------------------------
 
@@ -277,7 +254,7 @@ class Supervisor(RestartBackend):
         proc = self._proc
         if proc is None or self._ranks is None:
             return []
-        return [r for r in self._ranks() if descends_from(r.pid, proc.pid, self._paths)]
+        return [r for r in self._ranks() if self.owns(r.pid)]
 
     def supervised_jobs(self) -> set[str]:
         """The configured job name and every name the child's ranks gave themselves (seen so far)."""
@@ -335,10 +312,16 @@ class Supervisor(RestartBackend):
             self.stages.restart_began(self.job, self.clock())
         killed: list[int] = []
         if proc is not None:
+            spares = self.warm.claimed() if self.warm is not None else []
             if alive:
                 self.retire(tree_pids(proc.pid))  # first: their exits, seen at once, are no crash
+            for spare in spares:
+                self.retire(tree_pids(spare))
+            if alive:
                 killed = kill_tree(proc.pid, self.kill_grace_seconds)
-                self.retire(killed)
+            if self.warm is not None:
+                killed += self.warm.kill_claimed(self.kill_grace_seconds)
+            self.retire(killed)
             try:
                 proc.wait(self.kill_grace_seconds)
             except subprocess.TimeoutExpired:

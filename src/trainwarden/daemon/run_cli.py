@@ -10,6 +10,10 @@ spent, ladder exhausted, observe-only mode) the run exits with the job's last st
 
     trainwarden run --config demo.toml -- torchrun --nproc-per-node 2 train.py --ckpt-dir ckpt
 
+With `[healers.checkpoint_restart] warm_start = true` the run keeps a pool of pre-imported spares
+(`trainwarden.backends.warm_pool`) that each restarted launcher and worker starts in, so a restart
+does not pay Python's and torch's start-up again (docs/HEALING.md).
+
 Python callers (the demo) use `run_job(config, command, on_event=...)`.
 """
 
@@ -31,15 +35,16 @@ import psutil
 
 from trainwarden.backends.base import RankProcess
 from trainwarden.backends.comeback import last_step_at
-from trainwarden.backends.lineage import descends_from
 from trainwarden.backends.restart_stages import RestartStages
 from trainwarden.backends.supervise import Supervisor
+from trainwarden.backends.warm_pool import WarmPool
 from trainwarden.collectors.training import TrainingCollector, TrainingOptions
 from trainwarden.config import Config
 from trainwarden.daemon.app import Daemon
 from trainwarden.daemon.healing import Healing, finding_event
 from trainwarden.daemon.rank_exits import RankExits
 from trainwarden.daemon.timeline import EventKind, EventSink, TimelineEvent, emit
+from trainwarden.healers.checkpoint_restart import CheckpointRestartOptions
 from trainwarden.healers.policy import Outcome, observed_at
 from trainwarden.journal import Decision
 from trainwarden.model import Finding, Severity
@@ -146,6 +151,7 @@ class _Run:
         self.stages = RestartStages(config.daemon.state_dir / STAGES_FILE)
         self._paths = config.paths.host_paths()
         self._ours: dict[int, float] = {}  # pid -> when its hello came, for the child's ranks only
+        self.warm = warm_pool(config, env)
         self.supervisor = Supervisor(
             command,
             job=job,
@@ -156,6 +162,7 @@ class _Run:
             forget=self._forget,
             paths=self._paths,
             stages=self.stages,
+            warm=self.warm,
         )
         self.healing = Healing(self.daemon, restart_backend=self.supervisor, on_event=on_event)
         self.daemon.healing = self.healing
@@ -190,8 +197,7 @@ class _Run:
     # --- the restart, stage by stage --------------------------------------------------------------
 
     def _descends(self, pid: int) -> bool:
-        child = self.supervisor.pid
-        return child is not None and descends_from(pid, child, self._paths)
+        return self.supervisor.owns(pid)
 
     def _on_record(self, now: float, job: str, rank: int, pid: int, record: Record) -> None:
         """Marks of the open restart from the child's ranks (the collector's lock is held: no calls back)."""
@@ -200,9 +206,11 @@ class _Run:
             if not self._descends(pid):
                 return
             self._ours[pid] = now
-            created = process_started_at(pid)
+            created = self.supervisor.rank_started_at(pid, process_started_at(pid))
             if created is not None and created >= self.supervisor.started_at:
                 self.stages.mark(self.job, "process_started", created)
+            if self.supervisor.warm_rank(pid):
+                self.stages.count(self.job, "warm_ranks")
         elif pid not in self._ours or self.supervisor.retired(pid):
             return
         elif isinstance(record, StartupRecord):
@@ -230,6 +238,7 @@ class _Run:
                     # learn the names the child's ranks gave themselves while their pids exist
                     self.supervisor.supervised_jobs()
                     self._learn_startup()
+                    self.supervisor.tick()
                     continue
                 self._event(
                     EventKind.CHILD_EXITED, f"job {self.job} exited with status {code}", exit_code=code
@@ -345,6 +354,17 @@ class _Run:
         for pid in self.supervisor.pids(self.job) or ():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGTERM)
+
+
+def warm_pool(config: Config, env: dict[str, str]) -> WarmPool | None:
+    """The pool of warm spares when `[healers.checkpoint_restart] warm_start` is on, else None."""
+    options = config.plugins.get("healers", {}).get("checkpoint_restart")
+    if not isinstance(options, CheckpointRestartOptions) or not options.warm_start:
+        return None
+    directory = config.daemon.runtime_dir / f"warm-{os.getpid()}"
+    return WarmPool(
+        directory, size=options.warm_spares, modules=options.warm_modules, env=env, nice=options.warm_nice
+    )
 
 
 def run_job(

@@ -23,6 +23,10 @@ Backends (`backend = ...`): `supervise` (the `trainwarden run` child, lent by th
     checkpoint_timeout_seconds = 120
     skip_batches_after = 0            # nonfinite: skip [first bad step, first bad step + N]
     flight_recorder_pipe = "/tmp/nccl_trace_pipe_"   # the job's TORCH_NCCL_DEBUG_INFO_PIPE_FILE
+    warm_start = false                # supervise: restart into pre-imported spares (docs/HEALING.md)
+
+A restart takes effect when the job is back (a step of the new run), not when the restart returned:
+until then, a late exit or finding of the replaced run is no evidence that the restart failed.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from typing import Literal
 import psutil
 
 from trainwarden.backends.base import RankProcess, RestartBackend
+from trainwarden.backends.comeback import last_step_at
+from trainwarden.backends.warm_pool import DEFAULT_MODULES
 from trainwarden.commands import CommandError, CommandTemplate
 from trainwarden.config import PluginOptions
 from trainwarden.control import ControlFileError, ControlState, control_path, read_control, write_control
@@ -82,8 +88,13 @@ class CheckpointRestartOptions(PluginOptions):
     restart_deadline_seconds: float = 0.0  # 0: factor x the job's observed start-up, at least the floor
     restart_deadline_floor_seconds: float = 120.0
     restart_deadline_factor: float = 3.0
+    # supervise only (`trainwarden run`): start the restarted launcher and workers in warm spares
+    warm_start: bool = False
+    warm_spares: int = 0  # unclaimed spares kept; 0: one per local rank and one for the launcher
+    warm_modules: tuple[str, ...] = DEFAULT_MODULES  # what each spare imports before it is claimed
+    warm_nice: int = 19  # spares' niceness until claimed (19: only idle CPU; 0: ready soonest)
 
-    def problems(self) -> list[tuple[str, str]]:
+    def problems(self) -> list[tuple[str, str]]:  # noqa: C901, PLR0912 - one check per key
         """Positive bounds; each backend's own setting present."""
         found = super().problems()
         for key in (
@@ -97,6 +108,15 @@ class CheckpointRestartOptions(PluginOptions):
                 found.append((key, "must be > 0"))
         if self.restart_deadline_seconds < 0:
             found.append(("restart_deadline_seconds", "must be >= 0 (0 derives it from start-up times)"))
+        if self.warm_spares < 0:
+            found.append(("warm_spares", "must be >= 0 (0: one per local rank, plus the launcher)"))
+        if not 0 <= self.warm_nice <= 19:
+            found.append(("warm_nice", "must be 0..19"))
+        if self.warm_start and self.backend != "supervise":
+            found.append(("warm_start", 'needs backend = "supervise" (the `trainwarden run` child)'))
+        bad = [m for m in self.warm_modules if not all(part.isidentifier() for part in m.split("."))]
+        if bad:
+            found.append(("warm_modules", f"not module names: {bad}"))
         for key in ("skip_batches_before", "skip_batches_after"):
             if getattr(self, key) < 0:
                 found.append((key, "must be >= 0"))
@@ -170,6 +190,29 @@ class CheckpointRestartHealer(Healer):
 
             self._backend = CommandBackend(opts.command_argv)
         return self._backend
+
+    def took_effect(self, action: Action, applied_at: float) -> float | None:
+        """When the job was back after the restart (its first step record since it was applied).
+
+        A restart has not worked the moment it was applied: the replaced run's last exits and
+        findings arrive after it. Until the job is back, the supervise backend's restart is in
+        effect once its new run ended on its own (a job that fails before its first step: that
+        exit is the evidence), and None before (the policy bounds the wait by its cooldown);
+        other backends, which cannot see their new run end, count from the moment applied.
+        """
+        job = action.subject.get("job", "")
+        store = self.context.store
+        if not job or store is None or self.context.jobs is None:
+            return applied_at  # nothing to watch the job through: in effect once applied
+        stepped = last_step_at(store, self.context.jobs, job)
+        if stepped is not None and stepped > applied_at:
+            return stepped
+        if self.opts.backend != "supervise":
+            return applied_at
+        ended = getattr(self.backend(), "ended_at", None)
+        if isinstance(ended, float):
+            return max(ended, applied_at)
+        return None
 
     def samples(self) -> list[Sample]:
         """The backend's metrics (commands run)."""
