@@ -80,7 +80,11 @@ def worker(args: argparse.Namespace) -> int:
     faults = [parse_fault(text, ScriptedFault) for text in args.fault]
     port = free_port()
     config_path = root / "config.toml"
-    config_path.write_text(config_text(root, port, restarts_per_window=len(faults) + 2), encoding="utf-8")
+    text = config_text(root, port, restarts_per_window=len(faults) + 2)
+    if args.warm_start:
+        section = "[healers.checkpoint_restart]\n"
+        text = text.replace(section, section + "warm_start = true\n")
+    config_path.write_text(text, encoding="utf-8")
     config = load_config(config_path, plugin_groups())
     command = toy_command(root, args.steps, faults, free_port())
     if args.local_dir:
@@ -186,6 +190,7 @@ def run_daemon(
     src: Path,
     local_tier: bool,
     rollback_every: int = 0,
+    warm_start: bool = False,
 ) -> RunResult:
     """One `run_job` run in a worker of the tree exported at `src` (local tier, rollback: on or off)."""
     if (root / "result.json").exists():  # --keep of an earlier, interrupted bench: reuse its run
@@ -198,6 +203,7 @@ def run_daemon(
     argv += [arg for fault in faults for arg in ("--fault", fault)]
     if rollback_every:
         argv += ["--rollback-every", str(rollback_every)]
+    argv += ["--warm-start"] if warm_start else []
     env["PYTHONPATH"] = str(src)
     if local_tier:
         local = Path(
@@ -439,6 +445,7 @@ def main() -> int:
     parser.add_argument("--out-json", help=argparse.SUPPRESS)
     parser.add_argument("--local-dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--rollback-every", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--warm-start", action="store_true", help="per kind: a warm-start trainwarden row")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -471,6 +478,18 @@ def main() -> int:
             run_torchrun("torchrun", tmp / "kinds-torchrun", kinds_steps, kinds_faults, args.pg_timeout, src),
             run_torchrun("no faults", tmp / "kinds-clean", kinds_steps, [], args.pg_timeout, src),
         ]
+        if args.warm_start:
+            warm = run_daemon(
+                "trainwarden (warm start)",
+                tmp / "kinds-warm",
+                kinds_steps,
+                kinds_faults,
+                src=src,
+                local_tier=True,
+                rollback_every=ROLLBACK_EVERY,
+                warm_start=True,
+            )
+            per_kind.insert(1, warm)
         sections["per fault kind"] = per_kind
         if not args.quick:
             every = max(1, round(args.every / STEP_SECONDS))
