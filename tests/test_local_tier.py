@@ -58,6 +58,8 @@ def _args(root: Path, *extra: str) -> list[str]:
         str(LOCAL_EVERY),
         "--durable-every",
         str(DURABLE_EVERY),
+        "--local-when-busy",  # every due local save written: the bound below holds however slow the writes
+        "wait",
         *extra,
     ]
 

@@ -45,7 +45,12 @@ def _value(step: int) -> dict[str, torch.Tensor]:
 
 def _manager(root: Path) -> CheckpointManager:
     return CheckpointManager(
-        root / "durable", durable_every=1000, local_dir=root / "local", local_every=1, local_keep_last=3
+        root / "durable",
+        durable_every=1000,
+        local_dir=root / "local",
+        local_every=1,
+        local_keep_last=3,
+        local_when_busy="wait",  # every local step written, however slow the machine
     )
 
 

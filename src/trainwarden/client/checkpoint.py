@@ -20,10 +20,12 @@ an asynchronous save never interleaves with the training's collectives) the same
 
 With ``local_dir`` a second, node-local tier is written more often (`checkpoint_local`); `save`
 decides per call which tier is due, and `load_latest` takes the newest step every rank can load
-from either tier.
+from either tier. A local save due while a write is still in flight on any rank is skipped on
+every rank (agreed by one all-reduce, so the ranks' local steps stay the same), never waited for.
 
 The parts live beside this module, one job each: `checkpoint_state` (state helpers,
-`ModelOptimizerState`), `checkpoint_group` (the gloo group), `checkpoint_store` (one directory:
+`ModelOptimizerState`), `checkpoint_staging` (the reused host buffers an asynchronous save copies
+into), `checkpoint_group` (the gloo groups), `checkpoint_store` (one directory:
 validate, publish, prune), `checkpoint_writer` (one write, the writer thread), `checkpoint_local`
 (the node-local tier), `checkpoint_resume` (the `ResumePoint`) and `checkpoint_report`.
 """
@@ -44,11 +46,8 @@ from trainwarden.client.checkpoint_group import CheckpointGroup
 from trainwarden.client.checkpoint_local import LocalTier, default_local_dir
 from trainwarden.client.checkpoint_report import CheckpointReporter, checkpoint_phase, report_saved
 from trainwarden.client.checkpoint_resume import ResumePoint, prepared_rng, resume_point
-from trainwarden.client.checkpoint_state import (
-    ModelOptimizerState,
-    cpu_copy,
-    quiet_single_process,
-)
+from trainwarden.client.checkpoint_staging import SLOTS, HostStaging
+from trainwarden.client.checkpoint_state import ModelOptimizerState, quiet_single_process
 from trainwarden.client.checkpoint_store import STATE_DIR, CheckpointDirectory
 from trainwarden.client.checkpoint_writer import (
     SaveInputs,
@@ -97,6 +96,7 @@ class CheckpointManager:
         local_dir: Path | str | None = None,
         local_every: int = 1,
         local_keep_last: int = 2,
+        local_when_busy: Literal["skip", "wait"] = "skip",
     ) -> None:
         if durable_every < 1:
             raise ValueError(f"durable_every={durable_every} must be >= 1")
@@ -106,6 +106,8 @@ class CheckpointManager:
             raise ValueError(f"keep_best={keep_best} must be >= 0")
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode={best_mode!r} must be 'min' or 'max'")
+        if local_when_busy not in ("skip", "wait"):
+            raise ValueError(f"local_when_busy={local_when_busy!r} must be 'skip' or 'wait'")
         self.root = Path(root)
         self.keep_last = keep_last
         self.keep_best = keep_best
@@ -122,37 +124,44 @@ class CheckpointManager:
         self.refused_saves = 0
         """Saves refused because parameters or optimizer state held NaN/Inf (nothing was written)."""
         self.last_refusal: CheckpointError | None = None
+        self.local_when_busy = local_when_busy
+        self.local_skipped = 0
+        """Local saves skipped, on every rank together, because a write was still in flight on one."""
         self.local_wait_seconds = 0.0
-        """Time local saves spent waiting for the previous write: above zero, `local_every` is too small."""
+        """Time local saves waited for the previous write (``local_when_busy="wait"`` only)."""
         self._durable = CheckpointDirectory(
             self.root, keep_last=keep_last, keep_best=keep_best, best_mode=best_mode
         )
         self._writer = SaveThread()
-        self._group = CheckpointGroup()
+        self._staging = HostStaging()
+        self._group = CheckpointGroup(flags=local_dir is not None)
         self.rank, self.world_size = self._group.rank, self._group.world_size
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-        self._local: LocalTier | None = None
         self._local_configured = local_dir is not None
+        self._local_every = local_every
         self.local_tier_error: OSError | None = None
         """Why this rank's local tier could not be created (it then saves to the durable tier only)."""
-        if local_dir is not None:
-            tier = LocalTier(
-                Path(local_dir),
-                rank=self.rank,
-                world_size=self.world_size,
-                every=local_every,
-                keep_last=local_keep_last,
+        self._local = None if local_dir is None else self._local_tier(Path(local_dir), local_keep_last)
+
+    def _local_tier(self, local_dir: Path, keep_last: int) -> LocalTier | None:
+        """The local tier of this rank; None (and `local_tier_error` set) when its storage is unusable."""
+        tier = LocalTier(
+            local_dir,
+            rank=self.rank,
+            world_size=self.world_size,
+            every=self._local_every,
+            keep_last=keep_last,
+        )
+        try:
+            tier.create()
+        except OSError as exc:
+            self.local_tier_error = exc
+            log.error(  # noqa: TRY400 - the message is the whole story
+                "local checkpoint tier unusable on rank %d, durable tier only: %s", self.rank, exc
             )
-            try:
-                tier.create()
-            except OSError as exc:
-                self.local_tier_error = exc
-                log.error(  # noqa: TRY400 - the message is the whole story
-                    "local checkpoint tier unusable on rank %d, durable tier only: %s", self.rank, exc
-                )
-            else:
-                self._local = tier
+            return None
+        return tier
 
     # --- saving -------------------------------------------------------------------------------
 
@@ -179,8 +188,11 @@ class CheckpointManager:
         plain tensors in `state` hold a NaN or Inf, every rank refuses the save together, nothing is
         written, `refused_saves` and `last_refusal` say why, and None is returned, so the newest
         checkpoint stays one from before the fault (the check costs one device sync, here only).
-        Synchronous by default. With ``async_save`` the state is copied to CPU here and written on
-        a thread; a previous save still in flight is waited for first (never two at once).
+        Synchronous by default. With ``async_save`` the state is copied here into host buffers kept
+        from the previous save (`checkpoint_staging`) and written on a thread; a durable save
+        still in flight is waited for first, a local one is not (the durable write queues behind
+        it). A local save due while any rank still writes is skipped on every rank
+        (`local_skipped`).
         `data_position`, `local` and `extras` must be JSON-able.
         """
         given = step
@@ -192,10 +204,11 @@ class CheckpointManager:
             raise ValueError(f"step={given!r} must be an integer in [0, {MAX_STEP}]")
         inputs = SaveInputs(data_position, extras, local, metric)
         if not (durable or (step + 1) % self.durable_every == 0):
-            if self._local is not None and self._local.due(step):
+            if self._local_configured and (step + 1) % self._local_every == 0:
                 return self._save_local(step, state, inputs)
             return None
-        self._join()  # first: the check below is a collective on the group the writer thread uses
+        if self._writer.coordinated or not self.async_save:
+            self._join()  # the check below is a collective on the group that write uses
         refusal = self._nonfinite_refusal(step, state)
         if refusal is not None:
             self.refused_saves += 1
@@ -209,22 +222,50 @@ class CheckpointManager:
             if not self.async_save:
                 self._write(job)
                 return final
-            job = replace(job, state=cpu_copy(job.state))
-        self._writer.start(lambda: self._write(job), final, name=f"trainwarden-ckpt-{step}")
+            slot = self._free_slot()
+            job = replace(job, state=self._staging.stage(job.state, slot))
+        # Behind a local write still in flight, if any: queued on the writer, not waited for here.
+        self._writer.start(
+            lambda: self._write(job), final, name=f"trainwarden-ckpt-{step}", slot=slot, coordinated=True
+        )
         return final
 
-    def _save_local(self, step: int, state: Mapping[str, Any], inputs: SaveInputs) -> Path | None:
-        """Save to the local tier; blocking: the previous write, the finite check, the CPU copy.
+    def _free_slot(self) -> int:
+        """A staging slot no write in flight reads: the last one when idle, else the other one.
 
-        No collective: a rank that refuses (non-finite state) leaves the step missing on that rank,
-        so it is never a common local step to resume from.
+        At most one write is in flight when a save stages (a local save starts only when none
+        is, a durable one queues only behind a local one), so two slots always leave one free.
         """
-        assert self._local is not None
-        final = self._local.directory.final(step)
-        with checkpoint_phase(self.reporter):
+        last = self._writer.slot
+        return (last + 1) % SLOTS if self._writer.busy else last
+
+    def _save_local(self, step: int, state: Mapping[str, Any], inputs: SaveInputs) -> Path | None:
+        """Save to the local tier, or skip it on every rank while a write is in flight on any.
+
+        Blocking: one all-reduce of a flag (world size > 1), the finite check and the copy into
+        host buffers; never the previous write (with ``local_when_busy="wait"``: that too, and
+        no agreement is needed). Skipping together keeps the local steps of all
+        ranks the same, so the newest one stays a common step to resume from. A rank that refuses
+        (non-finite state) leaves the step missing on that rank alone, so it is never one.
+        """
+        if self.local_when_busy == "wait":
             waited = time.monotonic()
             self._join()
             self.local_wait_seconds += time.monotonic() - waited
+        elif self._group.any_rank(self._writer.busy):
+            self.local_skipped += 1
+            if self.local_skipped == 1:
+                log.warning(
+                    "local checkpoint of step %d skipped: the previous write is still in flight "
+                    "(local_every=%d is shorter than a write; manager.local_skipped counts these)",
+                    step,
+                    self._local_every,
+                )
+            return None
+        if self._local is None:  # this rank's tier is unusable: it took part in the agreement only
+            return None
+        final = self._local.directory.final(step)
+        with checkpoint_phase(self.reporter):
             bad = nonfinite_tensors(state)
             if bad:
                 self.refused_saves += 1
@@ -236,12 +277,15 @@ class CheckpointManager:
                 log.error("local checkpoint not saved: %s", self.last_refusal)
                 return None
             job = capture(step, state, self.rank, inputs, time.monotonic())
-            job = replace(job, state=cpu_copy(job.state))
+            slot = self._free_slot()
+            job = replace(job, state=self._staging.stage(job.state, slot))
         tier = self._local
         self._writer.start(
             lambda: self._finish(job, lambda: write_private(job, tier.directory, self.world_size)),
             final,
             name=f"trainwarden-local-ckpt-{step}",
+            slot=slot,
+            coordinated=False,
         )
         return final
 

@@ -40,7 +40,11 @@ def default_local_dir(job: str) -> Path:
 
 
 class LocalTier:
-    """One rank's directory of the local tier, and when a save is due in it."""
+    """One rank's directory of the local tier.
+
+    When a save is due is decided by the manager: every rank decides it, even one whose tier is
+    unusable, because the ranks agree at every due local save.
+    """
 
     def __init__(self, local_dir: Path, *, rank: int, world_size: int, every: int, keep_last: int) -> None:
         if every < 1:
@@ -55,10 +59,6 @@ class LocalTier:
     def create(self) -> None:
         """Create this rank's directory (only its owner may read it); OSError when the storage can't."""
         self.directory.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-
-    def due(self, step: int) -> bool:
-        """True when `step` (the index of the step just done) ends a local interval."""
-        return (step + 1) % self.every == 0
 
     def valid(self, reject: Callable[[CheckpointError], None]) -> dict[int, tuple[Path, Manifest]]:
         """Every newest local checkpoint of this rank that validates fully, by step; others rejected."""

@@ -2,8 +2,8 @@
 
 `ModelOptimizerState` goes through DCP's ``get_state_dict``/``set_state_dict`` (DDP/FSDP prefixes,
 sharded tensors, empty optimizer state initialised for a fresh optimizer); the helpers resolve
-stateful objects to state dicts, copy tensors off the device for an asynchronous write, and check
-that the small per-rank values are JSON.
+stateful objects to state dicts and check that the small per-rank values are JSON (the copy off
+the device for an asynchronous write is `checkpoint_staging`'s).
 """
 
 from __future__ import annotations
@@ -56,19 +56,6 @@ def resolve_state(state: Mapping[str, Any]) -> dict[str, Any]:
         else value
         for key, value in state.items()
     }
-
-
-def cpu_copy(obj: Any) -> Any:
-    """Deep copy with every tensor cloned to CPU, so training can go on mutating the originals."""
-    import torch  # noqa: PLC0415
-
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, Mapping):
-        return {k: cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(cpu_copy(v) for v in obj)
-    return obj
 
 
 def json_copy(value: Any, what: str) -> Any:

@@ -2,7 +2,7 @@
 
 A coordinated write (every rank in the checkpoint group): the shards go through DCP's
 ``FileSystemWriter`` into the temp directory (files fsynced), rank 0 gathers every rank's small
-state, hashes every file and publishes. `SaveThread` runs one write at a time off the step path.
+state, hashes every file and publishes. `SaveThread` runs the writes off the step path, in order.
 """
 
 from __future__ import annotations
@@ -112,36 +112,59 @@ def write_coordinated(
 
 
 class SaveThread:
-    """At most one write in flight, on a thread; its error is kept for `take_error`."""
+    """Writes on a thread, in order: one running and at most one queued behind it.
+
+    A write started while another is in flight waits for it on its own thread, so the caller
+    does not; the caller bounds the queue (`CheckpointManager` queues only a durable write behind
+    a local one). The first error of the background writes is kept for `take_error`.
+    """
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.pending: Path | None = None
-        """Final path of the write in flight (None when idle)."""
+        """Final path of the newest write started and not yet joined (None when idle)."""
+        self.coordinated = False
+        """A write that uses the checkpoint group is queued or running (joined: False)."""
+        self.slot = 0
+        """The staging slot of the newest write started: its buffers stay busy until it ends."""
 
-    def start(self, write: Callable[[], object], pending: Path, name: str) -> None:
-        """Run `write` on a new thread (call `join` first: never two at once)."""
+    @property
+    def busy(self) -> bool:
+        """True while a write started here is still running or queued."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(
+        self, write: Callable[[], object], pending: Path, name: str, *, slot: int, coordinated: bool
+    ) -> None:
+        """Run `write` on a new thread, after the write in flight (if any) has ended."""
+        previous = self._thread if self.busy else None
         self.pending = pending
-        self._thread = threading.Thread(target=self._run, args=(write,), name=name)
+        self.slot = slot
+        self.coordinated = coordinated or (previous is not None and self.coordinated)
+        self._thread = threading.Thread(target=self._run, args=(write, previous), name=name)
         self._thread.start()
 
-    def _run(self, write: Callable[[], object]) -> None:
+    def _run(self, write: Callable[[], object], previous: threading.Thread | None) -> None:
+        if previous is not None:
+            previous.join()
         try:
             write()
         except BaseException as exc:
-            self._error = exc
+            if self._error is None:
+                self._error = exc
             log.exception("asynchronous checkpoint save failed")
 
     def join(self) -> None:
-        """Wait for the write in flight, if any."""
+        """Wait for every write started, if any."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
             self.pending = None
+            self.coordinated = False
 
     def take_error(self) -> BaseException | None:
-        """The error of the last background write (cleared)."""
+        """The first error of the background writes since the last call (cleared)."""
         error, self._error = self._error, None
         return error
 
