@@ -83,7 +83,7 @@ def worker(args: argparse.Namespace) -> int:
     text = config_text(root, port, restarts_per_window=len(faults) + 2)
     if args.warm_start:
         section = "[healers.checkpoint_restart]\n"
-        text = text.replace(section, section + "warm_start = true\n")
+        text = text.replace(section, section + "warm_start = true\nwarm_nice = 0\n")  # spares ready in time
     config_path.write_text(text, encoding="utf-8")
     config = load_config(config_path, plugin_groups())
     command = toy_command(root, args.steps, faults, free_port())
@@ -480,7 +480,7 @@ def main() -> int:
         ]
         if args.warm_start:
             warm = run_daemon(
-                "trainwarden (warm start)",
+                "trainwarden (warm start, warm_nice 0)",
                 tmp / "kinds-warm",
                 kinds_steps,
                 kinds_faults,

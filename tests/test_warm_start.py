@@ -106,6 +106,7 @@ def test_a_spare_runs_the_command_with_its_stdio_and_status_and_dies_with_its_sh
     """A claimed spare writes to the shim's stdout, exits with its status, dies when its shim is killed."""
     pool = WarmPool(tmp_path / "pool", size=1, modules=("json",), nice=0)
     pool.start()
+    pool.fill()
     try:
         env = pool.child_env(dict(os.environ))
         _wait("a ready spare", lambda: pool.ready() == 1)

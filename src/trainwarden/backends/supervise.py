@@ -99,6 +99,7 @@ class Supervisor(RestartBackend):
         self._paths = paths or HostPaths()
         self._aliases: set[str] = set()  # names the current child's ranks gave themselves
         self.warm = warm
+        self._stepped = False  # the current child's job stepped: the pool may refill now
         self._auto_spares = warm is not None and warm.size <= 0
         if warm is not None and self._auto_spares:
             warm.size = AUTO_SPARES
@@ -140,13 +141,19 @@ class Supervisor(RestartBackend):
                 data={"pid": proc.pid, "restart_count": self.generation - 1},
             ),
         )
-        if self.warm is not None:
-            self.warm.fill()
+        self._stepped = False
+
+    def stepped(self) -> None:
+        """The current child's job reported a step (it is back): spares may be started again."""
+        self._stepped = True
 
     def tick(self) -> None:
-        """Keep the warm pool full (one spare per local rank and the launcher); cheap, call it often."""
+        """Keep the warm pool full (one spare per local rank and the launcher); cheap, call it often.
+
+        Only once the current start stepped: spares importing beside a start would slow it down.
+        """
         warm = self.warm
-        if warm is None or self._stopped:
+        if warm is None or self._stopped or not self._stepped:
             return
         if self._auto_spares:
             local = len(self.descendant_ranks())

@@ -70,7 +70,7 @@ class WarmPool:
         self.started = 0  # spares started over the run's life
 
     def start(self) -> None:
-        """Create the directory and its sitecustomize, and start the first spares."""
+        """Create the directory, its sitecustomize and the life pipe (spares start with `fill`)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.directory.chmod(0o700)
         site = self.directory / SITE_DIR
@@ -78,7 +78,6 @@ class WarmPool:
         (site / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
         self._life_read, self._life = os.pipe()
         os.set_inheritable(self._life, False)  # noqa: FBT003 - the os API
-        self.fill()
 
     def child_env(self, env: Mapping[str, str]) -> dict[str, str]:
         """`env` for the supervised command: the pool's directory and its sitecustomize first on the path."""

@@ -217,6 +217,7 @@ class _Run:
             self.stages.mark(self.job, record.stage, record.at)
         elif isinstance(record, StepRecord):
             self.stages.step(self.job, record.step, now)
+            self.supervisor.stepped()
 
     def _crashed(self, finding: Finding) -> None:
         """A rank died: the fault's time for the restart that answers it, and a timeline event."""
