@@ -133,6 +133,37 @@ def test_rollback_that_healed_gets_no_second_action(rig: Rig) -> None:
     assert rig.taken() == [("rollback", "applied")]
 
 
+def test_a_second_bad_batch_past_the_first_gets_a_rollback_of_its_own(rig: Rig) -> None:
+    """A rollback that worked (the job trained on past the skipped batch) and a new NaN episode at a later
+    step within `recurrence_seconds`: a new fault, rolled back again, not read as the first rollback failing
+    (which, with the default one attempt per rung, would restart a healthy job)."""
+    rig.ranks(capable=True)
+    rig.steps((9.0, 44))
+    rig.policy.tick(11.0, [nan(10.0)])
+    rig.steps((12.0, 41), (13.0, 45), (150.0, 300))  # back below 40, then on past it
+    # past the 120 s cooldown, within the 300 s recurrence window
+    outcomes = rig.policy.tick(161.0, [nan(160.5, first_step=298.0, since=160.0)])
+    assert [(o.healer, o.result) for o in outcomes] == [("rollback", "applied")]
+    request = rig.control().rollback_request
+    assert request is not None
+    assert request.step == 298
+    assert rig.restart.calls == []
+
+
+def test_a_new_episode_that_never_got_past_the_rolled_back_step_escalates(rig: Rig) -> None:
+    """A new NaN episode at or before the step already rolled back (the job never trained past it) is
+    evidence that the rollback did not heal: checkpoint_restart, once."""
+    rig.ranks(capable=True)
+    rig.steps((9.0, 44))
+    rig.policy.tick(11.0, [nan(10.0)])
+    rig.steps(
+        (12.0, 39),
+    )
+    outcomes = rig.policy.tick(14.0, [nan(13.5, first_step=40.0, since=13.0)])
+    assert [(o.healer, o.result) for o in outcomes] == [("checkpoint_restart", "applied")]
+    assert "escalating: nonfinite recurred" in rig.restart.calls[0].reason
+
+
 def test_rollback_not_yet_seen_waits_instead_of_restarting(rig: Rig) -> None:
     """Until the job's steps go back, a NaN observed after the request belongs to it (the job has not reached
     its boundary yet), so no restart is stacked on the rollback; steps going back before the bad step

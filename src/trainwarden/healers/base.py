@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from trainwarden.config import PluginOptions
-from trainwarden.model import Action, ActionOutcome, ActionResult, JobView
+from trainwarden.model import Action, ActionOutcome, ActionResult, Finding, JobView
 
 if TYPE_CHECKING:
     from trainwarden.backends.base import RestartBackend
@@ -68,6 +68,17 @@ class Healer(abc.ABC):
         """
         del action
         return applied_at
+
+    def new_fault(self, acted_on: Mapping[str, object], finding: Finding) -> bool:
+        """Whether `finding`, a new episode of the rule acted on, is a new fault, not a failed action.
+
+        Within `recurrence_seconds` a new episode is otherwise evidence that the action did not work.
+
+        `acted_on` is the evidence of the finding the action answered. Default: never; a rollback,
+        which skips the bad batch, says yes when the new episode's first bad step lies past the old one.
+        """
+        del acted_on, finding
+        return False
 
     def can_act(self, subject: Mapping[str, str]) -> bool:
         """Whether this healer can act on `subject` at all; the policy skips a rung that cannot.

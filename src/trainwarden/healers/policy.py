@@ -396,6 +396,9 @@ class Policy(PolicyRecords):
             persisted = entry.finding_key == key
             if not persisted and later > self.config.recurrence_seconds:
                 break  # long after: a new fault, not a failed action
+            healer = self._healers.get(entry.healer)
+            if not persisted and healer is not None and healer.new_fault(entry.evidence, finding):
+                break  # the action removed its fault's cause (a rollback skipped the batch): a new one
             verb = "persisted" if persisted else "recurred"
             evidence = f"{finding.rule} {verb} {later:.0f}s after {entry.healer} took effect"
             rung = ladder.index(entry.healer) if entry.healer in ladder else len(ladder) - 1

@@ -37,6 +37,7 @@ from trainwarden.control import (
     write_control,
 )
 from trainwarden.healers.base import Action, ActionOutcome, ActionResult, Healer
+from trainwarden.model import Finding
 from trainwarden.protocol import default_control_dir
 
 log = logging.getLogger(__name__)
@@ -136,13 +137,31 @@ class RollbackHealer(Healer):
             return None
         return max(applied_at, min(back))
 
+    def new_fault(self, acted_on: Mapping[str, object], finding: Finding) -> bool:
+        """A new non-finite episode whose first bad step lies past the one rolled back is a new fault.
+
+        The rollback skipped that batch and the job trained on past it, so the rollback worked; a
+        second bad batch gets a rollback of its own, not a restart. A new episode at or before the old
+        step (the job never got past it) is still evidence that the rollback did not heal; so is the
+        same episode persisting (the job stopped rolling back after `max_rollbacks`).
+        """
+        before, now = _bad_step(acted_on), _bad_step(finding.evidence)
+        return before is not None and now is not None and now > before
+
+
+def _bad_step(source: Mapping[str, object]) -> int | None:
+    value = source.get("first_step", source.get("step"))
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 2**53:
+        return int(value)
+    return None
+
 
 def _first_bad_step(action: Action) -> int | None:
     """The finding's first bad step, from the action's params (or, when journaled, its evidence)."""
     for source in (action.params, action.evidence):
-        value = source.get("first_step", source.get("step"))
-        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 2**53:
-            return int(value)
+        step = _bad_step(source)
+        if step is not None:
+            return step
     return None
 
 
