@@ -70,10 +70,21 @@ def test_batch_size_is_read_from_tensors_tuples_and_dicts() -> None:
 # --- Lightning ---------------------------------------------------------------------------------------
 
 
+def skip(control: Path, first: int, last: int) -> None:
+    """Name batches first..last to skip in the job's control file, as the daemon does after a NaN."""
+    write_control(control_path(control, "cb"), ControlState(job="cb", skip_batches=((first, last),)))
+
+
 def lightning_fit(
-    data: Path, ckpt: Path, steps: int, stop_at: tuple[Path, int] | None = None, **trainer_options: object
+    data: Path,
+    ckpt: Path,
+    steps: int,
+    stop_at: tuple[Path, int] | None = None,
+    nan_at: int | None = None,
+    **trainer_options: object,
 ) -> tuple[object, object]:
-    """Fit the integration job's model in this process (a stop request written after step `stop_at[1]`)."""
+    """Fit the integration job's model in this process (a stop request written after step `stop_at[1]`,
+    a NaN loss at batch `nan_at`)."""
     import lightning.pytorch as pl  # noqa: PLC0415
     import torch  # noqa: PLC0415
     from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: PLC0415
@@ -86,8 +97,14 @@ def lightning_fit(
             if stop_at is not None and trainer.fit_loop.epoch_loop.total_batch_idx == stop_at[1]:
                 request(stop_at[0], stop_request="stop-1")
 
+    class Faulty(Classifier):
+        def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            bad = self.trainer.fit_loop.epoch_loop.total_batch_idx == nan_at
+            return loss * float("nan") if bad else loss
+
     torch.manual_seed(0)
-    model = Classifier(3e-3)
+    model = Faulty(3e-3)
     # The control file is read at every step (not at most every 0.1 s), so the request is obeyed at
     # the step it was written in (the requester runs first), whatever the machine's load.
     warden = TrainwardenCallback(reporter=Reporter.from_env(control_interval=0.0))
@@ -131,6 +148,23 @@ def test_lightning_stop_request_checkpoints_stops_and_resumes_exactly(
     assert digest(model) == digest(plain)
 
 
+@pytest.mark.timeout(300)
+def test_lightning_skips_the_update_of_a_batch_named_in_skip_batches(tmp_path: Path, no_daemon: Path) -> None:
+    """With batch 5 named in `skip_batches`, its NaN loss changes no parameter and no optimizer state:
+    the run ends finite and bit-equal to a clean run that skips the same batch (one optimizer step
+    fewer); without the skip the NaN ruins the parameters."""
+    data = write_data(tmp_path / "data", 60, world=1)
+    _, ruined = lightning_fit(data, tmp_path / "ruined", 12, nan_at=5)
+    assert digest(ruined)[1] is False
+    skip(no_daemon, 5, 5)
+    _, skipped = lightning_fit(data, tmp_path / "skipped", 12, nan_at=5)
+    _, clean = lightning_fit(data, tmp_path / "clean", 12)
+    assert digest(skipped)[1] is True
+    assert digest(skipped) == digest(clean)
+    optimizer = skipped.trainer.optimizers[0]  # type: ignore[attr-defined]
+    assert {int(state["step"]) for state in optimizer.state.values()} == {11}
+
+
 @pytest.mark.timeout(120)
 def test_lightning_refuses_its_own_clipping_beside_the_adaptive_one(tmp_path: Path, no_daemon: Path) -> None:
     """`gradient_clip_val` with `clip=True` stops `fit` before training, naming the setting."""
@@ -143,9 +177,15 @@ def test_lightning_refuses_its_own_clipping_beside_the_adaptive_one(tmp_path: Pa
 
 
 def hf_train(
-    data: Path, ckpt: Path, steps: int, max_grad_norm: float = 0.0, stop_at: tuple[Path, int] | None = None
+    data: Path,
+    ckpt: Path,
+    steps: int,
+    max_grad_norm: float = 0.0,
+    stop_at: tuple[Path, int] | None = None,
+    nan_at: int | None = None,
 ) -> tuple[object, object]:
-    """Train the integration job's model with the Trainer here (a stop request written at `stop_at[1]`)."""
+    """Train the integration job's model with the Trainer here (a stop request written at `stop_at[1]`,
+    a NaN loss at step `nan_at`)."""
     import torch  # noqa: PLC0415
     from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: PLC0415
     from transformers.trainer_utils import get_last_checkpoint  # noqa: PLC0415
@@ -153,13 +193,21 @@ def hf_train(
     from integration_hf_job import Classifier, Samples  # noqa: PLC0415
     from trainwarden.integrations.transformers import TrainwardenCallback  # noqa: PLC0415
 
+    class Faulty(Classifier):
+        bad = False
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = super().forward(x, labels)
+            return {**out, "loss": out["loss"] * float("nan")} if self.bad else out
+
     class Requester(TrainerCallback):  # type: ignore[misc]
         def on_step_begin(self, args: object, state: object, control: object, **_: object) -> None:
             if stop_at is not None and state.global_step == stop_at[1]:  # type: ignore[attr-defined]
                 request(stop_at[0], stop_request="stop-1")
+            model.bad = state.global_step == nan_at  # type: ignore[attr-defined]
 
     torch.manual_seed(0)
-    model = Classifier()
+    model = Faulty()
     warden = TrainwardenCallback(reporter=Reporter.from_env(control_interval=0.0))  # read every step
     args = TrainingArguments(
         output_dir=str(ckpt),
@@ -215,6 +263,20 @@ def test_hf_stop_on_an_epochs_last_step_resumes_exactly(tmp_path: Path, no_daemo
     resumed, model = hf_train(data, tmp_path / "ckpt", 40)
     assert resumed.exit_status == 0  # type: ignore[attr-defined]
     assert digest(model) == digest(plain)
+
+
+@pytest.mark.timeout(300)
+def test_hf_skips_the_update_of_a_step_named_in_skip_batches(tmp_path: Path, no_daemon: Path) -> None:
+    """With step 5 named in `skip_batches`, its NaN loss changes no parameter: the run ends finite and
+    bit-equal to a clean run that skips the same step; without the skip the NaN ruins the parameters."""
+    data = write_data(tmp_path / "data", 60, world=1)
+    _, ruined = hf_train(data, tmp_path / "ruined", 12, nan_at=5)
+    assert digest(ruined)[1] is False
+    skip(no_daemon, 5, 5)
+    _, skipped = hf_train(data, tmp_path / "skipped", 12, nan_at=5)
+    _, clean = hf_train(data, tmp_path / "clean", 12)
+    assert digest(skipped)[1] is True
+    assert digest(skipped) == digest(clean)
 
 
 @pytest.mark.timeout(120)

@@ -114,6 +114,7 @@ class PlannedInterrupt:
         self._previous: dict[signal.Signals, _Handler] = {}
         self._handled: list[str] = []
         self._last_control: ControlState | None = None
+        self._quiet = Boundary()  # "nothing to do" for the state last seen: reused, not rebuilt per step
         self._dist, self._group = _setup_distributed()
 
     # --- signals ----------------------------------------------------------------------------------
@@ -170,14 +171,17 @@ class PlannedInterrupt:
         """
         self._arm()
         state = self._poll()
+        quiet = self._quiet
+        if quiet.control is not state:
+            quiet = self._quiet = Boundary(control=state)
         if step % self.sync_every != 0:
-            return Boundary(control=state)
+            return quiet
         stop_id = self._new_request(state, "stop")
         ckpt_id = self._new_request(state, "checkpoint")
         local = (self._signal is not None, stop_id is not None, ckpt_id is not None)
         flags = self._agree(local)
         if not any(flags):
-            return Boundary(control=state)
+            return quiet
         ids = self._all_ids((stop_id, ckpt_id))
         for request_id in ids:
             self._mark_handled(request_id)

@@ -78,7 +78,9 @@ class ReporterSocket:
 
     def _run(self) -> None:
         # step() never signals the thread (that would cost the caller); it polls instead, every
-        # flush_interval while busy, backing off to _IDLE_WAIT when there is nothing to send.
+        # flush_interval while busy, backing off to _IDLE_WAIT when there is nothing to send. The
+        # default (50 ms) sends the records of several short steps in one write and takes the GIL
+        # once for them: waking per record cost the training thread more than the hooks did.
         idle_wait = self._flush_interval
         while not self._closed:
             if not self._queue and not self._waiting and not self._out:

@@ -5,6 +5,10 @@ A framework callback calls these in its own hooks, so the two integrations behav
 - `start(parameters)` once training begins (after the framework has set up its process group):
   builds the `AdaptiveClipper` and the `PlannedInterrupt` (its agreement group needs the process
   group), reads the control file once and applies its clip settings, and acknowledges them;
+- `skipping(step)` / `drop_update(optimizer)` right before the optimizer step: a batch the daemon
+  named in `skip_batches` (the state read at start, the same on every rank) changes nothing: every
+  gradient is set to None, which `torch.optim` optimizers skip (no parameter, moment or step-count
+  change); the framework still ran its forward and backward and still steps its scheduler;
 - `clip(optimizer)` right before the optimizer step: adaptive clipping in place, the pre-clip norm
   as a tensor (no host sync), and the skip flag handed to a fused optimizer for that step;
 - `report(...)` and `boundary(step)` once a step is done: the step record, then the agreed
@@ -71,6 +75,7 @@ class CallbackCore:
         self._world_size = 1
         self._pending_state: Mapping[str, Any] | None = None
         self._found_inf_on: Any = None
+        self._skip_batches: tuple[tuple[int, int], ...] = ()
 
     @property
     def reporter(self) -> Reporter:
@@ -102,12 +107,29 @@ class CallbackCore:
             self.guard = guard.install() if self._signals else guard
         self.build(parameters)
         control = self.reporter.poll_control()
+        # Read once, before the first step: every rank of a (re)started job read the same file.
+        self._skip_batches = control.skip_batches
         if self.clipper is not None:
             if control.clip is not None:
                 self.clipper.update(control.clip)
             self.reporter.clip_in_use(self.clipper.settings)
 
     # --- the step ---------------------------------------------------------------------------------
+
+    def skipping(self, step: int) -> bool:
+        """Whether the daemon named batch `step` to skip (in the control state read at start)."""
+        return bool(self._skip_batches) and any(a <= step <= b for a, b in self._skip_batches)
+
+    def drop_update(self, optimizer: Any, step: int) -> None:
+        """Make the coming optimizer step a no-op: gradients to None, which `torch.optim` skips.
+
+        Neither clipped nor learnt from (the clipper's statistics stay as they were): the batch may
+        be the non-finite one the daemon restarted the job for.
+        """
+        log.warning("step %d: skipping this batch's update (skip_batches in the control file)", step)
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                parameter.grad = None
 
     def clip(self, optimizer: Any = None) -> Any:
         """Clip in place before the optimizer step; the pre-clip norm (a tensor), or None without a clipper.

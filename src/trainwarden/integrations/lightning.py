@@ -11,7 +11,8 @@
 
 Hooks used (Lightning 2.x): ``setup`` / ``on_train_start`` bracket the ``init`` phase;
 ``on_validation_start`` / ``on_validation_end`` the ``eval`` phase; ``on_before_optimizer_step``
-clips adaptively (after backward and DDP's all-reduce, before the optimizer); ``on_train_batch_end``
+clips adaptively (after backward and DDP's all-reduce, before the optimizer), or drops the update of
+a batch named in the control file's ``skip_batches`` (gradients to None); ``on_train_batch_end``
 reports the step (batch index across epochs, the step's loss, the clipper's pre-clip norm, the
 first group's lr, the batch's samples) and asks `PlannedInterrupt` for the agreed decision: a
 checkpoint request is answered with ``trainer.save_checkpoint`` into the `ModelCheckpoint`'s
@@ -72,6 +73,8 @@ class TrainwardenCallback(pl.Callback):
         self._init_phase: Any = None
         self._eval_phase: Any = None
         self._grad_norm: Any = None
+        self._skipped = False  # this batch's update was dropped (`skip_batches`)
+        self._optimizer: Any = None  # the first optimizer, looked up once (its lr is read per step)
 
     @property
     def exit_status(self) -> int:
@@ -97,6 +100,7 @@ class TrainwardenCallback(pl.Callback):
         _exit(self._init_phase)
         self._init_phase = None
         self.core.start(pl_module.parameters())
+        self._optimizer = trainer.optimizers[0] if trainer.optimizers else None
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Validation (and the sanity check) is the eval phase: the stall rule times it apart."""
@@ -112,7 +116,12 @@ class TrainwardenCallback(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        """Adaptive clipping, after backward (and DDP's averaging), before the optimizer steps."""
+        """Adaptive clipping after backward (and DDP's averaging); no update for a batch to skip."""
+        step = trainer.fit_loop.epoch_loop.total_batch_idx
+        if self.core.skipping(step):
+            self._skipped = True
+            self.core.drop_update(optimizer, step)
+            return
         self._grad_norm = self.core.clip(optimizer)
 
     def on_train_batch_end(
@@ -121,11 +130,13 @@ class TrainwardenCallback(pl.Callback):
         """Report the step, then checkpoint and/or stop when the ranks agree a request came."""
         self.core.after_optimizer_step()
         step = trainer.fit_loop.epoch_loop.total_batch_idx
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if loss is not None and hasattr(loss, "detach"):
+        loss = outputs.get("loss") if type(outputs) is dict or isinstance(outputs, Mapping) else outputs
+        if self._skipped:  # its loss may be the non-finite one the batch is skipped for
+            loss, self._skipped = None, False
+        elif loss is not None and getattr(loss, "requires_grad", False):  # Lightning: detached already
             loss = loss.detach()
-        optimizers = trainer.optimizers
-        lr = optimizers[0].param_groups[0]["lr"] if optimizers else None
+        optimizer = self._optimizer
+        lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
         self.core.report(step, loss=loss, grad_norm=self._grad_norm, lr=lr, samples=batch_size(batch))
         self._grad_norm = None
         decision = self.core.boundary(step)

@@ -11,7 +11,8 @@
 
 Hooks used (transformers 5.x): ``on_init_end`` / ``on_train_begin`` bracket the ``init`` phase;
 ``on_pre_optimizer_step`` clips adaptively (the Trainer's own clipping must be off:
-``max_grad_norm=0``); ``on_step_end`` reports the step (``global_step - 1``: the batch index when
+``max_grad_norm=0``), or drops the update of a batch named in the control file's ``skip_batches``
+(gradients to None); ``on_step_end`` reports the step (``global_step - 1``: the batch index when
 ``gradient_accumulation_steps`` is 1) and asks `PlannedInterrupt` for the agreed decision, turning a
 checkpoint request into ``control.should_save`` and a stop request into that plus
 ``control.should_training_stop``; ``on_log`` adds the logged loss to the step record when the step
@@ -74,6 +75,7 @@ class TrainwardenCallback(TrainerCallback):
         self._grad_norm: Any = None
         self._pending: dict[str, Any] | None = None  # the step record waiting for its logged loss
         self._save_after_log = False
+        self._skipped = False  # this step's update was dropped (`skip_batches`)
 
     @property
     def exit_status(self) -> int:
@@ -109,8 +111,13 @@ class TrainwardenCallback(TrainerCallback):
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Adaptive clipping, after backward and the gradient all-reduce, before the optimizer steps."""
-        self._grad_norm = self.core.clip(kwargs.get("optimizer"))
+        """Adaptive clipping after backward and the gradient all-reduce; no update for a step to skip."""
+        optimizer = kwargs.get("optimizer")
+        if optimizer is not None and self.core.skipping(state.global_step):
+            self._skipped = True
+            self.core.drop_update(optimizer, state.global_step)
+            return
+        self._grad_norm = self.core.clip(optimizer)
 
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
@@ -131,6 +138,7 @@ class TrainwardenCallback(TrainerCallback):
             "lr": lr,
             "samples": args.per_device_train_batch_size * args.gradient_accumulation_steps,
         }
+        skipped, self._skipped = self._skipped, False
         self._grad_norm = None
         self._flush_pending()
         decision = self.core.boundary(step)
@@ -138,7 +146,7 @@ class TrainwardenCallback(TrainerCallback):
             control.should_save = True
         if decision.stop:
             control.should_training_stop = True
-        if control.should_log:
+        if control.should_log and not skipped:  # a skipped step's logged loss may be the bad one
             self._pending = {"step": step, **record}
             self._save_after_log = bool(control.should_save)
         else:
