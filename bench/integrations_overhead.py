@@ -12,12 +12,17 @@ For each framework, runs alternate (so a change of the machine's load hits every
 - **bare + own clipping**: the framework clipping at 1.0 (`gradient_clip_val` / `max_grad_norm`);
 - **callback, clip=True**: the callback's adaptive clipping instead of the framework's.
 
-The step time is the median interval between consecutive step-end hooks after a warm-up, per run;
-the table shows the median over rounds and the ratios callback / bare (clip off) and callback /
-bare with its own clipping (clip on). A side-by-side ratio on a shared, loaded machine carries
-more noise than 1 %, so the time spent inside the callback's hooks is also measured directly (each
-hook of the instance wrapped in a timer; the reporter's sender thread is not in it) and shown as a
-share of the bare step. Target (issue 13): <= 1 %. Run::
+Three measures, because wall time on a shared, loaded machine carries more noise than 1 %:
+
+- **wall**: the median interval between consecutive step-end hooks after a warm-up, per run;
+- **CPU**: the process's CPU time per step after the warm-up (`time.process_time`, every thread:
+  the reporter's sender thread is in it, as it should be), which another process's load barely
+  moves; the ratio callback / bare is taken per round (runs side by side), then the median;
+- **in the hooks**: each per-step hook of the callback instance wrapped in a timer, wall
+  (`perf_counter`) and the main thread's CPU (`thread_time`: not inflated by preemption), shown as
+  a share of the bare step's CPU time.
+
+Each value is the median over rounds. Target (issue 13): <= 1 % of a bare step. Run::
 
     .venv/bin/python bench/integrations_overhead.py                # prints a Markdown table
     .venv/bin/python bench/integrations_overhead.py --rounds 7 --steps 400
@@ -26,6 +31,7 @@ share of the bare step. Target (issue 13): <= 1 %. Run::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import statistics
@@ -73,7 +79,8 @@ class HookTimer:
     """Wraps the per-step hooks of one callback instance; adds up their time once the warm-up is over."""
 
     def __init__(self, callback: Any) -> None:
-        self.seconds = 0.0
+        self.seconds = 0.0  # wall
+        self.cpu = 0.0  # this thread's CPU time
         self.armed = False  # set after WARMUP steps: set-up and first-call costs are not per-step costs
         for name in STEP_HOOKS:
             if hasattr(callback, name):
@@ -81,22 +88,47 @@ class HookTimer:
 
     def _timed(self, hook: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             try:
                 return hook(*args, **kwargs)
             finally:
                 if self.armed:
+                    self.cpu += time.thread_time() - cpu
                     self.seconds += time.perf_counter() - started
 
         return timed
 
-    def per_step(self, steps: int) -> float:
-        return self.seconds / (steps - WARMUP)
+
+class Stamps:
+    """Wall and process CPU time at each step end; a run's result once it is over."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.timer: HookTimer | None = None
+
+    def stamp(self) -> None:
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+        if self.timer is not None and len(self.wall) == WARMUP:
+            self.timer.armed = True
+
+    def result(self) -> Result:
+        deltas = [b - a for a, b in zip(self.wall[WARMUP:], self.wall[WARMUP + 1 :], strict=False)]
+        steps = len(self.cpu) - WARMUP
+        cpu = (self.cpu[-1] - self.cpu[WARMUP - 1]) / steps
+        hooks = (0.0, 0.0) if self.timer is None else (self.timer.seconds / steps, self.timer.cpu / steps)
+        return Result(statistics.median(deltas), cpu, *hooks)
 
 
-def median_interval(stamps: list[float]) -> float:
-    deltas = [b - a for a, b in zip(stamps[WARMUP:], stamps[WARMUP + 1 :], strict=False)]
-    return statistics.median(deltas)
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """One run: median wall step, CPU per step, hook wall and hook CPU per step (seconds)."""
+
+    wall: float
+    cpu: float
+    hooks_wall: float
+    hooks_cpu: float
 
 
 # --- a daemon that reads and discards -----------------------------------------------------------------
@@ -127,7 +159,7 @@ def start_sink(path: Path) -> socket.socket:
 # --- Lightning ----------------------------------------------------------------------------------------
 
 
-def lightning_run(steps: int, *, callback: bool, clip: bool) -> tuple[float, float]:
+def lightning_run(steps: int, *, callback: bool, clip: bool) -> Result:
     import lightning.pytorch as pl  # noqa: PLC0415
 
     from trainwarden.integrations.lightning import TrainwardenCallback  # noqa: PLC0415
@@ -145,20 +177,16 @@ def lightning_run(steps: int, *, callback: bool, clip: bool) -> tuple[float, flo
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
-    stamps: list[float] = []
-
-    timer: HookTimer | None = None
+    stamps = Stamps()
 
     class Stamp(pl.Callback):
         def on_train_batch_end(self, *_: Any) -> None:
-            stamps.append(time.perf_counter())
-            if timer is not None and len(stamps) == WARMUP:
-                timer.armed = True
+            stamps.stamp()
 
     callbacks: list[pl.Callback] = [Stamp()]
     if callback:
         warden = TrainwardenCallback(clip=clip)
-        timer = HookTimer(warden)
+        stamps.timer = HookTimer(warden)
         callbacks.insert(0, warden)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -180,13 +208,13 @@ def lightning_run(steps: int, *, callback: bool, clip: bool) -> tuple[float, flo
             return zip(x, y, strict=True)
 
     trainer.fit(Module(), Batches())
-    return median_interval(stamps), 0.0 if timer is None else timer.per_step(steps)
+    return stamps.result()
 
 
 # --- Hugging Face Trainer -----------------------------------------------------------------------------
 
 
-def hf_run(steps: int, *, callback: bool, clip: bool) -> tuple[float, float]:
+def hf_run(steps: int, *, callback: bool, clip: bool) -> Result:
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments  # noqa: PLC0415
 
     from trainwarden.integrations.transformers import TrainwardenCallback  # noqa: PLC0415
@@ -208,20 +236,16 @@ def hf_run(steps: int, *, callback: bool, clip: bool) -> tuple[float, float]:
         def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
             return {"loss": nn.functional.cross_entropy(self.net(x), labels)}
 
-    stamps: list[float] = []
-
-    timer: HookTimer | None = None
+    stamps = Stamps()
 
     class Stamp(TrainerCallback):  # type: ignore[misc]
         def on_step_end(self, *_: Any, **__: Any) -> None:
-            stamps.append(time.perf_counter())
-            if timer is not None and len(stamps) == WARMUP:
-                timer.armed = True
+            stamps.stamp()
 
     callbacks: list[Any] = [Stamp()]
     if callback:
         warden = TrainwardenCallback(clip=clip)
-        timer = HookTimer(warden)
+        stamps.timer = HookTimer(warden)
         callbacks.insert(0, warden)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
@@ -239,8 +263,11 @@ def hf_run(steps: int, *, callback: bool, clip: bool) -> tuple[float, float]:
         trainer = Trainer(model=Model(), args=args, train_dataset=Samples(), callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)  # prints every step's logs: noise in both variants
         trainer.train()
-    return median_interval(stamps), 0.0 if timer is None else timer.per_step(steps)
+    return stamps.result()
 
+
+BASE = {False: "bare", True: "bare + own clipping"}
+"""What each variant is compared with: the framework without the callback, clipping alike."""
 
 VARIANTS = [
     ("bare", False, False),
@@ -250,18 +277,27 @@ VARIANTS = [
 ]
 
 
-def measure(
-    run: Callable[..., tuple[float, float]], steps: int, rounds: int
-) -> dict[str, tuple[float, float]]:
-    """variant -> (median step seconds, median seconds inside the callback's hooks per step)."""
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in VARIANTS}
+def measure(run: Callable[..., Result], steps: int, rounds: int) -> dict[str, dict[str, float]]:
+    """variant -> medians over rounds of each `Result` field, and of the per-round CPU ratio to its base."""
+    runs: dict[str, list[Result]] = {name: [] for name, _, _ in VARIANTS}
     for _ in range(rounds):
         for name, callback, clip in VARIANTS:
-            times[name].append(run(steps, callback=callback, clip=clip))
-    return {
-        name: (statistics.median(v[0] for v in values), statistics.median(v[1] for v in values))
-        for name, values in times.items()
-    }
+            runs[name].append(run(steps, callback=callback, clip=clip))
+    out: dict[str, dict[str, float]] = {}
+    for name, callback, clip in VARIANTS:
+        base = runs[BASE[clip]]
+        out[name] = {
+            field.name: statistics.median(getattr(r, field.name) for r in runs[name])
+            for field in dataclasses.fields(Result)
+        }
+        out[name]["cpu_ratio"] = statistics.median(
+            r.cpu / b.cpu for r, b in zip(runs[name], base, strict=True)
+        )
+        out[name]["wall_ratio"] = statistics.median(
+            r.wall / b.wall for r, b in zip(runs[name], base, strict=True)
+        )
+        del callback
+    return out
 
 
 def main() -> int:
@@ -287,21 +323,27 @@ def main() -> int:
         (root / "control").mkdir()
         write_control(control_path(root / "control", "bench"), ControlState(job="bench"))
         runs = {"lightning": lightning_run, "transformers": hf_run}
-        print(f"{args.rounds} rounds x {args.steps} steps, median step time after {WARMUP} warm-up steps")
+        print(f"{args.rounds} rounds x {args.steps} steps, medians after {WARMUP} warm-up steps")
         print()
         print(
-            "| framework | bare step | with callback (clip=False) | ratio | in its hooks "
-            "| share of bare step | bare + own clipping | callback, clip=True | ratio |"
+            "| framework | variant | wall step | CPU step | CPU ratio | wall ratio "
+            "| in hooks (wall) | in hooks (CPU) | hooks CPU / bare CPU step |"
         )
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for framework in args.frameworks.split(","):
             result = measure(runs[framework], args.steps, args.rounds)
-            (bare, _), (cb, hooks), (own, _), (cbclip, _) = (result[name] for name, _, _ in VARIANTS)
-            print(
-                f"| {framework} | {bare * 1e3:.3f} ms | {cb * 1e3:.3f} ms | {cb / bare:.3f} "
-                f"| {hooks * 1e6:.0f} µs | {hooks / bare:.2%} "
-                f"| {own * 1e3:.3f} ms | {cbclip * 1e3:.3f} ms | {cbclip / own:.3f} |"
-            )
+            for name, callback, clip in VARIANTS:
+                r = result[name]
+                base = result[BASE[clip]]
+                share = f"{r['hooks_cpu'] / base['cpu']:.2%}" if callback else ""
+                hooks = (
+                    f"{r['hooks_wall'] * 1e6:.0f} µs | {r['hooks_cpu'] * 1e6:.0f} µs" if callback else " | "
+                )
+                ratios = f"{r['cpu_ratio']:.3f} | {r['wall_ratio']:.3f}" if callback else " | "
+                print(
+                    f"| {framework} | {name} | {r['wall'] * 1e3:.2f} ms | {r['cpu'] * 1e3:.2f} ms "
+                    f"| {ratios} | {hooks} | {share} |"
+                )
     return 0
 
 
