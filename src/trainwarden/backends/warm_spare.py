@@ -1,15 +1,16 @@
-"""A warm spare: a Python that imported torch (and the configured modules) ahead of time, waiting for a start.
+"""Warm spares: Pythons that imported torch (and the configured modules) ahead of time, waiting for a start.
 
-Started by the run's pool (`warm_pool`) as `python -m trainwarden.backends.warm_spare DIR LIFE_FD
-NICE MODULE…`. It imports the modules on a thread of its own at niceness NICE (per thread on Linux:
-an unprivileged process could never lower it again for the rank), publishes `DIR/ready-PID.sock`
-and waits. It runs in a session of its own, where the kernel's autogroups would give it a share
-equal to the whole job's, so its autogroup has niceness NICE too until it is claimed, and the
-default then (unprivileged processes may do both). The shim (`warm_shim`) of a starting launcher
-or worker claims it and sends its command line, environment, working directory and stdio; the
-spare takes them on, runs the command in its main thread as `python` would have, and reports the
-exit status to the shim. It dies when its shim does (the connection hangs up), and, before a
-claim, when the run does (the pool's life pipe hangs up).
+The run's pool (`warm_pool`) starts one *zygote*, `python -m trainwarden.backends.warm_spare DIR
+LIFE_FD NICE MODULE…`, that imports the modules once at niceness NICE (its session's autogroup:
+the kernel shares CPU between sessions first) and then forks a spare for each `fork` line on its
+stdin: a fork of an imported process is ready in milliseconds, so the pool refills at once after
+a restart. Each spare starts a session of its own (the default priority: a fork could never lower
+an inherited niceness again), publishes `DIR/ready-PID.sock` and waits. The shim (`warm_shim`) of a
+starting launcher or worker claims it and sends its command line, environment, working directory
+and stdio; the spare takes them on, runs the command in its main thread as `python` would have,
+and reports the exit status to the shim. It dies when its shim does (the connection hangs up),
+and, before a claim, when the run does (the pool's life pipe hangs up); the zygote ends with the
+run (its stdin closes). Nothing of the job's ever runs in the zygote.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ AUTOGROUP = Path("/proc/self/autogroup")
 
 
 def _autogroup_nice(nice: int) -> None:
-    """Set this session's autogroup niceness (no autogroups, no matter: niceness per thread still holds)."""
+    """Set this session's autogroup niceness (without autogroups there is nothing to set)."""
     with contextlib.suppress(OSError):
         AUTOGROUP.write_text(str(nice), encoding="ascii")
 
@@ -63,9 +64,7 @@ def _watch(fd: int, armed: threading.Event) -> None:
             _die()
 
 
-def _import(modules: list[str], nice: int) -> None:
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+def _import(modules: list[str]) -> None:
     for name in modules:
         try:
             importlib.import_module(name)
@@ -140,16 +139,34 @@ def _run(plan: dict[str, Any]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """Import, publish, wait for a claim, run the claimed command; the process's exit status."""
+    """The zygote: import once, then fork a spare per `fork` line on stdin (its pid on stdout) until EOF."""
     directory, life, nice = Path(argv[0]), int(argv[1]), int(argv[2])
     _autogroup_nice(nice)
     os.set_inheritable(life, False)  # noqa: FBT003 - the os API
+    _import(argv[3:])
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # spares are reaped by the kernel, not waited for
+    for line in sys.stdin.buffer:  # EOF: the run is gone
+        if line.strip() != b"fork":
+            continue
+        pid = os.fork()
+        if pid == 0:
+            raise SystemExit(_spare(directory, life))  # the interpreter exits as python would
+        sys.stdout.write(f"{pid}\n")
+        sys.stdout.flush()
+    return 0
+
+
+def _spare(directory: Path, life: int) -> int:
+    """A forked spare: a session of its own, publish, wait for a claim, run the claimed command."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the job waits for its own children
+    os.setsid()  # its own session, so its own autogroup, at the default priority
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)  # not the zygote's pipes: the pool reads those
+    os.close(devnull)
     waiting = threading.Event()
     waiting.set()
     threading.Thread(target=_watch, args=(life, waiting), daemon=True, name="run-watch").start()
-    loader = threading.Thread(target=_import, args=(argv[3:], nice), name="warm-import")
-    loader.start()
-    loader.join()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     staging = directory / f"staging-{os.getpid()}{SUFFIX}"
     listener.bind(str(staging))
@@ -166,7 +183,6 @@ def main(argv: list[str]) -> int:
     armed.set()
     threading.Thread(target=_watch, args=(conn.fileno(), armed), daemon=True, name="shim-watch").start()
     message = _receive(conn)
-    _autogroup_nice(0)
     waiting.clear()  # the job's from here on: it outlives the run as any rank would
     _take_on(message)
 

@@ -92,7 +92,7 @@ class CheckpointRestartOptions(PluginOptions):
     warm_start: bool = False
     warm_spares: int = 0  # unclaimed spares kept; 0: one per local rank and one for the launcher
     warm_modules: tuple[str, ...] = DEFAULT_MODULES  # what each spare imports before it is claimed
-    warm_nice: int = 19  # spares' niceness until claimed (19: idle CPU only; 0: ready soonest)
+    warm_nice: int = 19  # the spares' zygote's niceness (19: idle CPU only; 0: ready soonest)
 
     def problems(self) -> list[tuple[str, str]]:  # noqa: C901, PLR0912 - one check per key
         """Positive bounds; each backend's own setting present."""
