@@ -35,6 +35,7 @@ def main() -> int:
     p.add_argument("--durable-every", type=int, default=10)
     p.add_argument("--crash-at", type=int, default=-1, help="every rank exits with 1 at this step")
     p.add_argument("--step-sleep", type=float, default=0.0)
+    p.add_argument("--local-when-busy", choices=("skip", "wait"), default="skip")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -51,6 +52,7 @@ def main() -> int:
         durable_every=args.durable_every,
         local_dir=local_dir,
         local_every=args.local_every,
+        local_when_busy=args.local_when_busy,
     )
     state = {"train": ModelOptimizerState(model, optimizer)}
     start = 0
