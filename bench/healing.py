@@ -355,18 +355,32 @@ def per_kind_table(runs: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def steps_rate(run: RunResult, ceiling: RunResult) -> float:
+    """Steps finished per wall second against the no-fault run's: goodput that slower steps cannot inflate.
+
+    Goodput counts productive *step time*, so a run whose every step is slower (its own per-step cost)
+    reads higher than it is; the step rate charges that cost too.
+    """
+    if run.final_step is None or ceiling.final_step is None or run.wall_s <= 0 or ceiling.wall_s <= 0:
+        return 0.0
+    return ((run.final_step + 1) / run.wall_s) / ((ceiling.final_step + 1) / ceiling.wall_s)
+
+
 def runs_table(runs: list[RunResult], ceiling: RunResult | None) -> str:
+    header = "| run | exit | wall | productive | goodput | vs no faults | steps/s vs no faults | daemon's"
     lines = [
-        "| run | exit | wall | productive | goodput | vs no faults | daemon's | final step | finite |",
-        "|---|---|---|---|---|---|---|---|---|",
+        header + " | final step | finite |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         vs = "-" if ceiling is None or ceiling.goodput <= 0 else f"{run.goodput / ceiling.goodput:.2f}"
+        rate = "-" if ceiling is None else f"{steps_rate(run, ceiling):.2f}"
         daemon = "-" if run.daemon_goodput is None else f"{run.daemon_goodput:.2f}"
         final = "-" if run.final_step is None else str(run.final_step + 1)
         lines.append(
             f"| {run.name} | {run.exit_code} | {run.wall_s:.1f} s | {run.productive_s:.1f} s | "
-            f"{run.goodput:.2f} | {vs} | {daemon} | {final} | {'yes' if run.final_finite else 'no'} |"
+            f"{run.goodput:.2f} | {vs} | {rate} | {daemon} | {final} | "
+            f"{'yes' if run.final_finite else 'no'} |"
         )
     return "\n".join(lines)
 
@@ -445,7 +459,11 @@ def main() -> int:
     parser.add_argument("--out-json", help=argparse.SUPPRESS)
     parser.add_argument("--local-dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--rollback-every", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--warm-start", action="store_true", help="per kind: a warm-start trainwarden row")
+    parser.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="a warm-start trainwarden row per kind and in the mixed campaign",
+    )
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -510,6 +528,18 @@ def main() -> int:
                 run_torchrun("torchrun", tmp / "mixed-torchrun", steps, mixed, args.pg_timeout, src),
                 run_torchrun("no faults", tmp / "mixed-clean", steps, [], args.pg_timeout, src),
             ]
+            if args.warm_start:
+                warm_mixed = run_daemon(
+                    "trainwarden (warm start, warm_nice 0)",
+                    tmp / "mixed-warm",
+                    steps,
+                    mixed,
+                    src=src,
+                    local_tier=True,
+                    rollback_every=ROLLBACK_EVERY,
+                    warm_start=True,
+                )
+                sections["campaign, mixed"].insert(1, warm_mixed)
             sections["campaign, NaN and spike only"] = [
                 run_daemon(
                     "trainwarden",
@@ -520,7 +550,7 @@ def main() -> int:
                     local_tier=True,
                     rollback_every=ROLLBACK_EVERY,
                 ),
-                sections["campaign, mixed"][2],
+                next(r for r in sections["campaign, mixed"] if r.name == "no faults"),
             ]
     for title, runs in sections.items():
         ceiling = next((r for r in runs if r.name == "no faults"), None)
