@@ -19,8 +19,8 @@ Three measures, because wall time on a shared, loaded machine carries more noise
   the reporter's sender thread is in it, as it should be), which another process's load barely
   moves; the ratio callback / bare is taken per round (runs side by side), then the median;
 - **in the hooks**: each per-step hook of the callback instance wrapped in a timer, wall
-  (`perf_counter`) and the main thread's CPU (`thread_time`: not inflated by preemption), shown as
-  a share of the bare step's CPU time.
+  (`perf_counter`) and the main thread's CPU (`thread_time`: not inflated by preemption), net of
+  the timer's own cost (timed on a no-op at start), shown as a share of the bare step's CPU time.
 
 Each value is the median over rounds. Target (issue 13): <= 1 % of a bare step. Run::
 
@@ -50,6 +50,8 @@ from torch import nn
 from trainwarden.control import ControlState, control_path, write_control
 
 WARMUP = 30
+TIMER_FLOOR = (0.0, 0.0)
+"""The hook timer's own cost per timed call (wall, CPU), measured once at start and subtracted."""
 BATCH, IN, OUT = 64, 256, 16
 
 
@@ -81,10 +83,22 @@ class HookTimer:
     def __init__(self, callback: Any) -> None:
         self.seconds = 0.0  # wall
         self.cpu = 0.0  # this thread's CPU time
+        self.calls = 0
         self.armed = False  # set after WARMUP steps: set-up and first-call costs are not per-step costs
         for name in STEP_HOOKS:
             if hasattr(callback, name):
                 setattr(callback, name, self._timed(getattr(callback, name)))
+
+    @staticmethod
+    def floor(calls: int = 2000) -> tuple[float, float]:
+        """What the timer itself adds to one timed call (wall, CPU): a clock read costs microseconds
+        on a VM (``thread_time`` is a system call), which would otherwise count as the callback's."""
+        timer = HookTimer(None)
+        timer.armed = True
+        noop = timer._timed(lambda: None)
+        for _ in range(calls):
+            noop()
+        return timer.seconds / calls, timer.cpu / calls
 
     def _timed(self, hook: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -95,6 +109,7 @@ class HookTimer:
                 if self.armed:
                     self.cpu += time.thread_time() - cpu
                     self.seconds += time.perf_counter() - started
+                    self.calls += 1
 
         return timed
 
@@ -117,7 +132,14 @@ class Stamps:
         deltas = [b - a for a, b in zip(self.wall[WARMUP:], self.wall[WARMUP + 1 :], strict=False)]
         steps = len(self.cpu) - WARMUP
         cpu = (self.cpu[-1] - self.cpu[WARMUP - 1]) / steps
-        hooks = (0.0, 0.0) if self.timer is None else (self.timer.seconds / steps, self.timer.cpu / steps)
+        hooks = (0.0, 0.0)
+        if self.timer is not None:
+            wall, cpu_floor = TIMER_FLOOR
+            calls = self.timer.calls
+            hooks = (
+                (self.timer.seconds - calls * wall) / steps,
+                (self.timer.cpu - calls * cpu_floor) / steps,
+            )
         return Result(statistics.median(deltas), cpu, *hooks)
 
 
@@ -312,6 +334,8 @@ def main() -> int:
 
     logging.disable(logging.WARNING)  # the frameworks' banners; a failure still raises
 
+    global TIMER_FLOOR  # noqa: PLW0603 - measured once, read by every run
+    TIMER_FLOOR = HookTimer.floor()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         start_sink(root / "client.sock")
@@ -324,6 +348,8 @@ def main() -> int:
         write_control(control_path(root / "control", "bench"), ControlState(job="bench"))
         runs = {"lightning": lightning_run, "transformers": hf_run}
         print(f"{args.rounds} rounds x {args.steps} steps, medians after {WARMUP} warm-up steps")
+        wall, cpu = TIMER_FLOOR
+        print(f"hook timer's own cost, subtracted: {wall * 1e6:.1f} µs wall, {cpu * 1e6:.1f} µs CPU a call")
         print()
         print(
             "| framework | variant | wall step | CPU step | CPU ratio | wall ratio "
