@@ -116,6 +116,11 @@ class CallbackCore:
 
     # --- the step ---------------------------------------------------------------------------------
 
+    @property
+    def skips_any(self) -> bool:
+        """Whether the control state read at start names any batch to skip (cheap: checked per step)."""
+        return bool(self._skip_batches)
+
     def skipping(self, step: int) -> bool:
         """Whether the daemon named batch `step` to skip (in the control state read at start)."""
         return bool(self._skip_batches) and any(a <= step <= b for a, b in self._skip_batches)
@@ -234,10 +239,10 @@ def batch_size(batch: Any) -> int | None:
         shape = getattr(batch, "shape", None)
         if shape is not None:
             return int(shape[0]) if len(shape) else None
-        if isinstance(batch, Mapping):
-            batch = next(iter(batch.values()), None)
-        elif isinstance(batch, list | tuple):
+        if isinstance(batch, list | tuple):  # before Mapping: an ABC's isinstance is the slow one
             batch = batch[0] if batch else None
+        elif isinstance(batch, Mapping):
+            batch = next(iter(batch.values()), None)
         else:
             return None
     return None

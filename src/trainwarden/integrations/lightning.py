@@ -117,11 +117,12 @@ class TrainwardenCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         """Adaptive clipping after backward (and DDP's averaging); no update for a batch to skip."""
-        step = trainer.fit_loop.epoch_loop.total_batch_idx
-        if self.core.skipping(step):
-            self._skipped = True
-            self.core.drop_update(optimizer, step)
-            return
+        if self.core.skips_any:
+            step = trainer.fit_loop.epoch_loop.total_batch_idx
+            if self.core.skipping(step):
+                self._skipped = True
+                self.core.drop_update(optimizer, step)
+                return
         self._grad_norm = self.core.clip(optimizer)
 
     def on_train_batch_end(
