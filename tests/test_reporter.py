@@ -126,9 +126,13 @@ def test_reporting_resumes_when_the_daemon_starts_later(tmp_path: Path, backgrou
             return collect_into(collector).value("trainwarden_train_step", job="toy", rank="0") is not None
 
         wait_until(arrived, what="first step to arrive")
-        reporter.flush()
+        reporter.flush()  # the bytes are in the socket; the collector reads them on its own time
+
+        def last_step_read() -> bool:
+            return collect_into(collector).value("trainwarden_train_step", job="toy", rank="0") == step - 1
+
+        wait_until(last_step_read, what="the last step to be read")
         store = collect_into(collector)
-        assert store.value("trainwarden_train_step", job="toy", rank="0") == step - 1
         assert (
             store.value("trainwarden_client_records_dropped_total", job="toy", rank="0") == reporter.dropped
         )
