@@ -67,6 +67,28 @@ def test_batch_size_is_read_from_tensors_tuples_and_dicts() -> None:
     assert batch_size("text") is None
 
 
+def test_the_daemons_clip_settings_reach_the_clipper_at_the_next_boundary(no_daemon: Path) -> None:
+    """A clip action written into the control file mid-run is applied by the callbacks' core at the next
+    step boundary (one process), and kept while the file stays the same."""
+    import torch  # noqa: PLC0415
+
+    from trainwarden.control import ClipSettings  # noqa: PLC0415
+
+    core = CallbackCore(reporter=Reporter.from_env(control_interval=0.0))
+    core.start([torch.nn.Parameter(torch.zeros(3))])
+    assert core.clipper is not None
+    before = core.clipper.settings
+    core.boundary(0)
+    assert core.clipper.settings == before
+    tightened = ClipSettings(z_threshold=before.z_threshold / 2)
+    write_control(control_path(no_daemon, "cb"), ControlState(job="cb", clip=tightened))
+    core.boundary(1)
+    assert core.clipper.settings == tightened
+    core.boundary(2)
+    assert core.clipper.settings == tightened
+    core.close()
+
+
 # --- Lightning ---------------------------------------------------------------------------------------
 
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     import torch
 
-    from trainwarden.control import ClipSettings
+    from trainwarden.control import ClipSettings, ControlState
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class CallbackCore:
         self._pending_state: Mapping[str, Any] | None = None
         self._found_inf_on: Any = None
         self._skip_batches: tuple[tuple[int, int], ...] = ()
+        self._clip_read_from: ControlState | None = None  # the control state clip settings came from
 
     @property
     def reporter(self) -> Reporter:
@@ -176,13 +177,15 @@ class CallbackCore:
         decision = self.guard.at_boundary(step)
         control = decision.control
         if (
-            self._world_size == 1
+            control is not self._clip_read_from  # the poll returns the same state until the file changes
+            and self._world_size == 1
             and self.clipper is not None
             and control is not None
             and control.clip is not None
         ):
-            self.clipper.update(control.clip)
-            self.reporter.clip_in_use(self.clipper.settings)
+            self._clip_read_from = control
+            if self.clipper.update(control.clip):
+                self.reporter.clip_in_use(self.clipper.settings)
         if decision.stop:
             self.stopped = True
         return decision
