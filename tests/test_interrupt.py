@@ -191,8 +191,8 @@ SLOW_PYTHON_SETUP = """
 import signal, time
 from trainwarden.client.interrupt import PlannedInterrupt
 guard = PlannedInterrupt((signal.SIGTERM,)).install()
-print("SETUP", flush=True)
 try:
+    print("SETUP", flush=True)  # inside the try: a SIGTERM right after it must still reach `finally`
     while True:
         time.sleep(0.01)
 finally:
