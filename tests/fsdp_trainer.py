@@ -135,8 +135,8 @@ def main() -> int:  # noqa: C901 - a training loop, read top to bottom
         if rank == 0:
             say(f"STEP {step} {float(loss.detach()):.6f}")
         boundary = guard.at_boundary(step)
-        if boundary.control is not None and boundary.control.clip is not None:
-            clipper.update(boundary.control.clip)
+        if boundary.clip is not None:
+            clipper.update(boundary.clip)
             reporter.clip_in_use(clipper.settings)
         periodic = (step + 1) % args.ckpt_every == 0
         if manager is not None and (periodic or boundary.checkpoint):

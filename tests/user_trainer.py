@@ -195,8 +195,8 @@ def main() -> int:  # noqa: C901 - a training loop, read top to bottom
                 say(f"ROLLBACK {last.at_step} {last.next_step} {last.skipped}")
             continue  # the loop goes on from the snapshot; this step's state is gone
         boundary = guard.at_boundary(step)
-        if boundary.control is not None and boundary.control.clip is not None:
-            clipper.update(boundary.control.clip)
+        if boundary.clip is not None:
+            clipper.update(boundary.clip)
             reporter.clip_in_use(clipper.settings)
         periodic = (step + 1) % args.ckpt_every == 0
         if manager is not None and (periodic or boundary.checkpoint):

@@ -10,8 +10,8 @@ case the handler only sets a flag; the training loop asks at each step boundary 
     for step in range(start, steps):
         train_step()
         boundary = guard.at_boundary(step)
-        if boundary.control is not None and boundary.control.clip is not None:
-            clipper.update(boundary.control.clip)
+        if boundary.clip is not None:
+            clipper.update(boundary.clip)  # the daemon's settings, agreed: every rank, same step
         if boundary.checkpoint or step % every == 0:
             manager.save(step, state, local={"interrupt": guard.state_dict()})
         if boundary.stop:
@@ -40,6 +40,12 @@ on its own. Every `sync_every` steps the ranks all-reduce their flags (MAX, on a
 their own), so all of them checkpoint and stop at the same step; a signal sent to a single rank
 stops the whole job cleanly.
 
+**Clip settings are agreed too.** `Boundary.clip` is the clipping the daemon wrote, once every
+rank has read the same settings: the sync point's all-reduce carries a fingerprint of each rank's
+settings, and a change is taken only at a sync point where all fingerprints are equal (until
+then the previous agreed settings stay). With replicated (DDP) gradients, ranks clipping one step
+apart would update the same weights differently. `Boundary.control` stays each rank's own read.
+
 **Requests are handled once.** Control-file request ids that were acted upon are kept in
 `state_dict()`; save it with the checkpoint and load it on resume, so a restarted job does not obey
 the same stop request again.
@@ -48,6 +54,8 @@ the same stop request again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import logging
 import os
 import signal
@@ -60,7 +68,7 @@ from types import FrameType
 from typing import Any, NoReturn, Self
 
 from trainwarden import protocol
-from trainwarden.control import ControlState
+from trainwarden.control import ClipSettings, ControlState
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +89,8 @@ class Boundary:
     checkpoint: bool = False
     stop: bool = False
     reason: str = ""
-    control: ControlState | None = None
+    control: ControlState | None = None  # this rank's own read of the control file
+    clip: ClipSettings | None = None  # the daemon's clip settings as every rank read them (agreed)
 
 
 class PlannedInterrupt:
@@ -114,6 +123,8 @@ class PlannedInterrupt:
         self._previous: dict[signal.Signals, _Handler] = {}
         self._handled: list[str] = []
         self._last_control: ControlState | None = None
+        self._clip_of: tuple[ControlState | None, int] = (None, 0)  # (state, fingerprint of its clip)
+        self._agreed_clip: ClipSettings | None = None
         self._quiet = Boundary()  # "nothing to do" for the state last seen: reused, not rebuilt per step
         self._dist, self._group = _setup_distributed()
 
@@ -171,24 +182,39 @@ class PlannedInterrupt:
         """
         self._arm()
         state = self._poll()
-        quiet = self._quiet
-        if quiet.control is not state:
-            quiet = self._quiet = Boundary(control=state)
         if step % self.sync_every != 0:
-            return quiet
+            return self._quiet_for(state)
         stop_id = self._new_request(state, "stop")
         ckpt_id = self._new_request(state, "checkpoint")
         local = (self._signal is not None, stop_id is not None, ckpt_id is not None)
-        flags = self._agree(local)
+        flags, same_clip = self._agree(local, self._clip_fingerprint(state))
+        if same_clip:
+            self._agreed_clip = None if state is None else state.clip
         if not any(flags):
-            return quiet
+            return self._quiet_for(state)
         ids = self._all_ids((stop_id, ckpt_id))
         for request_id in ids:
             self._mark_handled(request_id)
         reason = self._reason(flags, ids)
         log.warning("step %d: %s", step, reason)
         stop = flags[0] or flags[1]
-        return Boundary(checkpoint=True, stop=stop, reason=reason, control=state)
+        return Boundary(checkpoint=True, stop=stop, reason=reason, control=state, clip=self._agreed_clip)
+
+    def _quiet_for(self, state: ControlState | None) -> Boundary:
+        """"Nothing to do" for this state and the agreed clip: reused until either changes."""
+        quiet = self._quiet
+        if quiet.control is not state or quiet.clip is not self._agreed_clip:
+            quiet = self._quiet = Boundary(control=state, clip=self._agreed_clip)
+        return quiet
+
+    def _clip_fingerprint(self, state: ControlState | None) -> int:
+        """A 56-bit digest of the state's clip settings (0 for none), computed once per state read."""
+        seen, fingerprint = self._clip_of
+        if state is seen:
+            return fingerprint
+        fingerprint = 0 if state is None else clip_fingerprint(state.clip)
+        self._clip_of = (state, fingerprint)
+        return fingerprint
 
     def _arm(self) -> None:
         if self._armed:
@@ -259,16 +285,23 @@ class PlannedInterrupt:
 
     # --- agreement across ranks ---------------------------------------------------------------
 
-    def _agree(self, local: tuple[bool, bool, bool]) -> tuple[bool, bool, bool]:
+    def _agree(
+        self, local: tuple[bool, bool, bool], clip: int
+    ) -> tuple[tuple[bool, bool, bool], bool]:
+        """The flags OR-ed over ranks, and whether every rank read the same clip settings.
+
+        One all-reduce (MAX) of the three flags and of the fingerprint and its negation: the
+        maximum and minus the minimum, equal exactly when all fingerprints are.
+        """
         if not self._dist:
-            return local
+            return local, True
         import torch  # noqa: PLC0415 - torch is imported lazily on purpose
         import torch.distributed as dist  # noqa: PLC0415
 
-        flags = torch.tensor([int(v) for v in local], dtype=torch.int32)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
-        a, b, c = (bool(v) for v in flags.tolist())
-        return a, b, c
+        values = torch.tensor([*(int(v) for v in local), clip, -clip], dtype=torch.int64)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self._group)
+        a, b, c, highest, minus_lowest = values.tolist()
+        return (bool(a), bool(b), bool(c)), highest == -minus_lowest
 
     def _all_ids(self, mine: tuple[str | None, str | None]) -> list[str]:
         ids: list[tuple[str | None, str | None]] = [mine]
@@ -281,6 +314,18 @@ class PlannedInterrupt:
         for pair in ids:
             out.extend(i for i in pair if i is not None and i not in out)
         return out
+
+
+def clip_fingerprint(settings: ClipSettings | None) -> int:
+    """A digest of clip settings that is equal across processes exactly for equal settings (0: none).
+
+    56 bits of BLAKE2b over the fields as float reprs (a float's repr round-trips; 2 and 2.0 are
+    the same setting), so it fits an int64 and two different settings collide with a chance of 2^-56.
+    """
+    if settings is None:
+        return 0
+    text = repr(tuple(float(v) for v in dataclasses.astuple(settings))).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=7).digest(), "big") | 1
 
 
 class _SignalWatch:

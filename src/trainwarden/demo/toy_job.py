@@ -485,8 +485,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
                 events.write("rollback", step=last.at_step, to=last.next_step, skipped=last.skipped)
             continue  # the loop goes on from the snapshot: this step's state is gone, never checkpointed
         boundary = guard.at_boundary(step)
-        if clipper is not None and boundary.control is not None and boundary.control.clip is not None:
-            clipper.update(boundary.control.clip)
+        if clipper is not None and boundary.clip is not None:
+            clipper.update(boundary.clip)  # agreed by both ranks: they clip alike from the same step
         periodic = args.local_dir is not None or (args.ckpt_every > 0 and (step + 1) % args.ckpt_every == 0)
         if manager is not None and (periodic or boundary.checkpoint):
             if params_finite(model):

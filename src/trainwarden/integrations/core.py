@@ -17,10 +17,9 @@ A framework callback calls these in its own hooks, so the two integrations behav
   saved with the framework's checkpoint so a resumed run continues exactly and never obeys the same
   request twice.
 
-Clip settings the daemon writes later are applied at once in a one-process job and, in a multi-rank
-job, from the state read at start (a restart applies them on every rank at the same step), because
-ranks reading the file one step apart would update replicated weights differently
-(docs/CLIENT.md, "Clipping changes across ranks").
+Clip settings the daemon writes later are taken from `Boundary.clip`, which the ranks agree on,
+so every rank clips alike from the same step: ranks reading the file one step apart would
+otherwise update replicated weights differently (docs/CLIENT.md, "Clipping changes across ranks").
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ if TYPE_CHECKING:
 
     import torch
 
-    from trainwarden.control import ClipSettings, ControlState
+    from trainwarden.control import ClipSettings
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +71,10 @@ class CallbackCore:
         self.clipper: AdaptiveClipper | None = None
         self.guard: PlannedInterrupt | None = None
         self.stopped = False
-        self._world_size = 1
         self._pending_state: Mapping[str, Any] | None = None
         self._found_inf_on: Any = None
         self._skip_batches: tuple[tuple[int, int], ...] = ()
-        self._clip_read_from: ControlState | None = None  # the control state clip settings came from
+        self._clip_taken: ClipSettings | None = None  # the agreed clip settings last applied
 
     @property
     def reporter(self) -> Reporter:
@@ -102,7 +100,6 @@ class CallbackCore:
 
     def start(self, parameters: Iterable[torch.Tensor]) -> None:
         """Training begins: clipper, guard, the control file read once, clip settings acknowledged."""
-        self._world_size = _world_size()
         if self.guard is None:
             guard = PlannedInterrupt(self._signals, reporter=self.reporter, sync_every=self._sync_every)
             self.guard = guard.install() if self._signals else guard
@@ -171,20 +168,15 @@ class CallbackCore:
         self.reporter.step(step, loss=loss, grad_norm=grad_norm, lr=lr, samples=samples)
 
     def boundary(self, step: int) -> Boundary:
-        """The agreed checkpoint/stop decision after `step`; one process also takes new clip settings."""
+        """The agreed checkpoint/stop decision after `step`, and the daemon's agreed clip settings."""
         if self.guard is None:
             return Boundary()
         decision = self.guard.at_boundary(step)
-        control = decision.control
-        if (
-            control is not self._clip_read_from  # the poll returns the same state until the file changes
-            and self._world_size == 1
-            and self.clipper is not None
-            and control is not None
-            and control.clip is not None
-        ):
-            self._clip_read_from = control
-            if self.clipper.update(control.clip):
+        clip = decision.clip
+        if clip is not self._clip_taken and self.clipper is not None and clip is not None:
+            # `Boundary.clip` is the same object until the ranks agree on new settings: taken once.
+            self._clip_taken = clip
+            if self.clipper.update(clip):
                 self.reporter.clip_in_use(self.clipper.settings)
         if decision.stop:
             self.stopped = True
@@ -228,12 +220,6 @@ class CallbackCore:
             self.guard.uninstall()
         if self._reporter is not None:
             self._reporter.close()
-
-
-def _world_size() -> int:
-    import torch.distributed as dist  # noqa: PLC0415 - torch only once training starts
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def batch_size(batch: Any) -> int | None:
