@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import json
-import os
 import signal
 import socket
 import subprocess
@@ -12,101 +10,16 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from daemon_support import TRAINWARDEN, Running, start_daemon, stop
 from support import free_port, wait_until
 from trainwarden.daemon.app import Daemon, load
 from trainwarden.daemon.http import Request
 
-HOST = Path(__file__).parent / "fixtures" / "hosts" / "vm_psi"
-BIN = Path(sys.executable).parent / "trainwarden"
-
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
-
-
-@dataclass
-class Running:
-    proc: subprocess.Popen[bytes]
-    url: str
-    config: Path
-    log: Path
-
-    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        request = urllib.request.Request(self.url + path, headers=headers or {})
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                return response.status, dict(response.headers.items()), response.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers.items()), exc.read()
-
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        _, _, body = self.get("/metrics")
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(body.decode())
-            for s in family.samples
-        }
-
-    def status(self) -> dict[str, object]:
-        _, _, body = self.get("/status")
-        result: dict[str, object] = json.loads(body)
-        return result
-
-    def healthy(self) -> bool:
-        try:
-            return self.get("/healthz")[0] == 200
-        except OSError:
-            return False
-
-
-def start_daemon(tmp_path: Path, config_text: str) -> Running:
-    port = free_port()
-    config = tmp_path / "config.toml"
-    config.write_text(config_text)
-    log = tmp_path / "daemon.log"
-    cmd = [
-        str(BIN) if BIN.exists() else sys.executable,
-        *([] if BIN.exists() else ["-m", "trainwarden.daemon.cli"]),
-        "daemon",
-        "--config",
-        str(config),
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--runtime-dir",
-        str(tmp_path / "run"),
-        "--state-dir",
-        str(tmp_path / "state"),
-        "--path.procfs",
-        str(HOST / "proc"),
-        "--path.sysfs",
-        str(HOST / "sys"),
-    ]
-    env = {k: v for k, v in os.environ.items() if k not in {"NOTIFY_SOCKET", "WATCHDOG_USEC"}}
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
-    running = Running(proc, f"http://127.0.0.1:{port}", config, log)
-    try:
-        wait_until(lambda: running.healthy() or proc.poll() is not None, 20.0, "/healthz")
-    except BaseException:
-        stop(running)
-        raise
-    assert proc.poll() is None, log.read_text()
-    return running
-
-
-def stop(running: Running) -> int:
-    if running.proc.poll() is None:
-        running.proc.send_signal(signal.SIGTERM)
-    try:
-        return running.proc.wait(20)
-    except subprocess.TimeoutExpired:
-        running.proc.kill()
-        running.proc.wait()
-        raise
 
 
 @pytest.fixture(scope="module")
@@ -153,11 +66,7 @@ def test_status_json_and_the_status_command(daemon: Running) -> None:
     collectors = status["collectors"]
     assert isinstance(collectors, dict)
     assert collectors["memory"]["state"] == "ok"
-    cmd = (
-        [str(BIN), "status", "--url", daemon.url]
-        if BIN.exists()
-        else [sys.executable, "-m", "trainwarden.daemon.cli", "status", "--url", daemon.url]
-    )
+    cmd = [*TRAINWARDEN, "status", "--url", daemon.url]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
     assert result.returncode == 0, result.stderr
     assert "ready" in result.stdout

@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from daemon_support import Metrics, daemon_argv, daemon_env, parse_metrics, stop_process
 from gpu_support import FIXTURES
 from support import free_port, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 HOST = FIXTURES / "hosts" / "vm_psi"
-Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 @dataclass
@@ -33,13 +29,7 @@ class Node:
     log: Path
 
     def metrics(self) -> Metrics:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
-            body = response.read().decode()
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(body)
-            for s in family.samples
-        }
+        return parse_metrics(self.text())
 
     def text(self) -> str:
         with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
@@ -68,25 +58,14 @@ def start_node(tmp_path: Path, fixture: str) -> Node:
     )
     port = free_port()
     log = tmp_path / "daemon.log"
-    binary = Path(sys.executable).parent / "trainwarden"
-    cmd = [
-        *([str(binary)] if binary.exists() else [sys.executable, "-m", "trainwarden.daemon.cli"]),
-        "daemon",
-        "--config",
-        str(config),
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--runtime-dir",
-        str(tmp_path / "run"),
-        "--state-dir",
-        str(tmp_path / "state"),
-        "--path.procfs",
-        str(HOST / "proc"),
-        "--path.sysfs",
-        str(FIXTURES / "infiniband" / "ndr_4port" / "sys"),
-    ]
-    env = {k: v for k, v in os.environ.items() if k not in {"NOTIFY_SOCKET", "WATCHDOG_USEC"}}
-    env["TRAINWARDEN_NVML_FIXTURE"] = fixture
+    cmd = daemon_argv(
+        tmp_path,
+        config=config,
+        listen=f"127.0.0.1:{port}",
+        procfs=HOST / "proc",
+        sysfs=FIXTURES / "infiniband" / "ndr_4port" / "sys",
+    )
+    env = daemon_env(TRAINWARDEN_NVML_FIXTURE=fixture)
     with log.open("wb") as sink:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
     node = Node(proc, f"http://127.0.0.1:{port}", kmsg, log)
@@ -105,14 +84,7 @@ def start_node(tmp_path: Path, fixture: str) -> Node:
 
 
 def stop(node: Node) -> None:
-    if node.proc.poll() is None:
-        node.proc.send_signal(signal.SIGTERM)
-    try:
-        node.proc.wait(20)
-    except subprocess.TimeoutExpired:
-        node.proc.kill()
-        node.proc.wait()
-        raise
+    stop_process(node.proc)
 
 
 @pytest.fixture

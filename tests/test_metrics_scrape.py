@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemon_support import daemon_argv, daemon_env
 from support import free_port, wait_until
 from trainwarden.client import Reporter
 
@@ -71,26 +70,14 @@ def scrape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrape]:
     port = free_port()
     runtime = tmp / "run"
     log = tmp / "daemon.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "trainwarden",
-        "daemon",
-        "--config",
-        str(config),
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--runtime-dir",
-        str(runtime),
-        "--state-dir",
-        str(tmp / "state"),
-        "--path.procfs",
-        str(FIXTURES / "hosts" / "vm_psi" / "proc"),
-        "--path.sysfs",
-        str(FIXTURES / "infiniband" / "ndr_4port" / "sys"),
-    ]
-    env = {k: v for k, v in os.environ.items() if k not in {"NOTIFY_SOCKET", "WATCHDOG_USEC"}}
-    env["TRAINWARDEN_NVML_FIXTURE"] = "h100-sxm-8gpu"
+    cmd = daemon_argv(
+        tmp,
+        config=config,
+        listen=f"127.0.0.1:{port}",
+        procfs=FIXTURES / "hosts" / "vm_psi" / "proc",
+        sysfs=FIXTURES / "infiniband" / "ndr_4port" / "sys",
+    )
+    env = daemon_env(TRAINWARDEN_NVML_FIXTURE="h100-sxm-8gpu")
     url = f"http://127.0.0.1:{port}"
     with log.open("wb") as sink:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=tmp)

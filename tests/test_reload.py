@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from daemon_support import Running, start_daemon, stop
 from support import wait_until
-from test_daemon_process import Running, start_daemon, stop
 from trainwarden.client.reporter import Reporter
 from trainwarden.protocol import default_control_dir, default_socket_path
 

@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon_support import daemon_argv
 from trainwarden.daemon.sdnotify import SdNotifier
 
 FIXTURE_HOST = Path(__file__).parent / "fixtures" / "hosts" / "vm_psi"
@@ -114,22 +114,9 @@ def test_daemon_process_notifies_ready_pings_watchdog_and_stops(
     sock, path = listener
     env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}
     env.pop("WATCHDOG_PID", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "trainwarden.daemon.cli",
-        "daemon",
-        "--listen",
-        "127.0.0.1:0",
-        "--runtime-dir",
-        str(tmp_path / "run"),
-        "--state-dir",
-        str(tmp_path / "state"),
-        "--path.procfs",
-        str(FIXTURE_HOST / "proc"),
-        "--path.sysfs",
-        str(FIXTURE_HOST / "sys"),
-    ]
+    cmd = daemon_argv(
+        tmp_path, listen="127.0.0.1:0", procfs=FIXTURE_HOST / "proc", sysfs=FIXTURE_HOST / "sys"
+    )
     log = (tmp_path / "daemon.log").open("w")
     proc = subprocess.Popen(cmd, env=env, stderr=log)
     try:
