@@ -14,7 +14,7 @@ from integration_data import EPOCH, digest, write_data
 from trainwarden.client.interrupt import EXIT_CHECKPOINTED
 from trainwarden.client.reporter import Reporter
 from trainwarden.control import ControlState, control_path, write_control
-from trainwarden.integrations.core import CallbackCore, IntegrationStateError, batch_size
+from trainwarden.integrations.core import BatchSize, CallbackCore, IntegrationStateError, batch_size
 
 FRAMEWORK_MODULES = ("lightning", "pytorch_lightning", "transformers", "accelerate")
 
@@ -65,6 +65,29 @@ def test_batch_size_is_read_from_tensors_tuples_and_dicts() -> None:
     assert batch_size((x, torch.zeros(8))) == 8
     assert batch_size({"input_ids": torch.zeros(4, 16)}) == 4
     assert batch_size("text") is None
+
+
+def test_batch_size_per_step_follows_a_changing_batch_structure() -> None:
+    """The per-step reader, which looks first where the last batch had its tensor, counts every batch
+    right when the structure changes: a smaller last batch, a dict, a bare tensor, a 0-d tensor, text."""
+    import torch  # noqa: PLC0415
+
+    batches = [
+        (torch.zeros(8, 3), torch.zeros(8)),
+        (torch.zeros(8, 3), torch.zeros(8)),
+        (torch.zeros(5, 3), torch.zeros(5)),  # the last, smaller batch of an epoch
+        [torch.zeros(6, 3)],
+        {"input_ids": torch.zeros(4, 16)},
+        torch.zeros(7, 2),
+        torch.zeros(3),
+        torch.tensor(1.0),  # 0-d: no samples
+        (torch.tensor(1.0), torch.zeros(2)),
+        "text",
+        (),
+        (torch.zeros(2, 3),),
+    ]
+    reader = BatchSize()
+    assert [reader(batch) for batch in batches] == [8, 8, 5, 6, 4, 7, 3, None, None, None, None, 2]
 
 
 def test_the_daemons_clip_settings_reach_the_clipper_at_the_next_boundary(no_daemon: Path) -> None:

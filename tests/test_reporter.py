@@ -190,6 +190,24 @@ def test_tensor_values_on_cpu_are_reported(tmp_path: Path) -> None:
         reporter.close()
 
 
+def test_a_cpu_tensor_is_reported_as_it_was_at_the_step(tmp_path: Path) -> None:
+    """A loss tensor the loop changes in place right after step() (a running sum) is reported with
+    the value it had at that step, not the one it has when the sender thread encodes the record."""
+    with running_collector(tmp_path) as collector:
+        reporter = make_reporter(tmp_path)
+        running = torch.tensor(1.5)
+        reporter.step(1, loss=running)
+        running += 100.0
+        reporter.step(2, loss=running)
+        assert reporter.flush()
+        wait_until(lambda: received(collector) == 3)
+        loss_window = collect_into(collector).window(
+            "trainwarden_train_loss", (("job", "toy"), ("rank", "0"))
+        )
+        assert [point.value for point in loss_window] == [1.5, 101.5]
+        reporter.close()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_tensors_never_synchronise_the_step(tmp_path: Path) -> None:
     """With CUDA sync debugging set to error, step() with GPU tensors raises nothing and values arrive."""

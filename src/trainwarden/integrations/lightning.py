@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from trainwarden.integrations.core import CallbackCore, batch_size
+from trainwarden.integrations.core import BatchSize, CallbackCore
 
 if TYPE_CHECKING:
     import signal
@@ -75,6 +75,12 @@ class TrainwardenCallback(pl.Callback):
         self._grad_norm: Any = None
         self._skipped = False  # this batch's update was dropped (`skip_batches`)
         self._optimizer: Any = None  # the first optimizer, looked up once (its lr is read per step)
+        # Looked up once in on_train_start, so each step's hooks do only what that step needs:
+        self._epoch_loop: Any = None  # trainer.fit_loop.epoch_loop (its total_batch_idx is the step)
+        self._report: Any = None  # the reporter's step()
+        self._batch_size = BatchSize()
+        self._clipping = False  # a clipper exists: the optimizer may hold its skip flag after the step
+        self._idle_before_step = False  # no clipper and no batch to skip: nothing to do before a step
 
     @property
     def exit_status(self) -> int:
@@ -101,6 +107,10 @@ class TrainwardenCallback(pl.Callback):
         self._init_phase = None
         self.core.start(pl_module.parameters())
         self._optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self._epoch_loop = trainer.fit_loop.epoch_loop
+        self._report = self.core.reporter.step
+        self._clipping = self.core.clipper is not None
+        self._idle_before_step = not self._clipping and not self.core.skips_any
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Validation (and the sanity check) is the eval phase: the stall rule times it apart."""
@@ -117,6 +127,8 @@ class TrainwardenCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         """Adaptive clipping after backward (and DDP's averaging); no update for a batch to skip."""
+        if self._idle_before_step:
+            return
         if self.core.skips_any:
             step = trainer.fit_loop.epoch_loop.total_batch_idx
             if self.core.skipping(step):
@@ -129,8 +141,10 @@ class TrainwardenCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Report the step, then checkpoint and/or stop when the ranks agree a request came."""
-        self.core.after_optimizer_step()
-        step = trainer.fit_loop.epoch_loop.total_batch_idx
+        if self._clipping:
+            self.core.after_optimizer_step()
+        epoch_loop = self._epoch_loop or trainer.fit_loop.epoch_loop
+        step = epoch_loop.total_batch_idx
         loss = outputs.get("loss") if type(outputs) is dict or isinstance(outputs, Mapping) else outputs
         if self._skipped:  # its loss may be the non-finite one the batch is skipped for
             loss, self._skipped = None, False
@@ -138,7 +152,8 @@ class TrainwardenCallback(pl.Callback):
             loss = loss.detach()
         optimizer = self._optimizer
         lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
-        self.core.report(step, loss=loss, grad_norm=self._grad_norm, lr=lr, samples=batch_size(batch))
+        report = self._report or self.core.report
+        report(step, loss=loss, grad_norm=self._grad_norm, lr=lr, samples=self._batch_size(batch))
         self._grad_norm = None
         decision = self.core.boundary(step)
         if decision.checkpoint:

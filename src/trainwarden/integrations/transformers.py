@@ -73,9 +73,12 @@ class TrainwardenCallback(TrainerCallback):
         )
         self._phases: dict[str, Any] = {}
         self._grad_norm: Any = None
-        self._pending: dict[str, Any] | None = None  # the step record waiting for its logged loss
+        # The step record waiting for its logged loss: [step, loss, grad_norm, lr, samples].
+        self._pending: list[Any] | None = None
         self._save_after_log = False
         self._skipped = False  # this step's update was dropped (`skip_batches`)
+        self._clipping = False  # a clipper exists: the optimizer may hold its skip flag after the step
+        self._idle_before_step = False  # no clipper and no step to skip: nothing to do before a step
 
     @property
     def exit_status(self) -> int:
@@ -105,6 +108,8 @@ class TrainwardenCallback(TrainerCallback):
             if saved.is_file():
                 self.core.load_state_dict(json.loads(saved.read_text(encoding="utf-8")))
         self.core.start(kwargs["model"].parameters())
+        self._clipping = self.core.clipper is not None
+        self._idle_before_step = not self._clipping and not self.core.skips_any
 
     # --- the step ---------------------------------------------------------------------------------
 
@@ -112,6 +117,8 @@ class TrainwardenCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         """Adaptive clipping after backward and the gradient all-reduce; no update for a step to skip."""
+        if self._idle_before_step:
+            return
         optimizer = kwargs.get("optimizer")
         if optimizer is not None and self.core.skipping(state.global_step):
             self._skipped = True
@@ -123,7 +130,8 @@ class TrainwardenCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
         """Take back the skip flag lent to a fused optimizer."""
-        self.core.after_optimizer_step()
+        if self._clipping:
+            self.core.after_optimizer_step()
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -132,12 +140,8 @@ class TrainwardenCallback(TrainerCallback):
         step = state.global_step - 1
         scheduler = kwargs.get("lr_scheduler")
         lr = scheduler.get_last_lr()[0] if scheduler is not None else None
-        record = {
-            "loss": None,
-            "grad_norm": self._grad_norm,
-            "lr": lr,
-            "samples": args.per_device_train_batch_size * args.gradient_accumulation_steps,
-        }
+        samples = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        record = [step, None, self._grad_norm, lr, samples]  # the reporter's step() arguments
         skipped, self._skipped = self._skipped, False
         self._grad_norm = None
         self._flush_pending()
@@ -147,10 +151,10 @@ class TrainwardenCallback(TrainerCallback):
         if decision.stop:
             control.should_training_stop = True
         if control.should_log and not skipped:  # a skipped step's logged loss may be the bad one
-            self._pending = {"step": step, **record}
+            self._pending = record
             self._save_after_log = bool(control.should_save)
         else:
-            self.core.report(step, **record)
+            self.core.reporter.step(*record)
             if control.should_save:
                 self._open("checkpoint")
 
@@ -163,10 +167,11 @@ class TrainwardenCallback(TrainerCallback):
         **_: Any,
     ) -> None:
         """The logged loss (the mean since the last log, across ranks) completes the held step record."""
-        if self._pending is not None and logs:
-            self._pending["loss"] = logs.get("loss")
-            if self._pending["grad_norm"] is None:
-                self._pending["grad_norm"] = logs.get("grad_norm")
+        pending = self._pending
+        if pending is not None and logs:
+            pending[1] = logs.get("loss")
+            if pending[2] is None:
+                pending[2] = logs.get("grad_norm")
         self._flush_pending()
         if self._save_after_log:
             self._save_after_log = False
@@ -175,8 +180,7 @@ class TrainwardenCallback(TrainerCallback):
     def _flush_pending(self) -> None:
         pending, self._pending = self._pending, None
         if pending is not None:
-            step = pending.pop("step")
-            self.core.report(step, **pending)
+            self.core.reporter.step(*pending)
 
     # --- evaluation, checkpoints, the end ---------------------------------------------------------
 
