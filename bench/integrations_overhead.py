@@ -22,20 +22,32 @@ Three measures, because wall time on a shared, loaded machine carries more noise
   (`perf_counter`) and the main thread's CPU (`thread_time`: not inflated by preemption), net of
   the timer's own cost (timed on a no-op at start), shown as a share of the bare step's CPU time.
 
-Each value is the median over rounds. Target (issue 13): <= 1 % of a bare step. Run::
+Each value is the median over rounds. Target (issue 13): <= 1 % of a bare step.
+
+With ``--against REV`` the same variants run on the client code of commit REV too (``git archive``
+of ``src/trainwarden``, first on a worker's ``PYTHONPATH``), side by side in the same rounds: two
+worker processes, one per code (``--code REV`` or ``--code DIR`` for the new side, default the
+working tree's ``src``), each run's callback compared with the bare run of its own worker. The
+discarding socket reader then lives in the parent, so the workers' CPU time no longer includes it.
+Run::
 
     .venv/bin/python bench/integrations_overhead.py                # prints a Markdown table
     .venv/bin/python bench/integrations_overhead.py --rounds 7 --steps 400
+    .venv/bin/python bench/integrations_overhead.py --against HEAD~3 --frameworks lightning
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
+import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -49,6 +61,7 @@ from torch import nn
 
 from trainwarden.control import ControlState, control_path, write_control
 
+REPO = Path(__file__).resolve().parent.parent
 WARMUP = 30
 TIMER_FLOOR = (0.0, 0.0)
 """The hook timer's own cost per timed call (wall, CPU), measured once at start and subtracted."""
@@ -121,36 +134,43 @@ class Stamps:
         self.wall: list[float] = []
         self.cpu: list[float] = []
         self.timer: HookTimer | None = None
+        self.empty: HookTimer | None = None  # the same hooks of a callback that does nothing
 
     def stamp(self) -> None:
         self.wall.append(time.perf_counter())
         self.cpu.append(time.process_time())
-        if self.timer is not None and len(self.wall) == WARMUP:
-            self.timer.armed = True
+        if len(self.wall) == WARMUP:
+            for timer in (self.timer, self.empty):
+                if timer is not None:
+                    timer.armed = True
 
     def result(self) -> Result:
         deltas = [b - a for a, b in zip(self.wall[WARMUP:], self.wall[WARMUP + 1 :], strict=False)]
         steps = len(self.cpu) - WARMUP
         cpu = (self.cpu[-1] - self.cpu[WARMUP - 1]) / steps
-        hooks = (0.0, 0.0)
-        if self.timer is not None:
-            wall, cpu_floor = TIMER_FLOOR
-            calls = self.timer.calls
-            hooks = (
-                (self.timer.seconds - calls * wall) / steps,
-                (self.timer.cpu - calls * cpu_floor) / steps,
-            )
-        return Result(statistics.median(deltas), cpu, *hooks)
+        return Result(
+            statistics.median(deltas), cpu, *_per_step(self.timer, steps), *_per_step(self.empty, steps)
+        )
+
+
+def _per_step(timer: HookTimer | None, steps: int) -> tuple[float, float]:
+    """(wall, CPU) a step in the timed hooks, net of the timer's own cost measured at start."""
+    if timer is None:
+        return 0.0, 0.0
+    wall, cpu = TIMER_FLOOR
+    return (timer.seconds - timer.calls * wall) / steps, (timer.cpu - timer.calls * cpu) / steps
 
 
 @dataclasses.dataclass(frozen=True)
 class Result:
-    """One run: median wall step, CPU per step, hook wall and hook CPU per step (seconds)."""
+    """One run: median wall step, CPU per step, hook wall and CPU per step, and the empty hooks' (s)."""
 
     wall: float
     cpu: float
     hooks_wall: float
     hooks_cpu: float
+    empty_wall: float = 0.0
+    empty_cpu: float = 0.0
 
 
 # --- a daemon that reads and discards -----------------------------------------------------------------
@@ -207,9 +227,9 @@ def lightning_run(steps: int, *, callback: bool, clip: bool) -> Result:
 
     callbacks: list[pl.Callback] = [Stamp()]
     if callback:
-        warden = TrainwardenCallback(clip=clip)
-        stamps.timer = HookTimer(warden)
-        callbacks.insert(0, warden)
+        warden, empty = TrainwardenCallback(clip=clip), pl.Callback()
+        stamps.timer, stamps.empty = HookTimer(warden), HookTimer(empty)
+        callbacks[:0] = [warden, empty]  # the empty hooks right after ours: no colder than they are
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -266,9 +286,9 @@ def hf_run(steps: int, *, callback: bool, clip: bool) -> Result:
 
     callbacks: list[Any] = [Stamp()]
     if callback:
-        warden = TrainwardenCallback(clip=clip)
-        stamps.timer = HookTimer(warden)
-        callbacks.insert(0, warden)
+        warden, empty = TrainwardenCallback(clip=clip), TrainerCallback()
+        stamps.timer, stamps.empty = HookTimer(warden), HookTimer(empty)
+        callbacks[:0] = [warden, empty]  # the empty hooks right after ours: no colder than they are
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out,
@@ -305,8 +325,126 @@ def measure(run: Callable[..., Result], steps: int, rounds: int) -> dict[str, di
     for _ in range(rounds):
         for name, callback, clip in VARIANTS:
             runs[name].append(run(steps, callback=callback, clip=clip))
-    out: dict[str, dict[str, float]] = {}
+    return summarize(runs)
+
+
+# --- old code side by side (--against) ----------------------------------------------------------
+
+
+def code_of(rev: str, into: Path) -> Path:
+    """The ``src`` directory of `rev`'s client code, extracted under `into` (for ``PYTHONPATH``)."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", rev, "src/trainwarden"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into / "src"
+
+
+class Worker:
+    """A process running this script with ``--worker`` on the code under `src`: one run per request."""
+
+    def __init__(self, src: Path) -> None:
+        env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1")
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        hello = self._answer()
+        self.source, self.floor = hello["source"], (hello["floor_wall"], hello["floor_cpu"])
+
+    def run(self, framework: str, steps: int, *, callback: bool, clip: bool) -> Result:
+        """One run of one variant in the worker."""
+        assert self.process.stdin is not None
+        request = {"framework": framework, "steps": steps, "callback": callback, "clip": clip}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return Result(**self._answer())
+
+    def _answer(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:  # the frameworks may print too: answers are marked
+            if line.startswith("RESULT "):
+                answer: dict[str, Any] = json.loads(line[len("RESULT ") :])
+                return answer
+        raise RuntimeError(f"worker exited with status {self.process.wait()}")
+
+    def close(self) -> None:
+        """End the worker (its stdin closed)."""
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def worker() -> int:
+    """``--worker``: set up as `main` does, then answer run requests on stdin until it closes."""
+    import trainwarden  # noqa: PLC0415
+
+    global TIMER_FLOOR  # noqa: PLW0603 - measured once, read by every run
+    _quiet_frameworks()
+    TIMER_FLOOR = HookTimer.floor()
+    hello = {"source": str(Path(trainwarden.__file__).parent), "floor_wall": TIMER_FLOOR[0]}
+    print("RESULT " + json.dumps({**hello, "floor_cpu": TIMER_FLOOR[1]}), flush=True)
+    runs = {"lightning": lightning_run, "transformers": hf_run}
+    for line in sys.stdin:
+        request = json.loads(line)
+        result = runs[request["framework"]](
+            request["steps"], callback=request["callback"], clip=request["clip"]
+        )
+        print("RESULT " + json.dumps(dataclasses.asdict(result)), flush=True)
+    return 0
+
+
+def _quiet_frameworks() -> None:
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    import logging  # noqa: PLC0415
+
+    logging.disable(logging.WARNING)  # the frameworks' banners; a failure still raises
+
+
+def _print_header(codes: bool) -> None:
+    code = " code |" if codes else ""
+    print(
+        f"| framework |{code} variant | wall step | CPU step | CPU ratio | wall ratio "
+        "| in hooks (wall) | in hooks (CPU) | hooks CPU / bare CPU step "
+        "| empty hooks (CPU) | net CPU / bare CPU step |"
+    )
+    print("| --- |" + (" --- |" if codes else "") + " --- |" + " ---: |" * 9)
+
+
+def _print_rows(framework: str, result: dict[str, dict[str, float]], code: str | None = None) -> None:
     for name, callback, clip in VARIANTS:
+        r = result[name]
+        base = result[BASE[clip]]
+        cells = ["", "", "", "", "", "", ""]
+        if callback:
+            cells = [
+                f"{r['cpu_ratio']:.3f}",
+                f"{r['wall_ratio']:.3f}",
+                f"{r['hooks_wall'] * 1e6:.0f} µs",
+                f"{r['hooks_cpu'] * 1e6:.0f} µs",
+                f"{r['hooks_cpu'] / base['cpu']:.2%}",
+                f"{r['empty_cpu'] * 1e6:.0f} µs",
+                f"{r['net_cpu'] / base['cpu']:.2%}",
+            ]
+        column = "" if code is None else f" {code} |"
+        print(
+            f"| {framework} |{column} {name} | {r['wall'] * 1e3:.2f} ms | {r['cpu'] * 1e3:.2f} ms | "
+            + " | ".join(cells)
+            + " |"
+        )
+
+
+def summarize(runs: dict[str, list[Result]]) -> dict[str, dict[str, float]]:
+    """variant -> medians over rounds of each `Result` field, and of the per-round ratios to its base."""
+    out: dict[str, dict[str, float]] = {}
+    for name, _callback, clip in VARIANTS:
         base = runs[BASE[clip]]
         out[name] = {
             field.name: statistics.median(getattr(r, field.name) for r in runs[name])
@@ -318,8 +456,48 @@ def measure(run: Callable[..., Result], steps: int, rounds: int) -> dict[str, di
         out[name]["wall_ratio"] = statistics.median(
             r.wall / b.wall for r, b in zip(runs[name], base, strict=True)
         )
-        del callback
+        out[name]["net_cpu"] = statistics.median(r.hooks_cpu - r.empty_cpu for r in runs[name])
     return out
+
+
+def against(args: argparse.Namespace) -> None:
+    """Every variant on both codes, run by run alternating between the two workers."""
+    with tempfile.TemporaryDirectory() as trees:
+        new_src = REPO / "src"
+        if args.code is not None:  # a commit, or a directory holding a `trainwarden` package
+            new_src = Path(args.code) if Path(args.code).is_dir() else code_of(args.code, Path(trees) / "new")
+        labels = ("working tree" if args.code is None else args.code, args.against)
+        workers = [Worker(new_src), Worker(code_of(args.against, Path(trees) / "old"))]
+        for label, each in zip(labels, workers, strict=True):
+            wall, cpu = each.floor
+            print(f"{label}: {each.source} (hook timer's own cost, subtracted: {wall * 1e6:.1f} µs wall, "
+                  f"{cpu * 1e6:.1f} µs CPU a call)")  # fmt: skip
+        print()
+        _print_header(codes=True)
+        summaries: list[tuple[str, dict[str, dict[str, float]], dict[str, dict[str, float]]]] = []
+        try:
+            for framework in args.frameworks.split(","):
+                runs: list[dict[str, list[Result]]] = [{name: [] for name, _, _ in VARIANTS} for _ in workers]
+                for _ in range(args.rounds):
+                    for name, callback, clip in VARIANTS:
+                        for each, into in zip(workers, runs, strict=True):
+                            into[name].append(each.run(framework, args.steps, callback=callback, clip=clip))
+                results = [summarize(r) for r in runs]
+                for label, result in zip(labels, results, strict=True):
+                    _print_rows(framework, result, label)
+                summaries.append((framework, results[0], results[1]))
+        finally:
+            for each in workers:
+                each.close()
+    print()
+    for framework, new, old in summaries:
+        for name in ("callback, clip=False", "callback, clip=True"):
+            n, o = new[name]["hooks_cpu"], old[name]["hooks_cpu"]
+            nn, on = new[name]["net_cpu"], old[name]["net_cpu"]
+            print(f"{framework}, {name}: in-hook CPU {o * 1e6:.0f} µs ({labels[1]}) -> {n * 1e6:.0f} µs "
+                  f"({labels[0]}), {n / o:.2f}x; CPU ratio {old[name]['cpu_ratio']:.3f} -> "
+                  f"{new[name]['cpu_ratio']:.3f}; net of the empty hooks "
+                  f"{on * 1e6:.0f} -> {nn * 1e6:.0f} µs")  # fmt: skip
 
 
 def main() -> int:
@@ -327,12 +505,17 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--frameworks", default="lightning,transformers")
+    parser.add_argument("--against", default=None, help="also run every variant on this commit's client code")
+    parser.add_argument(
+        "--code",
+        default=None,
+        help="with --against: the new side's commit or src directory (default: the working tree)",
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    import logging  # noqa: PLC0415
-
-    logging.disable(logging.WARNING)  # the frameworks' banners; a failure still raises
+    if args.worker:
+        return worker()
+    _quiet_frameworks()
 
     global TIMER_FLOOR  # noqa: PLW0603 - measured once, read by every run
     TIMER_FLOOR = HookTimer.floor()
@@ -346,30 +529,17 @@ def main() -> int:
         )
         (root / "control").mkdir()
         write_control(control_path(root / "control", "bench"), ControlState(job="bench"))
-        runs = {"lightning": lightning_run, "transformers": hf_run}
         print(f"{args.rounds} rounds x {args.steps} steps, medians after {WARMUP} warm-up steps")
+        if args.against is not None:
+            against(args)
+            return 0
+        runs = {"lightning": lightning_run, "transformers": hf_run}
         wall, cpu = TIMER_FLOOR
         print(f"hook timer's own cost, subtracted: {wall * 1e6:.1f} µs wall, {cpu * 1e6:.1f} µs CPU a call")
         print()
-        print(
-            "| framework | variant | wall step | CPU step | CPU ratio | wall ratio "
-            "| in hooks (wall) | in hooks (CPU) | hooks CPU / bare CPU step |"
-        )
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        _print_header(codes=False)
         for framework in args.frameworks.split(","):
-            result = measure(runs[framework], args.steps, args.rounds)
-            for name, callback, clip in VARIANTS:
-                r = result[name]
-                base = result[BASE[clip]]
-                share = f"{r['hooks_cpu'] / base['cpu']:.2%}" if callback else ""
-                hooks = (
-                    f"{r['hooks_wall'] * 1e6:.0f} µs | {r['hooks_cpu'] * 1e6:.0f} µs" if callback else " | "
-                )
-                ratios = f"{r['cpu_ratio']:.3f} | {r['wall_ratio']:.3f}" if callback else " | "
-                print(
-                    f"| {framework} | {name} | {r['wall'] * 1e3:.2f} ms | {r['cpu'] * 1e3:.2f} ms "
-                    f"| {ratios} | {hooks} | {share} |"
-                )
+            _print_rows(framework, measure(runs[framework], args.steps, args.rounds))
     return 0
 
 

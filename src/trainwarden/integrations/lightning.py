@@ -77,7 +77,7 @@ class TrainwardenCallback(pl.Callback):
         self._optimizer: Any = None  # the first optimizer, looked up once (its lr is read per step)
         # Looked up once in on_train_start, so each step's hooks do only what that step needs:
         self._epoch_loop: Any = None  # trainer.fit_loop.epoch_loop (its total_batch_idx is the step)
-        self._report: Any = None  # the reporter's step()
+        self._report: Any = None  # the reporter's step(step, loss, grad_norm, lr, samples)
         self._batch_size = BatchSize()
         self._clipping = False  # a clipper exists: the optimizer may hold its skip flag after the step
         self._idle_before_step = False  # no clipper and no batch to skip: nothing to do before a step
@@ -143,7 +143,7 @@ class TrainwardenCallback(pl.Callback):
         """Report the step, then checkpoint and/or stop when the ranks agree a request came."""
         if self._clipping:
             self.core.after_optimizer_step()
-        epoch_loop = self._epoch_loop or trainer.fit_loop.epoch_loop
+        epoch_loop = self._epoch_loop if self._epoch_loop is not None else trainer.fit_loop.epoch_loop
         step = epoch_loop.total_batch_idx
         loss = outputs.get("loss") if type(outputs) is dict or isinstance(outputs, Mapping) else outputs
         if self._skipped:  # its loss may be the non-finite one the batch is skipped for
@@ -152,8 +152,8 @@ class TrainwardenCallback(pl.Callback):
             loss = loss.detach()
         optimizer = self._optimizer
         lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
-        report = self._report or self.core.report
-        report(step, loss=loss, grad_norm=self._grad_norm, lr=lr, samples=self._batch_size(batch))
+        report = self._report if self._report is not None else self.core.reporter.step
+        report(step, loss, self._grad_norm, lr, self._batch_size(batch))  # positional: the cheaper call
         self._grad_norm = None
         decision = self.core.boundary(step)
         if decision.checkpoint:
