@@ -28,11 +28,22 @@ Measured from outside, on the toy's own step log (rank 0's `events.jsonl`, wall 
   where the tree has one) beside it;
 - trainwarden's restarts stage by stage from `state_dir/restart_stages.jsonl`.
 
+**Unabsorbed spike** (its own section, every run with `--clip none`: nothing absorbs the
+gradient): a batch x`UNABSORBED_SCALE` (sign-flipped so the model gets it wrong: a x1000 batch it
+gets right has a loss of 0 and no gradient) on alternating ranks, under trainwarden with the
+Snapshotter's job-side spike check (`--spike-check`) and without it (rollback on, NaN only: the
+daemon's spike rule then sees it, its route `clip` finds no clipper to tighten), and the no-fault
+ceiling. Per spike: rolled back or not, *back* = the spike to the first step after the rollback,
+*repeated* = steps trained again (the rollback's step minus the snapshot's, the skipped one not
+counted); per run the mean loss of the last 20 steps (the damage a spike left) beside the
+no-fault run's. A rollback counts this way for a NaN too.
+
 `--quick` runs the four fault kinds once per path (a few minutes on an idle 2-core machine); the
 full run adds a campaign with a fault every `--every` seconds of mixed kinds, and one of NaNs and
 spikes only (trainwarden vs plain torchrun vs no faults)::
 
     .venv/bin/python bench/healing.py --quick
+    .venv/bin/python bench/healing.py --unabsorbed-only                # the unabsorbed-spike section
     .venv/bin/python bench/healing.py --json /tmp/healing.json       # long: per kind + campaigns
 """
 
@@ -57,6 +68,10 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_REF = "fa41cf3"  # the tree before the pidfd exit watcher, the stage journal and the fast kill
 ROLLBACK_EVERY = 5  # trainwarden's snapshot interval: 0.67 % of the toy's step (bench/snapshot_cost.py)
 STEP_SECONDS = 0.12  # the toy's step on this machine: 0.1 s sleep + compute, for spacing faults in time
+UNABSORBED_SCALE = -1000.0
+UNCLIPPED = ["--clip", "none", "--spike-scale", str(UNABSORBED_SCALE)]
+SPIKE_CHECK = ["--spike-check"]
+TAIL_STEPS = 20
 RULES = {
     "hang": ("stall", "collective_stuck"),
     "crash": ("process_exit", "process_gone"),
@@ -91,6 +106,7 @@ def worker(args: argparse.Namespace) -> int:
         command += ["--local-dir", args.local_dir, "--local-every", "1"]
     if args.rollback_every:
         command += ["--rollback-every", str(args.rollback_every)]
+    command += args.toy_arg
     goodput: dict[str, Any] = {}
     done = threading.Event()
     poller = threading.Thread(target=poll_goodput, args=(f"http://127.0.0.1:{port}", JOB, goodput, done))
@@ -162,6 +178,7 @@ class FaultResult:
     restart: bool = False
     back_s: float | None = None  # fault -> first step after it by the run that goes on
     repeated: int | None = None
+    rolled_back: bool = False  # in place, by the job's Snapshotter, skipping the fault's batch
 
 
 @dataclass
@@ -173,6 +190,7 @@ class RunResult:
     final_step: int | None
     final_finite: bool
     daemon_goodput: float | None = None
+    tail_loss: float | None = None  # mean loss of the final lineage's last TAIL_STEPS steps
     faults: list[FaultResult] = field(default_factory=list)
     stages: list[dict[str, Any]] = field(default_factory=list)
 
@@ -191,6 +209,7 @@ def run_daemon(
     local_tier: bool,
     rollback_every: int = 0,
     warm_start: bool = False,
+    toy_args: tuple[str, ...] = (),
 ) -> RunResult:
     """One `run_job` run in a worker of the tree exported at `src` (local tier, rollback: on or off)."""
     if (root / "result.json").exists():  # --keep of an earlier, interrupted bench: reuse its run
@@ -204,6 +223,7 @@ def run_daemon(
     if rollback_every:
         argv += ["--rollback-every", str(rollback_every)]
     argv += ["--warm-start"] if warm_start else []
+    argv += [f"--toy-arg={arg}" for arg in toy_args]
     env["PYTHONPATH"] = str(src)
     if local_tier:
         local = Path(
@@ -232,7 +252,13 @@ def from_result(name: str, data: dict[str, Any], faults: list[str]) -> RunResult
 
 
 def run_torchrun(
-    name: str, root: Path, steps: int, faults: list[str], pg_timeout: float, src: Path
+    name: str,
+    root: Path,
+    steps: int,
+    faults: list[str],
+    pg_timeout: float,
+    src: Path,
+    toy_args: tuple[str, ...] = (),
 ) -> RunResult:
     """Plain `torchrun --max-restarts N` (or, without faults, the ceiling)."""
     if (root / "result.json").exists():  # --keep of an earlier, interrupted bench: reuse its run
@@ -244,7 +270,7 @@ def run_torchrun(
 
     cmd = toy_command(root, steps, [parse_fault(f, ScriptedFault) for f in faults], free_port())
     cmd[cmd.index("--max-restarts") + 1] = str(len(faults) + 2)
-    cmd += ["--pg-timeout", str(pg_timeout)]
+    cmd += ["--pg-timeout", str(pg_timeout), *toy_args]
     env = {**os.environ, "PYTHONPATH": str(src), "TRAINWARDEN_SOCKET": str(root / "no-daemon.sock")}
     env["TRAINWARDEN_CONTROL_DIR"] = str(root / "control")
     start = time.time()
@@ -280,6 +306,7 @@ def analyse(
             last.pop(int(e["skipped"]), None)
     productive = sum(float(e.get("seconds", 0.0)) for e in last.values() if finite(e.get("loss")))
     final = max(last) if last else None
+    tail = [float(last[s]["loss"]) for s in sorted(last)[-TAIL_STEPS:] if finite(last[s].get("loss"))]
     result = RunResult(
         name,
         code,
@@ -288,6 +315,7 @@ def analyse(
         final,
         final is not None and finite(last[final].get("loss")),
         daemon_goodput,
+        statistics.fmean(tail) if tail else None,
         stages=stages or [],
     )
     fired = sorted(
@@ -313,8 +341,24 @@ def finite(value: Any) -> bool:
 def measure(fault: FaultResult, at: float, until: float, events: list[dict[str, Any]]) -> None:
     """Back-to-training time and steps repeated of the fault at `at` (before the next one, `until`)."""
     timed = [e for e in events if "time" in e]
-    start = next((e for e in timed if e.get("event") == "start" and at < float(e["time"]) < until), None)
     steps = [e for e in timed if e.get("event") == "step"]
+    rolled = next(
+        (
+            e
+            for e in timed
+            if e.get("event") == "rollback"
+            and int(e["skipped"]) == fault.step
+            and at < float(e["time"]) < until
+        ),
+        None,
+    )
+    if rolled is not None:  # in place: back at the first step after the rollback, in the same processes
+        fault.rolled_back = True
+        first = next((e for e in steps if float(e["time"]) > float(rolled["time"])), None)
+        fault.back_s = None if first is None else float(first["time"]) - at
+        fault.repeated = int(rolled["step"]) - int(rolled["to"])  # to..step again, less the skipped batch
+        return
+    start = next((e for e in timed if e.get("event") == "start" and at < float(e["time"]) < until), None)
     if start is not None:
         fault.restart = True
         began = float(start["time"])
@@ -353,6 +397,58 @@ def per_kind_table(runs: list[RunResult]) -> str:
                 cells.append(f"{f.back_s:.1f} s / {f.repeated} / {'yes' if f.restart else 'no'}")
         lines.append(f"| {kind}@{step} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def unabsorbed_table(runs: list[RunResult], ceiling: RunResult) -> str:
+    """Per spike: rolled back?, back, repeated, restart; per run: the loss its spikes left."""
+    lines = [
+        "| run | spikes rolled back | back (each) | repeated (each) | restart | max back |"
+        f" mean loss, last {TAIL_STEPS} steps (no faults: "
+        + ("-" if ceiling.tail_loss is None else f"{ceiling.tail_loss:.3f}")
+        + ") |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        done = [f for f in run.faults if f.rolled_back]
+        backs = [f.back_s for f in done if f.back_s is not None]
+        lines.append(
+            f"| {run.name} | {len(done)}/{len(run.faults)} "
+            f"| {', '.join(f'{b:.2f} s' for b in backs) or '-'} "
+            f"| {', '.join(str(f.repeated) for f in done) or '-'} "
+            f"| {'yes' if any(f.restart for f in run.faults) else 'no'} "
+            f"| {f'{max(backs):.2f} s' if backs else '-'} "
+            f"| {'-' if run.tail_loss is None else f'{run.tail_loss:.3f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def unabsorbed(tmp: Path, src: Path, pg_timeout: float) -> list[RunResult]:
+    """The unabsorbed-spike section: with the job-side check, without it, and no faults (all unclipped)."""
+    faults = spaced(["spike"] * 4, 60, 57)  # 57: mid-interval, two steps before a boundary
+    steps = 57 + 3 * 60 + 20
+    return [
+        run_daemon(
+            "trainwarden, job-side spike check",
+            tmp / "unabsorbed-check",
+            steps,
+            faults,
+            src=src,
+            local_tier=True,
+            rollback_every=ROLLBACK_EVERY,
+            toy_args=(*UNCLIPPED, *SPIKE_CHECK),
+        ),
+        run_daemon(
+            "trainwarden, rollback without the check",
+            tmp / "unabsorbed-nocheck",
+            steps,
+            faults,
+            src=src,
+            local_tier=True,
+            rollback_every=ROLLBACK_EVERY,
+            toy_args=tuple(UNCLIPPED),
+        ),
+        run_torchrun("no faults", tmp / "unabsorbed-clean", steps, [], pg_timeout, src, tuple(UNCLIPPED)),
+    ]
 
 
 def steps_rate(run: RunResult, ceiling: RunResult) -> float:
@@ -459,6 +555,8 @@ def main() -> int:
     parser.add_argument("--out-json", help=argparse.SUPPRESS)
     parser.add_argument("--local-dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--rollback-every", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--toy-arg", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--unabsorbed-only", action="store_true", help="only the unabsorbed-spike section")
     parser.add_argument(
         "--warm-start",
         action="store_true",
@@ -471,8 +569,12 @@ def main() -> int:
     sections: dict[str, list[RunResult]] = {}
     with tempfile.TemporaryDirectory(prefix="tw-bench-healing-") as scratch:
         tmp = args.keep or Path(scratch)
-        ref_src = export_ref(args.ref, tmp / "ref")
         src = export_ref(args.tree, tmp / "tree")
+        sections["unabsorbed spike"] = unabsorbed(tmp, src, args.pg_timeout)
+        if args.unabsorbed_only:
+            report(sections, args.json)
+            return 0
+        ref_src = export_ref(args.ref, tmp / "ref")
         kinds_faults = spaced(["spike", "crash", "hang", "nan"], 60, 55)  # mid-way between checkpoints
         kinds_steps = 55 + 4 * 60 + 15
         per_kind = [
@@ -552,9 +654,18 @@ def main() -> int:
                 ),
                 next(r for r in sections["campaign, mixed"] if r.name == "no faults"),
             ]
+    report(sections, args.json)
+    return 0
+
+
+def report(sections: dict[str, list[RunResult]], json_path: Path | None) -> None:
+    """Print every section's tables; write them as JSON where asked."""
     for title, runs in sections.items():
         ceiling = next((r for r in runs if r.name == "no faults"), None)
         print(f"\n### {title}\n")
+        if title == "unabsorbed spike" and ceiling is not None:
+            print(unabsorbed_table([r for r in runs if r.faults], ceiling))
+            print()
         faulted = [r for r in runs if r.faults]
         if faulted and faulted[0].faults and len(faulted[0].faults) <= 8:
             print(per_kind_table(faulted))
@@ -564,14 +675,13 @@ def main() -> int:
             if run.stages:
                 print(f"\n{run.name}, restarts stage by stage (seconds):\n")
                 print(stages_table(run))
-    if args.json is not None:
-        args.json.write_text(
+    if json_path is not None:
+        json_path.write_text(
             json.dumps(
                 {k: [{**asdict(r), "goodput": r.goodput} for r in v] for k, v in sections.items()}, indent=2
             ),
             encoding="utf-8",
         )
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 One process on CPU, the demo toy's model (MLP with dropout, AdamW, LambdaLR warm-up, the
 AdaptiveClipper), and a larger MLP of about 2.7 M parameters to show how the cost grows with the
 state. Per round, the same training steps run without a `Snapshotter` (the baseline), with one at
-`every=5` (the default) and at `every=1`; the three alternate round by round, so a change of the
+`every=5` (the default), at `every=5` with the job-side loss-spike check (`spike=SpikeCheck()`,
+its losses in the boundary's all-reduce and the detector at each boundary) and at `every=1`; they
+alternate round by round, so a change of the
 machine's load hits all alike. The extra seconds per step over the baseline are reported as a
 ratio of the baseline's own compute step and of the toy's 0.1 s step (its `--step-sleep`), with
 the snapshot's host memory (`keep=2` snapshots). Costs are the process's CPU time (one thread), so
@@ -34,6 +36,7 @@ from torch import nn
 
 from trainwarden.client.clipping import AdaptiveClipper
 from trainwarden.client.snapshot import Snapshotter
+from trainwarden.client.spike_check import SpikeCheck
 from trainwarden.control import ClipSettings
 from trainwarden.demo.toy_job import CLASSES, IN_FEATURES, build_model
 
@@ -79,7 +82,9 @@ class Trainer:
         return loss.detach(), norm
 
 
-def timed_run(make: Callable[[int], nn.Module], steps: int, every: int | None) -> float:
+def timed_run(
+    make: Callable[[int], nn.Module], steps: int, every: int | None, *, spike: bool = False
+) -> float:
     """CPU seconds of this process for `steps` steps, with a Snapshotter at `every` (None: without).
 
     CPU time, not wall time: on a shared, loaded machine the wall clock mostly measures the other
@@ -91,7 +96,7 @@ def timed_run(make: Callable[[int], nn.Module], steps: int, every: int | None) -
         for i in range(steps):
             trainer.step(i)
         return time.process_time() - started
-    snap = Snapshotter(trainer.state(), every=every)
+    snap = Snapshotter(trainer.state(), every=every, spike=SpikeCheck() if spike else None)
     started = time.process_time()
     for i in snap.steps(0, steps):
         loss, norm = trainer.step(i)
@@ -122,23 +127,28 @@ def _tensor_bytes(value: Any) -> int:
 def cost_table(rounds: int, steps: int) -> list[str]:
     header = (
         "| model | parameters | snapshot memory (keep=2) | baseline step (CPU) | every=5: extra per step"
-        " | ratio of step | ratio of 0.1 s | every=1: extra per step | ratio of 0.1 s |"
+        " | ratio of step | ratio of 0.1 s | every=5 + spike check: extra per step | ratio of 0.1 s"
+        " | every=1: extra per step | ratio of 0.1 s |"
     )
-    rows = [header, "|---|---|---|---|---|---|---|---|---|"]
+    rows = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, make in (("toy MLP", build_model), ("MLP 1024", big_model)):
         params = sum(p.numel() for p in make(0).parameters())
-        runs: dict[int | None, list[float]] = {None: [], 5: [], 1: []}
-        timed_run(make, 20, 5)  # warm-up: allocator, first-call paths
+        kinds: dict[str, tuple[int | None, bool]] = {"none": (None, False), "5": (5, False)}
+        kinds |= {"5+spike": (5, True), "1": (1, False)}
+        runs: dict[str, list[float]] = {kind: [] for kind in kinds}
+        timed_run(make, 20, 5, spike=True)  # warm-up: allocator, first-call paths
         for _ in range(rounds):
-            for every, seconds in runs.items():
-                seconds.append(timed_run(make, steps, every) / steps)
-        base = statistics.median(runs[None])
-        extra5 = statistics.median(runs[5]) - base
-        extra1 = statistics.median(runs[1]) - base
+            for kind, (every, spike) in kinds.items():
+                runs[kind].append(timed_run(make, steps, every, spike=spike) / steps)
+        base = statistics.median(runs["none"])
+        extra5 = statistics.median(runs["5"]) - base
+        extra5s = statistics.median(runs["5+spike"]) - base
+        extra1 = statistics.median(runs["1"]) - base
         memory = 2 * snapshot_bytes(make)
         rows.append(
             f"| {name} | {params:,} | {memory / 2**20:.2f} MiB | {base * 1e3:.3f} ms "
             f"| {extra5 * 1e3:.3f} ms | {extra5 / base:.1%} | {extra5 / TOY_STEP_SECONDS:.2%} "
+            f"| {extra5s * 1e3:.3f} ms | {extra5s / TOY_STEP_SECONDS:.2%} "
             f"| {extra1 * 1e3:.3f} ms | "
             f"{extra1 / TOY_STEP_SECONDS:.2%} |"
         )

@@ -11,6 +11,11 @@ real `SpikeRule` is evaluated at each tick (every `TICK_STEPS` steps, as the dae
   with inputs scaled by `--bad-scale` and labels rotated, a bad batch as a data bug makes it; the
   table gives the grad-norm and loss jump it caused (x the previous step) and whether the rule
   flagged it within 3 ticks of the bad step.
+- the job-side check (`Snapshotter(..., spike=SpikeCheck())`, its defaults, a boundary every
+  `ROLLBACK_EVERY` steps) in the same training loops: the clean run trains under it (a run it never
+  rolls back is bit-identical to one without it), so its rollbacks are false positives (must be 0);
+  a third run of the bad batches under it says which it rolled back (the bad step skipped) and
+  whether it rolled back anything else.
 
 Schedules: `constant`, `warmup_cosine` (linear warm-up over the first 10 % then cosine decay to
 0), `warmup_linear` (warm-up, then linear decay), `step` (x0.1 at 50 % and 75 %).
@@ -38,6 +43,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from training_series import TrainingFeed
+from trainwarden.client.snapshot import Snapshotter
+from trainwarden.client.spike_check import SpikeCheck
 from trainwarden.rules.base import RuleView
 from trainwarden.rules.spike import SpikeRule
 from trainwarden.store import Store
@@ -47,6 +54,7 @@ TICK_STEPS = 10
 DETECT_TICKS = 3
 RECENT_STEPS = round(SpikeRule.Options().recent_seconds / STEP_SECONDS)
 SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "step")
+ROLLBACK_EVERY = 5
 
 
 class SmallConvNet(nn.Module):
@@ -97,17 +105,30 @@ def lr_at(schedule: str, step: int, steps: int, peak: float) -> float:
 class Series:
     loss: list[float]
     grad_norm: list[float]
+    rollbacks: list[tuple[int, int]]  # (skipped step, step it was found at) under the job-side check
 
 
 def train(
-    seed: int, schedule: str, steps: int, bad: Callable[[int], bool], bad_scale: float, peak_lr: float
+    seed: int,
+    schedule: str,
+    steps: int,
+    bad: Callable[[int], bool],
+    bad_scale: float,
+    peak_lr: float,
+    *,
+    check: bool = False,
 ) -> Series:
+    """One run; with `check`, under the job-side spike check (the series: the final lineage, by step)."""
     torch.manual_seed(seed)
     model = SmallConvNet()
     optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.01)
     loss_fn = nn.CrossEntropyLoss()
-    out = Series([], [])
-    for step, (clean_images, clean_labels) in enumerate(make_data(seed, steps, 32)):
+    snap = Snapshotter({"model": model, "optim": optimizer}, every=ROLLBACK_EVERY, spike=SpikeCheck())
+    data = make_data(seed, steps, 32)
+    losses: dict[int, float] = {}
+    norms: dict[int, float] = {}
+    for step in snap.steps(0, steps) if check else range(steps):
+        clean_images, clean_labels = data[step]
         images, labels = clean_images, clean_labels
         if bad(step):
             images, labels = clean_images * bad_scale, clean_labels.roll(1)
@@ -118,9 +139,15 @@ def train(
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
         optimizer.step()
-        out.loss.append(float(loss.detach()))
-        out.grad_norm.append(float(norm))
-    return out
+        losses[step], norms[step] = float(loss.detach()), float(norm)
+        if check:
+            snap.after_step(step, loss=loss.detach(), grad_norm=norm)
+    kept = sorted(set(losses) - set(snap.skipped))
+    return Series(
+        [losses[s] for s in kept],
+        [norms[s] for s in kept],
+        [(r.skipped, r.at_step) for r in snap.rollbacks],
+    )
 
 
 def flagged_ticks(series: Series) -> list[int]:
@@ -143,8 +170,12 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
     for schedule in args.schedules:
         for seed in args.seeds:
             started = time.perf_counter()
-            clean = train(seed, schedule, args.steps, lambda _s: False, 1.0, args.lr)
+            clean = train(seed, schedule, args.steps, lambda _s: False, 1.0, args.lr, check=True)
             dirty = train(seed, schedule, args.steps, lambda s: s in bad_steps, args.bad_scale, args.lr)
+            healed = train(
+                seed, schedule, args.steps, lambda s: s in bad_steps, args.bad_scale, args.lr, check=True
+            )
+            skipped = [s for s, _ in healed.rollbacks]
             dirty_ticks = flagged_ticks(dirty)
             caught = [any(b <= t < b + DETECT_TICKS * TICK_STEPS for t in dirty_ticks) for b in args.bad_at]
             # a finding stays asserted while its point is in the rule's recent window
@@ -164,6 +195,9 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                     "false_ticks_bad_run": sum(
                         not any(b <= t < b + explained for b in args.bad_at) for t in dirty_ticks
                     ),
+                    "job_side_clean_rollbacks": len(clean.rollbacks),
+                    "job_side_caught": [b in skipped for b in args.bad_at],
+                    "job_side_other_rollbacks": sum(s not in bad_steps for s in skipped),
                     "seconds": round(time.perf_counter() - started, 1),
                 }
             )
@@ -192,11 +226,12 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
 def table(rows: list[dict[str, object]]) -> str:
     header = (
         "| schedule | seed | findings, clean run (ticks) | grad norm first / max / last | bad batches caught"
-        " | grad-norm jump (x prev) | loss jump (x prev) | other findings, bad run |"
+        " | grad-norm jump (x prev) | loss jump (x prev) | other findings, bad run"
+        " | job-side rollbacks, clean run | bad batches rolled back | other rollbacks, bad run |"
     )
     lines = [
         header,
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         g = r["grad_norm_first_last"]
@@ -207,11 +242,15 @@ def table(rows: list[dict[str, object]]) -> str:
         jumps_l = r["bad_loss_jump"]
         assert isinstance(jumps_g, list)
         assert isinstance(jumps_l, list)
+        job_caught = r["job_side_caught"]
+        assert isinstance(job_caught, list)
         lines.append(
             f"| {r['schedule']} | {r['seed']} | {r['clean_flagged_ticks']} "
             f"| {g[0]:.2f} / {g[1]:.2f} / {g[2]:.2f} "
             f"| {sum(caught)}/{len(caught)} | {', '.join(f'{j:.1f}' for j in jumps_g)} "
-            f"| {', '.join(f'{j:.1f}' for j in jumps_l)} | {r['false_ticks_bad_run']} |"
+            f"| {', '.join(f'{j:.1f}' for j in jumps_l)} | {r['false_ticks_bad_run']} "
+            f"| {r['job_side_clean_rollbacks']} | {sum(job_caught)}/{len(job_caught)} "
+            f"| {r['job_side_other_rollbacks']} |"
         )
     return "\n".join(lines)
 

@@ -10,6 +10,11 @@ every rank restores the same snapshot in place, the first bad batch is skipped f
 `steps()` continues from the snapshot; otherwise a new snapshot is taken. Nothing is read from the
 device between boundaries: the finite checks stay on the device until the boundary's all-reduce.
 
+Opt-in, `spike=SpikeCheck()` also rolls back a finite loss spike (`client/spike_check.py`): the
+interval's losses travel in the same all-reduce (MAX over ranks, float64), every rank runs the
+daemon's spike detector on the same numbers, and the first spiking step is rolled back and skipped
+exactly like a non-finite one. Off by default: a false positive would change a healthy run.
+
     reporter = Reporter.from_env(job="llm", capabilities=Snapshotter.CAPABILITIES)
     snap = Snapshotter({"model": model, "optim": optimizer, "sched": scheduler, "clip": clipper},
                        every=5, reporter=reporter)
@@ -34,6 +39,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from trainwarden.client.spike_check import LossTrend, SpikeCheck
 from trainwarden.control import ControlState
 
 log = logging.getLogger(__name__)
@@ -90,6 +96,7 @@ class Snapshotter:
         auto: bool = True,
         max_rollbacks: int = 3,
         group: Any = None,
+        spike: SpikeCheck | None = None,
     ) -> None:
         if every < 1 or keep < 1 or max_rollbacks < 0:
             raise ValueError(
@@ -104,6 +111,8 @@ class Snapshotter:
         self._group = group
         self._snapshots: list[Snapshot] = []
         self._flags: list[tuple[int, Any]] = []  # (step, non-finite flag: bool or a device tensor)
+        self._losses: list[Any] = []  # with a spike check: each step's loss (float, device tensor, None)
+        self._trend = LossTrend(spike) if spike is not None else None
         self._skipped: set[int] = set()
         self._handled: list[str] = []  # daemon request ids acted upon (or found already done)
         self._in_a_row = 0  # rollbacks since the last new snapshot
@@ -138,8 +147,11 @@ class Snapshotter:
         """Note this step's loss and grad-norm (tensors stay on the device); True when it rolled back.
 
         Call it once per completed step, on every rank. At every `every`-th call the ranks agree and
-        either snapshot or roll back; `steps()` then continues from the snapshot.
+        either snapshot or roll back; `steps()` then continues from the snapshot. With a spike check
+        the loss must be one value (a float or a one-element tensor), kept until the boundary.
         """
+        if self._trend is not None:
+            self._losses.append(_one_loss(loss))
         self._flags.append((step, _nonfinite(loss, grad_norm)))
         if len(self._flags) < self.every:
             return False
@@ -149,6 +161,14 @@ class Snapshotter:
     def skipped(self) -> tuple[int, ...]:
         """Batches skipped after a rollback, ascending (identical on every rank)."""
         return tuple(sorted(self._skipped))
+
+    @property
+    def loss_trend(self) -> tuple[tuple[int, float], ...]:
+        """The (step, loss) points the spike check compares new losses with (empty without one).
+
+        The run's own trajectory: a rolled-back step (and so a skipped batch) is never in it.
+        """
+        return self._trend.points if self._trend is not None else ()
 
     def state_dict(self) -> dict[str, Any]:
         """Skipped batches and handled request ids, for the checkpoint's `local` state."""
@@ -168,25 +188,37 @@ class Snapshotter:
 
     def _boundary(self, step: int) -> bool:
         request = self._new_request()
-        bad, requested = self._agree(request.step if request is not None else None)
+        bad, requested, losses = self._agree(request.step if request is not None else None)
         if request is not None:
             self._handled.append(request.id)
             del self._handled[:-MAX_HANDLED_REQUESTS]
+        interval = [s for s, _ in self._flags]
         self._flags.clear()
+        self._losses.clear()
+        spike = self._trend.first_spike(interval, losses) if self._trend is not None else None
+        able = self.auto and self._in_a_row < self.max_rollbacks
         candidates = []
-        if bad is not None and self.auto and self._in_a_row < self.max_rollbacks:
+        if bad is not None and able:
             candidates.append((bad, "non-finite loss or grad-norm"))
+        if spike is not None and able:
+            candidates.append((spike.step, spike.reason))
         if requested is not None and requested not in self._skipped:
             candidates.append((requested, "the daemon asked"))
-        if not candidates:
-            if bad is None:  # never snapshot a state that may hold the fault
-                self._snapshots = [*self._snapshots, self._take(step + 1)][-self.keep :]
-                self._in_a_row = 0
-            elif not self.auto or self._in_a_row >= self.max_rollbacks:
-                log.warning("step %d: non-finite values since the last boundary; not rolling back", step)
+        if candidates:
+            first_bad, reason = min(candidates, key=lambda c: c[0])  # the first listed of equal steps
+            if self._roll_back(step, first_bad, reason):
+                return True  # the interval's losses are gone with its steps
+        if self._trend is not None:
+            self._trend.accept(interval, losses)  # the run goes on with these steps
+        if candidates:
             return False
-        first_bad, reason = min(candidates)
-        return self._roll_back(step, first_bad, reason)
+        if bad is None and spike is None:  # never snapshot a state that may hold the fault
+            self._snapshots = [*self._snapshots, self._take(step + 1)][-self.keep :]
+            self._in_a_row = 0
+        else:
+            what = "non-finite values" if bad is not None else "a loss spike"
+            log.warning("step %d: %s since the last boundary; not rolling back", step, what)
+        return False
 
     def _roll_back(self, step: int, first_bad: int, reason: str) -> bool:
         usable = [s for s in self._snapshots if s.next_step <= first_bad]
@@ -199,6 +231,8 @@ class Snapshotter:
             target.load_state_dict(copy.deepcopy(snapshot.states[name]))
         _restore_rng(snapshot.rng)
         self._snapshots = usable
+        if self._trend is not None:
+            self._trend.forget_from(snapshot.next_step)  # trained again (or skipped): not the trend
         self._skipped.add(first_bad)
         self._in_a_row += 1
         self._jump = snapshot.next_step
@@ -228,26 +262,63 @@ class Snapshotter:
             return None  # a restart since skips that batch: a request left in the file is done
         return request
 
-    def _agree(self, requested: int | None) -> tuple[int | None, int | None]:
-        """First step with a non-finite value on any rank, and the request's step: one all-reduce."""
+    def _agree(self, requested: int | None) -> tuple[int | None, int | None, list[float]]:
+        """First non-finite step on any rank, the request's step, each step's largest loss: one all-reduce.
+
+        The losses come only with a spike check (else an empty list); one host read in all.
+        """
         import torch  # noqa: PLC0415 - torch is imported lazily on purpose
         import torch.distributed as dist  # noqa: PLC0415
 
         raw = [f for _, f in self._flags]
-        device = next((f.device for f in raw if isinstance(f, torch.Tensor)), torch.device("cpu"))
+        tensors = [v for v in (*raw, *self._losses) if isinstance(v, torch.Tensor)]
+        device = tensors[0].device if tensors else torch.device("cpu")
+        # int64 without a spike check (as before it existed); float64 with one: steps below 2**53 stay exact
+        dtype = torch.int64 if self._trend is None else torch.float64
         flags = [
-            f.to(device=device, dtype=torch.int64)
+            f.to(device=device, dtype=dtype)
             if isinstance(f, torch.Tensor)
-            else torch.tensor(int(f), device=device)
+            else torch.tensor(int(f), dtype=dtype, device=device)
             for f in raw
         ]
-        wanted = torch.tensor(-1 if requested is None else requested, dtype=torch.int64, device=device)
-        local = torch.stack([*flags, wanted])
+        wanted = torch.tensor(-1 if requested is None else requested, dtype=dtype, device=device)
+        losses = [_loss_entry(v, device) for v in self._losses]
+        local = torch.stack([*flags, wanted, *losses])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self._group) > 1:
             dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self._group)
         values = local.tolist()  # the one host read of the interval
-        bad = next((step for (step, _), v in zip(self._flags, values, strict=False) if v), None)
-        return bad, (None if values[-1] < 0 else int(values[-1]))
+        n = len(raw)
+        bad = next((step for (step, _), v in zip(self._flags, values[:n], strict=True) if v), None)
+        return bad, (None if values[n] < 0 else int(values[n])), [float(v) for v in values[n + 1 :]]
+
+
+def _one_loss(loss: Any) -> Any:
+    """The loss as the spike check keeps it: a float, a detached one-element tensor, or None."""
+    if loss is None:
+        return None
+    if isinstance(loss, int | float):
+        return float(loss)
+    if loss.numel() != 1:  # metadata only: no device sync
+        raise ValueError(
+            f"the spike check needs one loss value per step, got a tensor of shape {tuple(loss.shape)}"
+        )
+    return loss.detach()
+
+
+def _loss_entry(value: Any, device: Any) -> Any:
+    """A loss as a float64 entry of the boundary's MAX all-reduce.
+
+    Non-finite losses become +inf, so MAX is well-defined (NaN compares false both ways; the step is
+    flagged non-finite anyway, and the detector ignores inf); a missing loss is -inf (never the max).
+    """
+    import torch  # noqa: PLC0415
+
+    if value is None:
+        return torch.tensor(-math.inf, dtype=torch.float64, device=device)
+    if isinstance(value, float):
+        value = torch.tensor(value, dtype=torch.float64, device=device)
+    entry = value.to(device=device, dtype=torch.float64).reshape(())
+    return torch.where(torch.isfinite(entry), entry, torch.full_like(entry, math.inf))
 
 
 def _nonfinite(loss: Any, grad_norm: Any) -> Any:

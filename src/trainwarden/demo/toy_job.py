@@ -27,11 +27,15 @@ host memory every N steps, the reporter advertising the capability): a non-finit
 grad-norm on any rank, or the daemon's rollback request, rolls every rank back in place to the
 last good snapshot and skips the first bad batch, without a restart (rank 0 prints ``ROLLBACK
 <at> <to> <skipped>``). The skipped batches are saved with each checkpoint. Off by default.
+`--spike-check` adds the Snapshotter's job-side loss-spike check (`SpikeCheck`, warm-up
+`--spike-warmup` steps): a finite loss far above its trend is rolled back the same way.
 
 Fault injection for end-to-end tests and the demo (all off by default): `--crash-at-step`,
 `--hang-at-step`, `--nan-at-step`, `--spike-at-step` on `--fault-rank`, or any number of
-`--fault KIND@STEP[:RANK]`; and `--ckpt-write-delay` (pause inside every checkpoint write, after
-the shards and before the manifest, printing ``CKPT_WRITING <step>``). With `--fault-once DIR`
+`--fault KIND@STEP[:RANK]` (a spike scales the batch by `--spike-scale`, 1000; with `--clip none`
+nothing absorbs it: AdamW's moments take the huge gradient and training slows for the rest of the
+run); and `--ckpt-write-delay` (pause inside every checkpoint write, after the shards and before
+the manifest, printing ``CKPT_WRITING <step>``). With `--fault-once DIR`
 each fault fires at most once across restarts (a marker file per fault, written just before it
 fires, holds when it fired), so a resumed job does not meet the same fault forever. `--events
 FILE` appends one JSON line per step (rank 0), resume, skip and fault, with wall-clock times, for
@@ -73,6 +77,7 @@ from trainwarden.client.clipping import AdaptiveClipper
 from trainwarden.client.identity import restart_count_from_env
 from trainwarden.client.interrupt import PlannedInterrupt
 from trainwarden.client.snapshot import Snapshotter
+from trainwarden.client.spike_check import SpikeCheck
 from trainwarden.control import ClipSettings, ControlState
 
 log = logging.getLogger("train_toy")
@@ -263,7 +268,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crash-at-step", type=int, default=None, help="exit with status 1 at this step")
     p.add_argument("--hang-at-step", type=int, default=None, help="stop making progress at this step")
     p.add_argument("--nan-at-step", type=int, default=None, help="make the loss NaN at this step")
-    p.add_argument("--spike-at-step", type=int, default=None, help="scale the batch 1000x at this step")
+    p.add_argument("--spike-at-step", type=int, default=None, help="scale the batch at this step")
+    p.add_argument("--spike-scale", type=float, default=1000.0, help="what a spike fault scales its batch by")
     p.add_argument(
         "--fault",
         type=parse_fault,
@@ -289,7 +295,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="in-place rollback: a snapshot every N steps (0: off, a NaN takes a restart)",
     )
-    return p.parse_args(argv)
+    p.add_argument(
+        "--spike-check",
+        action="store_true",
+        help="with --rollback-every: roll back a loss spike too (the Snapshotter's SpikeCheck)",
+    )
+    p.add_argument(
+        "--spike-warmup", type=int, default=50, metavar="STEPS", help="the spike check's warm-up, in steps"
+    )
+    args = p.parse_args(argv)
+    if args.spike_check and not args.rollback_every:
+        p.error("--spike-check needs --rollback-every")
+    return args
 
 
 def scripted_faults(args: argparse.Namespace) -> list[Fault]:
@@ -388,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
         rolled: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
         if clipper is not None:
             rolled["clipper"] = clipper
-        snap = Snapshotter(rolled, every=args.rollback_every, reporter=reporter)
+        spike = SpikeCheck(min_baseline_points=args.spike_warmup) if args.spike_check else None
+        snap = Snapshotter(rolled, every=args.rollback_every, reporter=reporter, spike=spike)
 
     manager = None
     state: dict[str, Any] = {"train": ModelOptimizerState(model, optimizer), "scheduler": scheduler}
@@ -457,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
             continue
         x, y = data.batch(step)
         if faults.fires("spike", step):
-            x = x * 1000.0
+            x = x * args.spike_scale
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(ddp(x), y)
         if faults.fires("nan", step):

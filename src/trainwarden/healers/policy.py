@@ -48,6 +48,7 @@ from trainwarden.healers.policy_metrics import (
     REFUSALS,
 )
 from trainwarden.healers.policy_records import EVIDENCE_WINDOW_SECONDS, SOURCE, PolicyRecords
+from trainwarden.healers.rollback import RollbackHealer
 from trainwarden.incidents import IncidentWriter
 from trainwarden.journal import Decision, Entry, Journal, JournalError
 from trainwarden.model import Finding, FindingState, Severity
@@ -83,6 +84,7 @@ log = logging.getLogger(__name__)
 
 CLIP = "clip"
 RELAX_RULE = "clip_relax"
+ROLLBACK = "rollback"
 
 
 class Policy(PolicyRecords):
@@ -304,6 +306,21 @@ class Policy(PolicyRecords):
                 detail=plan,
             )
         rung, why = plan
+        healed = self._healed_by_job(finding)
+        if healed:
+            # the job's own check (Snapshotter: a NaN, or a loss spike with SpikeCheck) undid the
+            # fault after its newest bad point: clipping, a second rollback or a restart would only
+            # change a healed run
+            return self._refuse_once(
+                finding,
+                key,
+                history,
+                healer=ROLLBACK,
+                decision=Decision.OBSERVED,
+                reason="healed_by_job",
+                now=now,
+                detail=healed,
+            )
         rung = self._first_able(ladder, rung, finding)
         if rung >= len(ladder):
             return self._give_up(finding, key, ladder, len(incident), now, why=why)
@@ -353,6 +370,17 @@ class Policy(PolicyRecords):
         if self._journal.by_action_key(action.key) is not None:
             return None  # journaled before a crash: never apply an action key twice
         return self._act(finding, key, healer, action, now)
+
+    def _healed_by_job(self, finding: Finding) -> str:
+        """Why no action is needed: the job rolled back past the finding's bad step by itself; else ""."""
+        healer = self._healers.get(ROLLBACK)
+        if not isinstance(healer, RollbackHealer):
+            return ""
+        try:
+            return healer.healed_by_job(finding) or ""
+        except Exception:
+            log.exception("healer %s: healed_by_job failed on %s", ROLLBACK, finding_key(finding))
+            return ""
 
     def _first_able(self, ladder: tuple[str, ...], rung: int, finding: Finding) -> int:
         """The first rung from `rung` whose healer can act on the subject (a rollback needs the job's say)."""

@@ -10,7 +10,11 @@ without a process restart. The policy skips this rung for a job that cannot roll
 
 It took effect when the job's step records go back (a lower step after one at or past the bad step);
 a non-finite value seen after that is evidence that the rollback did not heal, and the policy
-climbs to the next rung. Idempotent: the same action key is written once; a dry run reads only::
+climbs to the next rung. When the steps went back before the request (the job's own check, a NaN or
+with `SpikeCheck` a loss spike, rolled it back first), nothing is written: the action is a no-op, so
+a request naming another step of the same fault (the rule's worst spike point, not the job's first)
+cannot roll a healed job back a second time. Idempotent: the same action key is written once; a
+dry run reads only::
 
     [policy.routes]
     nonfinite = ["rollback", "checkpoint_restart"]           # the default
@@ -93,6 +97,11 @@ class RollbackHealer(Healer):
             return ActionResult(ActionOutcome.FAILED, f"control file of job {job!r} unusable: {exc}")
         request = RollbackRequest(request_id(action.key), step)
         data: dict[str, str | float | int | bool] = {"job": job, "first_bad_step": step}
+        back = self._went_back(job, step, self.context.clock() - LOOKBACK_SECONDS)
+        if back is not None:
+            return ActionResult(
+                ActionOutcome.NOOP, f"job {job} already rolled back past step {step} by itself", data
+            )
         if state.rollback_request == request:
             return ActionResult(ActionOutcome.NOOP, f"rollback before step {step} already requested", data)
         change = f"roll job {job} back to a snapshot before step {step}, skipping batch {step}"
@@ -114,12 +123,20 @@ class RollbackHealer(Healer):
         A job that rolled back on its own before the request counts as rolled back when the action
         was applied: a non-finite value after that means the rollback did not heal.
         """
-        store = self.context.store
         job = action.subject.get("job", "")
         first = _first_bad_step(action)
-        if store is None or first is None:
+        if self.context.store is None or first is None:
             return applied_at
-        since = applied_at - LOOKBACK_SECONDS
+        back = self._went_back(job, first, applied_at - LOOKBACK_SECONDS)
+        if back is None:
+            return None
+        return max(applied_at, back)
+
+    def _went_back(self, job: str, first: int, since: float) -> float | None:
+        """When the job's steps first went back below a step at or past `first`, since `since`."""
+        store = self.context.store
+        if store is None:
+            return None
         back: list[float] = []
         for labels, points in store.windows(TRAIN_STEP):
             if dict(labels).get("job") != job:
@@ -133,9 +150,23 @@ class RollbackHealer(Healer):
                     back.append(point.timestamp)
                     break
                 highest = max(highest, point.value)
-        if not back:
+        return min(back, default=None)
+
+    def healed_by_job(self, finding: Finding) -> str | None:
+        """Why `finding` needs no action, if the job rolled back past its bad step by itself; else None.
+
+        That is: the job can roll back, and its steps went back below the bad step (or one after it)
+        at or after the finding's newest bad point (`observed_at`). A fault seen again after that
+        rollback (a NaN the job stopped rolling back) has a newer point, and is acted on as usual.
+        """
+        job = finding.subject.get("job", "")
+        step = _bad_step(finding.evidence)
+        observed = finding.evidence.get("observed_at")
+        if step is None or not isinstance(observed, int | float) or not self.can_act(finding.subject):
             return None
-        return max(applied_at, min(back))
+        if self._went_back(job, step, float(observed)) is None:
+            return None
+        return f"job {job} rolled back past step {step} by itself after the newest bad point"
 
     def new_fault(self, acted_on: Mapping[str, object], finding: Finding) -> bool:
         """A new non-finite episode whose first bad step lies past the one rolled back is a new fault.

@@ -16,19 +16,16 @@ NaN/Inf are skipped here: they are a fault, reported by the `nonfinite` rule.
 
 from __future__ import annotations
 
-import bisect
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from trainwarden.model import Finding, Labels, Severity
-from trainwarden.rules.base import Rule, RuleOptions, RuleView, median
+from trainwarden.rules.base import Rule, RuleOptions, RuleView
 from trainwarden.rules.training import GRAD_NORM, LOSS, step_at
+from trainwarden.spike_math import find_spikes, threshold_problems
 from trainwarden.store import Point
 
 _SERIES = {"grad_norm": GRAD_NORM, "loss": LOSS}
-_MIN_CENTER_POINTS = 3
-_MAD_TO_SIGMA = 1.4826
 
 
 @dataclass(frozen=True)
@@ -47,21 +44,9 @@ class SpikeOptions(RuleOptions):
     def problems(self) -> list[tuple[str, str]]:
         """Positive thresholds and known metric names."""
         found = super().problems()
-        if not self.z_threshold > 0:
-            found.append(("z_threshold", "must be > 0"))
-        if not self.min_jump_ratio >= 1:
-            found.append(("min_jump_ratio", "must be >= 1 (a multiple of the trend)"))
+        found.extend(threshold_problems(self))  # the shared detector's own (trainwarden.spike_math)
         if not self.recent_seconds > 0:
             found.append(("recent_seconds", "must be > 0"))
-        if self.min_baseline_points < _MIN_CENTER_POINTS:
-            found.append(("min_baseline_points", f"must be >= {_MIN_CENTER_POINTS}"))
-        if self.baseline_points < self.min_baseline_points:  # filed under both: either may be the typo
-            found.append(("baseline_points", "must be >= min_baseline_points"))
-            found.append(("min_baseline_points", "must be <= baseline_points"))
-        if self.trend_points < _MIN_CENTER_POINTS:
-            found.append(("trend_points", f"must be >= {_MIN_CENTER_POINTS}"))
-        if not self.min_scale_ratio >= 0:
-            found.append(("min_scale_ratio", "must be >= 0"))
         found.extend(
             ("metrics", f"unknown metric {m!r} (valid: {', '.join(sorted(_SERIES))})")
             for m in self.metrics
@@ -86,54 +71,17 @@ def find_spike(values: Sequence[float], first_candidate: int, options: SpikeOpti
     """Score `values[first_candidate:]` against the trend of the points before each; None if no spike.
 
     Pure and shared by the rule, its tests and `bench/spike_false_positives.py`, so what is
-    measured is what runs. Non-finite and non-positive values are ignored (no log).
+    measured is what runs; the arithmetic is `trainwarden.spike_math`, which the client's job-side
+    `SpikeCheck` runs too. Non-finite and non-positive values are ignored (no log).
     """
-    logs = [(i, math.log(v)) for i, v in enumerate(values) if math.isfinite(v) and v > 0]
-    # a candidate needs `min_baseline_points` finite points before it (warm-up, in steps)
-    split = next((p for p, (i, _) in enumerate(logs) if i >= first_candidate), len(logs))
-    split = max(split, options.min_baseline_points)
-    if split >= len(logs):
+    spikes, scale = find_spikes(values, first_candidate, options)
+    if not spikes:
         return None
-    # the scale comes from the newest points, candidates included: median/MAD ignore the few spikes
-    start = max(_MIN_CENTER_POINTS, min(split, len(logs) - options.baseline_points))
-    residuals = _residuals([x for _, x in logs], start, options.trend_points)
-    scored = residuals[-options.baseline_points :]
-    usual = median(scored)
-    spread = median([abs(r - usual) for r in scored])
-    scale = max(_MAD_TO_SIGMA * spread, options.min_scale_ratio, 1e-12)
-    min_jump = math.log(options.min_jump_ratio)
-    worst: SpikeHit | None = None
-    newest = -1
-    for position in range(split, len(logs)):
-        r = residuals[position - start]
-        z = (r - usual) / scale
-        if z <= options.z_threshold or r < min_jump:
-            continue
-        index, x = logs[position]
-        newest = index
-        if worst is None or z > worst.z:
-            worst = SpikeHit(index, index, z, math.exp(r), math.exp(x - r), scale)
-    if worst is None:
-        return None
-    return SpikeHit(worst.index, newest, worst.z, worst.ratio, worst.center, worst.scale)
-
-
-def _residuals(logs: Sequence[float], start: int, k: int) -> list[float]:
-    """logs[p] minus the median of the (up to) k values before it, for every p >= start.
-
-    A sorted sliding window (bisect) instead of sorting each window: the rule runs every tick on
-    every rank's series.
-    """
-    window = sorted(logs[max(0, start - k) : start])
-    out = []
-    for position in range(start, len(logs)):
-        n = len(window)
-        center = window[n // 2] if n % 2 else (window[n // 2 - 1] + window[n // 2]) / 2
-        out.append(logs[position] - center)
-        bisect.insort(window, logs[position])
-        if position - k >= 0:
-            del window[bisect.bisect_left(window, logs[position - k])]
-    return out
+    worst = spikes[0]
+    for spike in spikes[1:]:
+        if spike.z > worst.z:  # the first of equal z-scores, as before
+            worst = spike
+    return SpikeHit(worst.index, spikes[-1].index, worst.z, worst.ratio, worst.center, scale)
 
 
 class SpikeRule(Rule):
