@@ -29,13 +29,13 @@ cannot drag. Non-finite norms are never fed into the statistics (NaN/Inf is a fa
 daemon, not a spike) and their gradients are left untouched.
 
 On an accelerator everything per step is tensor arithmetic on the gradients' device
-(``torch.where``, no ``.item()``), so the clipper adds no host-device synchronisation; CPU
-gradients are in host memory already, so there the statistics are Python floats and an unclipped
-step is not multiplied (`trainwarden.client.clip_math`; same decisions). The norm is global:
-FSDP2's sharded DTensor gradients are reduced across ranks (`trainwarden.client.grad_norm`), so
-every rank clips and skips alike. The returned pre-clip norm is a tensor; read it one step late
-if you report it. ``fixed`` mode is plain clipping at ``warmup_max_norm`` (the daemon can still
-change it).
+(``torch.where``, no ``.item()``; 25 ops after the warm-up, `clip_math.DeviceClip`), so the
+clipper adds no host-device synchronisation; CPU gradients are in host memory already, so there
+the statistics are Python floats and an unclipped step is not multiplied (same decisions). The
+norm is global: FSDP2's sharded DTensor gradients are reduced across ranks
+(`trainwarden.client.grad_norm`), so every rank clips and skips alike. The returned pre-clip norm
+is a tensor; read it one step late if you report it. ``fixed`` mode is plain clipping at
+``warmup_max_norm`` (the daemon can still change it).
 
 torch is imported lazily, so importing this module costs nothing in the daemon.
 """
@@ -130,10 +130,9 @@ class AdaptiveClipper:
         self.mode: ClipMode = mode
         self.rejected_updates = 0
         self._step = 0  # host-side count: we know it without asking the device
-        self._math: clip_math.HostMath | clip_math.DeviceMath | None = (
-            None  # set with the statistics, at the first clip()
-        )
-        self._st = clip_math.Stats(0.0, 0.0, 0, 0, 0, [])
+        self._ready = False  # the statistics are made at the first clip(), on the norm's device
+        self._st = clip_math.Stats(0.0, 0.0, 0, 0, 0, [])  # host path (CPU gradients)
+        self._dev: clip_math.DeviceClip | None = None  # device path (accelerators)
         self._flags: tuple[Any, Any] = (None, None)  # (0.0, 1.0) as tensors on the device
         self._skip_flag: Any = None
 
@@ -144,27 +143,12 @@ class AdaptiveClipper:
 
         f32 = torch.float32
         warmup = self._settings.warmup_steps
-        if _host_side(device):
-            self._math = clip_math.HostMath()
-            self._st = clip_math.Stats(0.0, 0.0, 0, 0, 0, [math.nan] * warmup)
-        else:
-            self._math = clip_math.DeviceMath(torch)
-            zero = torch.zeros((), dtype=torch.int64, device=device)
-            self._st = clip_math.Stats(
-                mean=torch.zeros((), dtype=f32, device=device),
-                var=torch.zeros((), dtype=f32, device=device),
-                run=zero,
-                clipped=zero,
-                skipped=zero,
-                warm=torch.full((warmup,), math.nan, dtype=f32, device=device),
-            )
+        self._st = clip_math.Stats(0.0, 0.0, 0, 0, 0, [math.nan] * warmup)
+        self._dev = None if _host_side(device) else clip_math.DeviceClip(device, self._settings)
+        self._ready = True
         # Read-only flags handed to optimizers (found_inf); never written in place.
         self._flags = (torch.zeros((), dtype=f32, device=device), torch.ones((), dtype=f32, device=device))
         self._skip_flag = self._flags[0]
-
-    @property
-    def _ready(self) -> bool:
-        return self._math is not None
 
     @property
     def settings(self) -> ClipSettings:
@@ -188,42 +172,53 @@ class AdaptiveClipper:
                 self._skip_flag = self._flags[0]
             return torch.zeros(())
         total = grad_norm.total_norm(grads)
-        if self._math is None:
+        if not self._ready:
             self._init_state(total.device)
-        assert self._math is not None  # for mypy: set just above
-        if self._math.on_host:
+        if self._dev is None:
             coef, skip = self._decide(float(total))  # a load from host memory, not a sync
             self._skip_flag = self._flags[1] if skip else self._flags[0]
             if coef != 1.0:  # a free host branch: an unclipped step costs the norm alone
                 torch._foreach_mul_(grad_norm.local_parts(grads), coef)
             return total
-        coef, skip = self._decide(total)
-        self._skip_flag = self._flags[0] if skip is False else skip.to(torch.float32)
-        parts = grad_norm.local_parts(grads)
-        torch._foreach_mul_(parts, coef.to(parts[0].dtype))  # the fused op clip_grad_norm_ itself uses
+        # The fused op clip_grad_norm_ itself uses; a float32 coefficient scales any gradient dtype.
+        torch._foreach_mul_(grad_norm.local_parts(grads), self._decide_on_device(self._dev, total))
         return total
 
-    def _decide(self, total: Any) -> tuple[Any, Any]:
+    def _decide(self, total: float) -> tuple[float, bool]:
         """(coefficient to scale the gradients by, whether the step is skipped) for norm `total`."""
-        m, st, s = self._math, self._st, self._settings
-        assert m is not None  # clip() sets it first
-        finite = m.isfinite(total)
-        skip: Any = False
+        st, s = self._st, self._settings
+        finite = math.isfinite(total)
+        skip = False
         if self.mode == "fixed" or self._step < s.warmup_steps:
-            target = m.cap(total, s.warmup_max_norm)
+            target = min(total, s.warmup_max_norm)  # total first: NaN stays NaN
             if self.mode != "fixed":
-                st.warm[self._step] = m.where(finite, total, math.nan)
+                st.warm[self._step] = total if finite else math.nan
             self._step += 1
             if self.mode != "fixed" and self._step == s.warmup_steps:
                 self._start_statistics()
         else:
             target, skip = self._adaptive_target(total, finite)
-            st.skipped = st.skipped + skip
+            st.skipped += skip
             self._step += 1
         # A non-finite norm keeps coefficient 1: multiplying NaN gradients fixes nothing.
-        clipped = finite & (target < total)
-        st.clipped = st.clipped + clipped
-        return m.where(clipped, target / (total + _EPS), 1.0), skip
+        clipped = finite and target < total
+        st.clipped += clipped
+        return (target / (total + _EPS) if clipped else 1.0), skip
+
+    def _decide_on_device(self, dev: clip_math.DeviceClip, total: torch.Tensor) -> torch.Tensor:
+        """`_decide` on the device (`clip_math.DeviceClip`): the coefficient; sets the skip flag."""
+        s = self._settings
+        if self.mode == "fixed" or self._step < s.warmup_steps:
+            warming = self.mode != "fixed"
+            coef = dev.capped(total, s.warmup_max_norm, self._step if warming else None)
+            self._step += 1
+            if warming and self._step == s.warmup_steps:
+                dev.start_statistics()
+            self._skip_flag = self._flags[0]
+            return coef
+        coef, self._skip_flag = dev.adaptive(total, s, reciprocal=self.mode == "reciprocal")
+        self._step += 1
+        return coef
 
     @property
     def skip_flag(self) -> torch.Tensor | None:
@@ -289,38 +284,37 @@ class AdaptiveClipper:
 
     def _start_statistics(self) -> None:
         """Seed mean/variance from the warm-up norms with median and MAD (robust to a spike)."""
-        st = self._st
-        if isinstance(st.warm, list):
-            mean, var = clip_math.robust_start([v for v in st.warm if math.isfinite(v)])
-            st.mean, st.var = mean, var
+        if self._dev is not None:
+            self._dev.start_statistics()
             return
-        st.mean, st.var = clip_math.robust_start_on_device(st.warm)
+        st = self._st
+        st.mean, st.var = clip_math.robust_start([v for v in st.warm if math.isfinite(v)])
 
-    def _adaptive_target(self, total: Any, finite: Any) -> tuple[Any, Any]:
-        """(norm to scale the gradients to, whether the step is skipped), host or device numbers."""
-        m, st, s = self._math, self._st, self._settings
-        assert m is not None  # clip() sets it first
-        std = m.floor(m.sqrt(st.var), _EPS)
+    def _adaptive_target(self, total: float, finite: bool) -> tuple[float, bool]:
+        """(norm to scale the gradients to, whether the step is skipped) on the host.
+
+        `clip_math.DeviceClip.adaptive` is the same arithmetic on the device, in float32.
+        """
+        st, s = self._st, self._settings
+        std = max(math.sqrt(st.var), _EPS)
         z = (total - st.mean) / std
         if self.mode == "reciprocal":
-            bound = st.mean + (s.z_threshold * s.z_threshold / m.floor(z, _EPS)) * std
+            bound = st.mean + (s.z_threshold * s.z_threshold / max(z, _EPS)) * std
         else:
             bound = st.mean + s.z_threshold * std
-        spike = finite & (z > s.z_threshold)
-        clipped = m.where(spike, bound, total)
-        skip = finite & (z > s.skip_z_threshold) & (st.run < s.max_consecutive_skips)
+        spike = finite and z > s.z_threshold
+        clipped = bound if spike else total
+        skip = finite and z > s.skip_z_threshold and st.run < s.max_consecutive_skips
         # A NaN step neither extends nor ends a run of skips.
-        st.run = m.where(skip, st.run + 1, m.where(finite, 0, st.run))
+        st.run = st.run + 1 if skip else (0 if finite else st.run)
         # EMA update with the clipped value (ZClip's update order: variance against the new mean);
         # a skipped norm was judged not to belong to the distribution and leaves it alone.
-        a = s.ema_alpha
-        new_mean = a * st.mean + (1.0 - a) * clipped
-        deviation = clipped - new_mean
-        new_var = a * st.var + (1.0 - a) * (deviation * deviation)
-        keep = finite & m.not_(skip)
-        st.mean = m.where(keep, new_mean, st.mean)
-        st.var = m.where(keep, new_var, st.var)
-        return m.where(skip, 0.0, clipped), skip
+        if finite and not skip:
+            a = s.ema_alpha
+            new_mean = a * st.mean + (1.0 - a) * clipped
+            deviation = clipped - new_mean
+            st.mean, st.var = new_mean, a * st.var + (1.0 - a) * (deviation * deviation)
+        return (0.0 if skip else clipped), skip
 
     # --- control --------------------------------------------------------------------------------
 
@@ -351,31 +345,31 @@ class AdaptiveClipper:
         return True
 
     def _resize_warmup(self, steps: int) -> None:
-        st = self._st
-        kept = st.warm[: min(steps, self._step)]
-        if isinstance(kept, list):
-            st.warm = kept + [math.nan] * (steps - len(kept))
+        keep = min(steps, self._step)
+        if self._dev is not None:
+            self._dev.resize_warmup(steps, keep)
         else:
-            import torch  # noqa: PLC0415
-
-            st.warm = torch.full((steps,), math.nan, dtype=kept.dtype, device=kept.device)
-            st.warm[: kept.numel()] = kept
+            kept = self._st.warm[:keep]
+            self._st.warm = kept + [math.nan] * (steps - len(kept))
         if self._step >= steps:
             self._step = steps
             self._start_statistics()
 
     # --- introspection and checkpointing (these synchronise) -------------------------------------
 
+    def _host_stats(self) -> clip_math.Stats:
+        return self._st if self._dev is None else self._dev.host_stats()
+
     def stats(self) -> ClipStats:
         """Counters and statistics as host values; call rarely (e.g. when reporting, one step late)."""
-        st = self._st
+        st = self._host_stats()
         return ClipStats(
             steps=self._step,
-            clipped_steps=int(st.clipped),
-            skipped_steps=int(st.skipped),
+            clipped_steps=st.clipped,
+            skipped_steps=st.skipped,
             warming_up=self.warming_up,
-            mean=float(st.mean),
-            std=math.sqrt(max(float(st.var), 0.0)),
+            mean=st.mean,
+            std=math.sqrt(max(st.var, 0.0)),
             rejected_updates=self.rejected_updates,
             settings=self._settings,
             mode=self.mode,
@@ -383,24 +377,21 @@ class AdaptiveClipper:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state for checkpoints; the values round-trip exactly through Python floats."""
-        st = self._st
-        warm = st.warm if isinstance(st.warm, list) else st.warm.tolist()
+        st = self._host_stats()
         return {
             "mode": self.mode,
             "step": self._step,
             "settings": asdict(self._settings),
-            "mean": float(st.mean),
-            "var": float(st.var),
-            "warm": [float(v) for v in warm] if self._ready else [],
-            "clipped": int(st.clipped),
-            "skipped": int(st.skipped),
-            "skip_run": int(st.run),
+            "mean": st.mean,
+            "var": st.var,
+            "warm": [float(v) for v in st.warm] if self._ready else [],
+            "clipped": st.clipped,
+            "skipped": st.skipped,
+            "skip_run": st.run,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from `state_dict()`; the saved settings win unless the daemon changes them later."""
-        import torch  # noqa: PLC0415
-
         try:
             settings = ClipSettings(**dict(state["settings"]))
             validate_settings(settings, "clipper state")
@@ -415,25 +406,15 @@ class AdaptiveClipper:
             _check_state(settings, step, warm, mean=mean, var=var, counts=(clipped, skipped, run))
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ClipSettingsError(f"clipper state: malformed: {exc!r}"[:500]) from exc
-        device = self._params[0].device
         self._settings = replace(settings)
         self.mode = mode
         self._step = step
-        self._init_state(device)
-        st = self._st
-        if isinstance(st.warm, list):
-            st.mean, st.var, st.clipped, st.skipped, st.run = mean, var, clipped, skipped, run
-            if warm:
-                st.warm = warm
-            return
-        f32, i64 = torch.float32, torch.int64
-        st.mean = torch.tensor(mean, dtype=f32, device=device)
-        st.var = torch.tensor(var, dtype=f32, device=device)
-        if warm:
-            st.warm = torch.tensor(warm, dtype=f32, device=device)
-        st.clipped = torch.tensor(clipped, dtype=i64, device=device)
-        st.skipped = torch.tensor(skipped, dtype=i64, device=device)
-        st.run = torch.tensor(run, dtype=i64, device=device)
+        self._init_state(self._params[0].device)
+        loaded = clip_math.Stats(mean, var, run, clipped, skipped, warm)
+        if self._dev is not None:
+            self._dev.load(loaded)  # an empty warm-up record keeps the fresh one
+        else:
+            self._st = replace(loaded, warm=warm or self._st.warm)
 
 
 def _check_state(
