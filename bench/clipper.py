@@ -242,7 +242,7 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {}
     if args.device != "cpu":
         torch.manual_seed(0)
-        rows[f"{args.device} (device path)"] = measure(TinyLM(), args.rounds, args.device)
+        rows[args.device] = measure(TinyLM(), args.rounds, args.device)  # cuda: the device path
         print(table(rows), ops_table(rows), sep="\n\n")
         return
     torch.manual_seed(0)
