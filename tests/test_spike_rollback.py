@@ -76,6 +76,13 @@ def test_the_decision_is_the_daemon_rules_decision_on_the_same_series() -> None:
     assert (found.step, found.ratio) == (hit.index, hit.ratio)
 
 
+def test_the_checks_defaults_are_the_daemon_rules_defaults() -> None:
+    names = ["z_threshold", "min_jump_ratio", "min_baseline_points", "baseline_points", "trend_points"]
+    names += ["min_scale_ratio"]
+    check, options = SpikeCheck(), SpikeOptions()
+    assert [getattr(check, n) for n in names] == [getattr(options, n) for n in names]
+
+
 def test_hostile_losses_never_raise_and_never_enter_the_trend() -> None:
     """NaN, +-inf, zero and negative losses are no spike (the non-finite check owns NaN/inf) and are not
     accepted into the trend; a huge finite loss is a spike; a history of huge values still works."""
@@ -193,6 +200,9 @@ def test_hostile_loss_values_at_the_boundary() -> None:
     _, snap = train(60, loss_at={33: torch.tensor(3e38)})
     assert [r.skipped for r in snap.rollbacks] == [33]
     assert snap.rollbacks[0].reason.startswith("loss spike (x")
+    _, snap = train(60, loss_at={33: None, 34: None})  # no loss reported: never the MAX, never a spike
+    assert snap.rollbacks == []
+    assert {33, 34}.isdisjoint(s for s, _ in snap.loss_trend)
 
 
 def test_a_loss_that_is_not_one_value_is_refused_with_the_check_on() -> None:
