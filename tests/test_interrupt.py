@@ -16,7 +16,7 @@ from toy_launch import bare_ranks, baseline_sha, final_sha, torchrun, toy_env
 from trainwarden.client.checkpoint import CheckpointManager
 from trainwarden.client.interrupt import EXIT_CHECKPOINTED, PlannedInterrupt
 from trainwarden.client.reporter import Reporter
-from trainwarden.control import ControlState, control_path, read_control, write_control
+from trainwarden.control import ClipSettings, ControlState, control_path, read_control, write_control
 
 STEPS = 30
 
@@ -89,6 +89,40 @@ def test_reporter_poll_control_is_the_default_source(tmp_path: Path) -> None:
         boundary = guard.at_boundary(1)
         assert (boundary.checkpoint, boundary.stop) == (True, True)
         assert "s9" in boundary.reason
+    finally:
+        reporter.close()
+
+
+def test_requests_and_signals_after_many_quiet_boundaries_are_still_obeyed(tmp_path: Path) -> None:
+    """One process skips re-deciding an unchanged control state; anything new is still seen at once."""
+    reporter = Reporter(
+        job="job",
+        socket_path=tmp_path / "absent.sock",
+        control_dir=tmp_path,
+        background=False,
+        control_interval=0,
+    )
+    path = control_path(tmp_path, "job")
+    try:
+        write_control(path, ControlState(job="job", clip=ClipSettings(z_threshold=2.0)))
+        guard = PlannedInterrupt((signal.SIGUSR2,), reporter=reporter).install()
+        try:
+            quiet = [guard.at_boundary(step) for step in range(50)]
+            assert not any(b.checkpoint or b.stop for b in quiet)
+            assert all(b.clip == ClipSettings(z_threshold=2.0) for b in quiet)
+            write_control(path, ControlState(job="job", checkpoint_request="c1"))
+            asked = guard.at_boundary(50)
+            assert (asked.checkpoint, asked.stop) == (True, False)
+            assert [guard.at_boundary(s).checkpoint for s in (51, 52)] == [False, False], "handled once"
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert guard.at_boundary(53).stop, "a signal after settled boundaries stops at the next one"
+        finally:
+            guard.uninstall()
+        restarted = PlannedInterrupt((), reporter=reporter)
+        restarted.load_state_dict({"handled": ["c1"]})
+        assert not restarted.at_boundary(0).checkpoint, "c1 handled: a quiet, settled state"
+        restarted.load_state_dict({"handled": []})
+        assert restarted.at_boundary(1).checkpoint, "loaded state decides again: c1 is not handled there"
     finally:
         reporter.close()
 

@@ -77,6 +77,7 @@ EXIT_CHECKPOINTED = protocol.EXIT_CHECKPOINTED
 
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
 _MAX_HANDLED_IDS = 64
+_UNSET = object()
 
 ControlSource = Callable[[], ControlState | None]
 _Handler = Callable[[int, FrameType | None], Any] | int | None
@@ -126,6 +127,9 @@ class PlannedInterrupt:
         self._clip_of: tuple[ControlState | None, int] = (None, 0)  # (state, fingerprint of its clip)
         self._agreed_clip: ClipSettings | None = None
         self._quiet = Boundary()  # "nothing to do" for the state last seen: reused, not rebuilt per step
+        # One process only: the control state last decided with nothing in it (no new request), so
+        # while the poll returns that same object and no signal came there is nothing to decide.
+        self._settled: object = _UNSET
         self._dist, self._group = _setup_distributed()
 
     # --- signals ----------------------------------------------------------------------------------
@@ -180,8 +184,11 @@ class PlannedInterrupt:
         Between sync points (every `sync_every` steps) nothing is decided, so all ranks act at
         the same step. Request ids acted upon are marked handled before returning.
         """
-        self._arm()
+        if not self._armed:
+            self._arm()
         state = self._poll()
+        if state is self._settled and self._signal is None:
+            return self._quiet  # built for this state, and the agreed clip is this state's own
         if step % self.sync_every != 0:
             return self._quiet_for(state)
         stop_id = self._new_request(state, "stop")
@@ -191,7 +198,10 @@ class PlannedInterrupt:
         if same_clip:
             self._agreed_clip = None if state is None else state.clip
         if not any(flags):
-            return self._quiet_for(state)
+            quiet = self._quiet_for(state)
+            if not self._dist:
+                self._settled = state
+            return quiet
         ids = self._all_ids((stop_id, ckpt_id))
         for request_id in ids:
             self._mark_handled(request_id)
@@ -201,7 +211,7 @@ class PlannedInterrupt:
         return Boundary(checkpoint=True, stop=stop, reason=reason, control=state, clip=self._agreed_clip)
 
     def _quiet_for(self, state: ControlState | None) -> Boundary:
-        """"Nothing to do" for this state and the agreed clip: reused until either changes."""
+        """ "Nothing to do" for this state and the agreed clip: reused until either changes."""
         quiet = self._quiet
         if quiet.control is not state or quiet.clip is not self._agreed_clip:
             quiet = self._quiet = Boundary(control=state, clip=self._agreed_clip)
@@ -282,12 +292,11 @@ class PlannedInterrupt:
         if not isinstance(handled, list) or not all(isinstance(h, str) for h in handled):
             raise ValueError(f"interrupt state: 'handled' must be a list of strings, got {handled!r}")
         self._handled = list(handled)[-_MAX_HANDLED_IDS:]
+        self._settled = _UNSET  # a request handled before may be new again
 
     # --- agreement across ranks ---------------------------------------------------------------
 
-    def _agree(
-        self, local: tuple[bool, bool, bool], clip: int
-    ) -> tuple[tuple[bool, bool, bool], bool]:
+    def _agree(self, local: tuple[bool, bool, bool], clip: int) -> tuple[tuple[bool, bool, bool], bool]:
         """The flags OR-ed over ranks, and whether every rank read the same clip settings.
 
         One all-reduce (MAX) of the three flags and of the fingerprint and its negation: the
