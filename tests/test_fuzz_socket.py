@@ -25,6 +25,7 @@ VALID: list[dict[str, Any]] = [
     {"type": "phase", "phase": "eval", "event": "begin"},
     {"type": "phase", "phase": "eval", "event": "end", "seconds": 2.0},
     {"type": "checkpoint", "step": 5, "path": "/ckpt/step_5"},
+    {"type": "checkpoint", "step": 6, "path": "/ckpt/step_6", "seconds": 0.2, "local_skipped": 3},
     {"type": "collective", "op": "all_reduce", "event": "begin", "seq": 1, "bytes": 1024},
     {"type": "bye", "dropped": 0},
 ]

@@ -19,9 +19,13 @@ import torch
 import torch.distributed as dist
 
 import trainwarden.client.checkpoint as checkpoint_module
-from support import free_port
+from support import free_port, wait_until
+from training_support import collect_into, running_collector
 from trainwarden.client.checkpoint import CheckpointManager
 from trainwarden.client.checkpoint_staging import HostStaging
+from trainwarden.client.reporter import Reporter
+
+LOCAL_SKIPPED = "trainwarden_train_checkpoint_local_skipped_total"
 
 HOLD_S = 120.0
 """Longest a held write waits for its release: only reached when the code under test waited for it."""
@@ -89,6 +93,41 @@ def test_a_local_save_due_during_a_write_is_skipped_and_a_durable_one_queues_beh
     assert resume is not None
     assert (resume.step, resume.tier) == (0, "local")
     assert torch.equal(target["w"], torch.full((1000,), 1.0))
+
+
+def test_skipped_local_saves_reach_the_daemons_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon exports each rank's count of skipped local saves, sent with its next checkpoint record."""
+    held = _HeldWrites(monkeypatch)
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    with running_collector(runtime) as collector:
+        reporter = Reporter(
+            job="tiers",
+            socket_path=collector.socket_path,
+            control_dir=runtime / "control",
+            env={"RANK": "0", "WORLD_SIZE": "1"},
+            stack_dump=False,
+        )
+        try:
+            manager = _manager(tmp_path, async_save=True, reporter=reporter)
+            state = {"w": torch.zeros(100)}
+            manager.save(0, state)  # held
+            assert manager.save(1, state) is None
+            assert manager.save(2, state) is None
+            held.release.set()
+            manager.wait()
+            assert manager.save(3, state) is not None  # the next save carries the count
+            manager.close()
+            reporter.flush()
+
+            def skipped() -> float | None:
+                return collect_into(collector).value(LOCAL_SKIPPED, job="tiers", rank="0")
+
+            wait_until(lambda: skipped() == 2.0, 20.0, "the skip count in the daemon's metrics")
+        finally:
+            reporter.close()
 
 
 def test_wait_mode_writes_every_due_local_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -65,6 +65,7 @@ def test_every_record_type_round_trips() -> None:
         },
         {"type": "phase", "phase": "checkpoint", "event": "end", "seconds": 3.0},
         {"type": "checkpoint", "step": 7, "path": "/ckpt/step-7"},
+        {"type": "checkpoint", "step": 8, "path": "/ckpt/step-8", "seconds": 0.5, "local_skipped": 4},
         {"type": "collective", "op": "all_reduce", "event": "begin", "seq": 9, "bytes": 1024},
         {"type": "bye", "dropped": 0},
     ]
@@ -76,6 +77,7 @@ def test_every_record_type_round_trips() -> None:
         StepRecord(7, 0.5, 2.0, 1.5, 1e-3, 32.0, 4096.0, 2),
         PhaseRecord("checkpoint", "end", 3.0),
         CheckpointRecord(7, "/ckpt/step-7"),
+        CheckpointRecord(8, "/ckpt/step-8", 0.5, 4),
         CollectiveRecord("all_reduce", "begin", 9, 1024),
         ByeRecord(0),
     ]
@@ -144,6 +146,9 @@ def test_non_finite_loss_travels_as_strict_json() -> None:
         (b'{"type": "phase", "phase": "eval", "event": "pause"}', Reason.BAD_FIELD),
         (b'{"type": "checkpoint", "step": 1, "path": ""}', Reason.BAD_FIELD),
         (b'{"type": "checkpoint", "step": 1, "path": "a\\u0000b"}', Reason.BAD_FIELD),
+        (b'{"type": "checkpoint", "step": 1, "path": "/c", "local_skipped": -1}', Reason.BAD_FIELD),
+        (b'{"type": "checkpoint", "step": 1, "path": "/c", "local_skipped": true}', Reason.BAD_FIELD),
+        (b'{"type": "checkpoint", "step": 1, "path": "/c", "local_skipped": 1.5}', Reason.BAD_FIELD),
         (b'{"type": "collective", "op": "send", "event": "begin", "seq": 1}', Reason.BAD_FIELD),
     ],
 )

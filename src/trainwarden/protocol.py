@@ -10,7 +10,8 @@ Records (keys not listed are ignored, so a newer client can talk to an older dae
   capabilities? (what the job can do when asked: `rollback`, in place, to a snapshot; unknown names ignored)
 - `step`: step, step_seconds?, loss?, grad_norm?, lr?, samples?, tokens?, dropped?
 - `phase`: phase (init | data | eval | checkpoint), event (begin | end), seconds?
-- `checkpoint`: step, path, seconds?
+- `checkpoint`: step, path, seconds?, local_skipped? (the rank's cumulative count of node-local saves
+  skipped because its previous write was still in flight)
 - `collective`: op, event (begin | end), seq, bytes?, seconds?
 - `clip`: z_threshold (the clipping threshold the job runs with now: its acknowledgement of a clip action)
 - `bye`: dropped?
@@ -211,6 +212,7 @@ class CheckpointRecord:
     step: int
     path: str
     seconds: float | None = None
+    local_skipped: int | None = None  # cumulative, this process's: local saves skipped while busy
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,6 +484,7 @@ def _checkpoint(data: dict[str, Any]) -> CheckpointRecord:
         step=_int(data, "checkpoint", "step", 0, MAX_STEP),
         path=path,
         seconds=_opt_float(data, "checkpoint", "seconds", 0.0, MAX_SECONDS),
+        local_skipped=_opt_int(data, "checkpoint", "local_skipped", 0, MAX_STEP),
     )
 
 

@@ -340,7 +340,8 @@ class CheckpointManager:
             raise
         seconds = time.monotonic() - job.started
         log.info("checkpoint step %d saved to %s in %.3f s", job.step, final, seconds)
-        report_saved(self.reporter, job.step, final, seconds)
+        skipped = self.local_skipped if self._local is not None else None
+        report_saved(self.reporter, job.step, final, seconds, skipped)
 
     # --- loading ------------------------------------------------------------------------------
 

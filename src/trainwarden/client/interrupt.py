@@ -211,7 +211,7 @@ class PlannedInterrupt:
         return Boundary(checkpoint=True, stop=stop, reason=reason, control=state, clip=self._agreed_clip)
 
     def _quiet_for(self, state: ControlState | None) -> Boundary:
-        """ "Nothing to do" for this state and the agreed clip: reused until either changes."""
+        """The quiet Boundary of this state and the agreed clip: reused until either changes."""
         quiet = self._quiet
         if quiet.control is not state or quiet.clip is not self._agreed_clip:
             quiet = self._quiet = Boundary(control=state, clip=self._agreed_clip)

@@ -304,10 +304,22 @@ class Reporter(ReporterSocket):
         # The next step's duration starts here, so a checkpoint never inflates a step time.
         self._last_mark = when
 
-    def checkpoint_saved(self, step: int, path: str | os.PathLike[str], seconds: float | None = None) -> None:
-        """Report that a checkpoint of `step` was saved at `path`."""
+    def checkpoint_saved(
+        self,
+        step: int,
+        path: str | os.PathLike[str],
+        seconds: float | None = None,
+        *,
+        local_skipped: int | None = None,
+    ) -> None:
+        """Report that a checkpoint of `step` was saved at `path`.
+
+        `local_skipped`: how many node-local saves this process skipped so far because a write was
+        still in flight (`CheckpointManager.local_skipped`); the daemon exports it per rank.
+        """
         try:
-            self._enqueue(("checkpoint", int(step), os.fspath(path), seconds))
+            skipped = None if local_skipped is None else int(local_skipped)
+            self._enqueue(("checkpoint", int(step), os.fspath(path), seconds, skipped))
         except Exception as exc:
             self._internal_error("checkpoint_saved", exc)
 

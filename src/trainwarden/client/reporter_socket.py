@@ -191,10 +191,7 @@ class ReporterSocket:
                 out["seconds"] = record[3]
             return out
         if kind == "checkpoint":
-            out = {"type": "checkpoint", "step": record[1], "path": record[2][:4096]}
-            if record[3] is not None:
-                out["seconds"] = float(record[3])
-            return out
+            return _checkpoint_dict(record)
         if kind == "collective":
             out = {"type": "collective", "op": record[1], "event": record[2], "seq": record[3]}
             if record[4] is not None:
@@ -306,3 +303,13 @@ class ReporterSocket:
             return
         self._logged.add(key)
         log.warning("%s", message)
+
+
+def _checkpoint_dict(record: tuple[Any, ...]) -> dict[str, Any]:
+    """("checkpoint", step, path, seconds, local_skipped) as its wire object."""
+    out: dict[str, Any] = {"type": "checkpoint", "step": record[1], "path": record[2][:4096]}
+    if record[3] is not None:
+        out["seconds"] = float(record[3])
+    if len(record) > 4 and record[4] is not None:
+        out["local_skipped"] = record[4]
+    return out

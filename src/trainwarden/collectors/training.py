@@ -45,6 +45,7 @@ from trainwarden.collectors.training_metrics import (
     LAST_CHECKPOINT_TS,
     LAST_STEP_TS,
     LEARNING_RATE,
+    LOCAL_SAVES_SKIPPED,
     LOSS,
     PHASE,
     PHASE_SECONDS,
@@ -423,6 +424,7 @@ class TrainingCollector(TrainingSocketServer, Collector):
             (TOKENS_PER_SECOND, state.tokens_per_second),
             (LAST_CHECKPOINT_STEP, state.last_checkpoint_step),
             (LAST_CHECKPOINT_TS, state.last_checkpoint_ts),
+            (LOCAL_SAVES_SKIPPED, state.local_saves_skipped),
             (CLIP_Z_THRESHOLD, state.clip_z_threshold),
         ):
             if value is not None:

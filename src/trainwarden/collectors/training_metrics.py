@@ -98,6 +98,13 @@ LAST_CHECKPOINT_TS = MetricSpec(
     _G,
     _RANK,
 )
+LOCAL_SAVES_SKIPPED = MetricSpec(
+    "trainwarden_train_checkpoint_local_skipped_total",
+    "Node-local saves the rank skipped because its previous write was still in flight"
+    " (the client's count, sent with each checkpoint record; it restarts with the process).",
+    MetricKind.COUNTER,
+    _RANK,
+)
 RECEIVED = MetricSpec(
     "trainwarden_client_records_received_total",
     "Client records accepted (valid and applied).",

@@ -105,6 +105,7 @@ class RankState:
     last_checkpoint_step: int | None = None
     last_checkpoint_ts: float | None = None
     last_checkpoint_path: str = ""
+    local_saves_skipped: int | None = None  # the client's cumulative count (resets with the process)
     clip_z_threshold: float | None = None
     dropped_base: int = 0  # drops reported by earlier processes of this rank
     dropped_reported: int = 0
@@ -145,6 +146,8 @@ def on_report(state: RankState, record: CheckpointRecord | ClipRecord, now: floa
     state.last_checkpoint_step = record.step
     state.last_checkpoint_ts = now
     state.last_checkpoint_path = record.path
+    if record.local_skipped is not None:
+        state.local_saves_skipped = record.local_skipped
 
 
 def on_phase(state: RankState, record: PhaseRecord, now: float) -> None:
