@@ -336,13 +336,42 @@ def test_a_spike_the_job_rolled_back_by_itself_gets_no_action(tmp_path: Path, ro
 
 
 def test_a_spike_the_job_did_not_roll_back_is_still_acted_on(tmp_path: Path) -> None:
-    """The same spike on a job whose steps never went back (no job-side check): the first rung acts."""
+    """The same spike on a job whose steps never went back (no job-side check): the route waits
+    `job_first_steps` (10) steps past the bad one for the job's own rollback, then its first rung acts."""
     policy, store, now, scripted = healing_rig(tmp_path, ("clip", "checkpoint_restart"))
     steps(store, (9.0, 60), (9.1, 61), (9.2, 62), (9.3, 63), (9.4, 64), (9.5, 65))
     now[0] = 11.0
     outcomes = policy.tick(11.0, [spike(9.3, 63, since=10.0)])
+    assert [(o.decision, o.result) for o in outcomes] == [("observed", "job_first")]
+    assert "waiting until it reports step 73" in outcomes[0].detail
+    assert policy.tick(11.5, [spike(9.3, 63, since=10.0)]) == [], "journaled once, still waiting"
+    assert scripted["clip"].calls == []
+    steps(store, *((10.0 + i / 10, 66 + i) for i in range(8)))  # on to step 73, never back
+    now[0] = 12.0
+    outcomes = policy.tick(12.0, [spike(9.3, 63, since=10.0)])
     assert [(o.healer, o.result) for o in outcomes] == [("clip", "applied")]
     assert len(scripted["clip"].calls) == 1
+
+
+def test_a_spike_waits_for_the_jobs_rollback_and_then_needs_no_action(tmp_path: Path) -> None:
+    """The race the wait is for: the daemon's tick sees the spike before the job's boundary rolled it back.
+    It waits; the job goes back at its boundary; from then on the finding is healed by the job."""
+    policy, store, now, scripted = healing_rig(tmp_path, ("clip", "checkpoint_restart"))
+    steps(store, (9.0, 60), (9.1, 61), (9.2, 62), (9.3, 63))
+    now[0] = 9.35
+    outcomes = policy.tick(9.35, [spike(9.2, 62, since=9.3)])
+    assert [o.result for o in outcomes] == ["job_first"]
+    steps(store, (9.4, 64), (9.5, 60), (9.6, 61), (9.7, 63))  # the boundary after 64 went back, skipping 62
+    now[0] = 10.0
+    outcomes = policy.tick(10.0, [spike(9.2, 62, since=9.3)])
+    assert [o.result for o in outcomes] == ["healed_by_job"]
+    assert [c.healer for h in scripted.values() for c in h.calls] == []
+
+
+def test_job_first_steps_accepts_zero_and_refuses_a_negative_count_by_name() -> None:
+    """`[healers.rollback] job_first_steps = 0` turns the wait off; a negative count is a config error."""
+    assert RollbackOptions(job_first_steps=0).problems() == []
+    assert [field for field, _ in RollbackOptions(job_first_steps=-1).problems()] == ["job_first_steps"]
 
 
 def test_the_rollback_healer_writes_nothing_for_a_job_that_already_went_back(tmp_path: Path) -> None:

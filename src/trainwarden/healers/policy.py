@@ -321,6 +321,19 @@ class Policy(PolicyRecords):
                 now=now,
                 detail=healed,
             )
+        waiting = self._job_first(finding)
+        if waiting:
+            # a job with its own spike check rolls back at its next boundary: let it, then look again
+            return self._refuse_once(
+                finding,
+                key,
+                history,
+                healer=ROLLBACK,
+                decision=Decision.OBSERVED,
+                reason="job_first",
+                now=now,
+                detail=waiting,
+            )
         rung = self._first_able(ladder, rung, finding)
         if rung >= len(ladder):
             return self._give_up(finding, key, ladder, len(incident), now, why=why)
@@ -380,6 +393,17 @@ class Policy(PolicyRecords):
             return healer.healed_by_job(finding) or ""
         except Exception:
             log.exception("healer %s: healed_by_job failed on %s", ROLLBACK, finding_key(finding))
+            return ""
+
+    def _job_first(self, finding: Finding) -> str:
+        """Why the job gets the first try at this finding (its own rollback); else ""."""
+        healer = self._healers.get(ROLLBACK)
+        if not isinstance(healer, RollbackHealer):
+            return ""
+        try:
+            return healer.waiting_for_job(finding) or ""
+        except Exception:
+            log.exception("healer %s: waiting_for_job failed on %s", ROLLBACK, finding_key(finding))
             return ""
 
     def _first_able(self, ladder: tuple[str, ...], rung: int, finding: Finding) -> int:

@@ -57,6 +57,17 @@ class RollbackOptions(PluginOptions):
     """`control_dir` defaults to `<runtime_dir>/control`, where the client looks for its control file."""
 
     control_dir: Path | None = None
+    # A spike finding on a job that can roll back waits until the job reported this many steps past
+    # the bad step, so the job's own check (`Snapshotter(spike=SpikeCheck())`) rolls it back first and
+    # the daemon does not also clip or restart a run that heals itself. 0: act at once.
+    job_first_steps: int = 10
+
+    def problems(self) -> list[tuple[str, str]]:
+        """A step count, not negative."""
+        found = super().problems()
+        if not 0 <= self.job_first_steps <= 1_000_000:
+            found.append(("job_first_steps", "must be a step count in 0..1000000"))
+        return found
 
 
 class RollbackHealer(Healer):
@@ -167,6 +178,44 @@ class RollbackHealer(Healer):
         if self._went_back(job, step, float(observed)) is None:
             return None
         return f"job {job} rolled back past step {step} by itself after the newest bad point"
+
+    def waiting_for_job(self, finding: Finding) -> str | None:
+        """Why a spike finding waits for the job's own rollback (`job_first_steps`); None to act now.
+
+        The job's check decides at its next snapshot boundary, a few steps after the bad one; until
+        the job reported `job_first_steps` steps past it, acting would race that rollback. A job that
+        went back meanwhile is `healed_by_job`; one that trained on past the steps without going back
+        did not catch the spike, and the route acts.
+        """
+        wait = self.opts.job_first_steps
+        if finding.rule != "spike" or wait <= 0 or not self.can_act(finding.subject):
+            return None
+        step = _bad_step(finding.evidence)
+        if step is None:
+            return None
+        job = finding.subject.get("job", "")
+        newest = self._newest_step(job)
+        if newest is not None and newest >= step + wait:
+            return None
+        return f"job {job} can roll back by itself: waiting until it reports step {step + wait}"
+
+    @property
+    def opts(self) -> RollbackOptions:
+        """Typed options."""
+        assert isinstance(self.options, RollbackOptions)
+        return self.options
+
+    def _newest_step(self, job: str) -> float | None:
+        """The highest step any rank of `job` reported last (None before any)."""
+        store = self.context.store
+        if store is None:
+            return None
+        latest = [
+            points[-1].value
+            for labels, points in store.windows(TRAIN_STEP)
+            if points and dict(labels).get("job") == job
+        ]
+        return max(latest, default=None)
 
     def new_fault(self, acted_on: Mapping[str, object], finding: Finding) -> bool:
         """A new non-finite episode whose first bad step lies past the one rolled back is a new fault.
