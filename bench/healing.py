@@ -50,10 +50,13 @@ spikes only (trainwarden vs plain torchrun vs no faults)::
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
 import math
 import os
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -124,9 +127,23 @@ def worker(args: argparse.Namespace) -> int:
         "events": read_jsonl(root / "events.jsonl"),
         "stages": read_jsonl(stages),
         "goodput": goodput.get("last"),
+        "journal": journal_decisions(root / "state"),
     }
     Path(args.out_json).write_text(json.dumps(result), encoding="utf-8")
     return 0
+
+
+def journal_decisions(state_dir: Path) -> list[list[str]]:
+    """(healer, decision, result) of every journaled decision, in order ([] when there is no journal)."""
+    path = state_dir / "journal.sqlite3"
+    if not path.exists():
+        return []
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            rows = db.execute("SELECT healer, decision, result FROM decisions ORDER BY id").fetchall()
+    except sqlite3.Error:
+        return []
+    return [[str(v) for v in row] for row in rows]
 
 
 def parse_fault(text: str, factory: Any) -> Any:
@@ -193,6 +210,7 @@ class RunResult:
     tail_loss: float | None = None  # mean loss of the final lineage's last TAIL_STEPS steps
     faults: list[FaultResult] = field(default_factory=list)
     stages: list[dict[str, Any]] = field(default_factory=list)
+    journal: list[list[str]] = field(default_factory=list)  # (healer, decision, result) per decision
 
     @property
     def goodput(self) -> float:
@@ -240,7 +258,7 @@ def run_daemon(
 def from_result(name: str, data: dict[str, Any], faults: list[str]) -> RunResult:
     """A worker's result file, analysed."""
     ratio = (data.get("goodput") or {}).get("ratio")
-    return analyse(
+    result = analyse(
         name,
         data["exit_code"],
         data["wall_s"],
@@ -249,6 +267,8 @@ def from_result(name: str, data: dict[str, Any], faults: list[str]) -> RunResult
         stages=data["stages"],
         daemon_goodput=float(ratio) if isinstance(ratio, int | float) else None,
     )
+    result.journal = data.get("journal", [])
+    return result
 
 
 def run_torchrun(
@@ -419,6 +439,11 @@ def unabsorbed_table(runs: list[RunResult], ceiling: RunResult) -> str:
             f"| {f'{max(backs):.2f} s' if backs else '-'} "
             f"| {'-' if run.tail_loss is None else f'{run.tail_loss:.3f}'} |"
         )
+    lines.append("")
+    for run in runs:
+        counts = collections.Counter("/".join(entry) for entry in run.journal)
+        told = ", ".join(f"{n} x {what}" for what, n in sorted(counts.items())) or "nothing"
+        lines.append(f"- {run.name}, the daemon's journal (healer/decision/result): {told}")
     return "\n".join(lines)
 
 
