@@ -29,6 +29,7 @@ CLIENT_MAY_IMPORT = (
     "trainwarden.control",
     "trainwarden.errors",
     "trainwarden.safe_files",
+    "trainwarden.spike_math",  # the spike detector the Snapshotter shares with the rule: stdlib only
 )
 
 
