@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from trainwarden.config import Config
 from trainwarden.errors import ConfigError
@@ -386,25 +386,25 @@ class Policy(PolicyRecords):
 
     def _healed_by_job(self, finding: Finding) -> str:
         """Why no action is needed: the job rolled back past the finding's bad step by itself; else ""."""
-        healer = self._healers.get(ROLLBACK)
-        if not isinstance(healer, RollbackHealer):
-            return ""
-        try:
-            return healer.healed_by_job(finding) or ""
-        except Exception:
-            log.exception("healer %s: healed_by_job failed on %s", ROLLBACK, finding_key(finding))
-            return ""
+        return self._ask_rollback("healed_by_job", finding, RollbackHealer.healed_by_job)
 
     def _job_first(self, finding: Finding) -> str:
         """Why the job gets the first try at this finding (its own rollback); else ""."""
+        return self._ask_rollback("waiting_for_job", finding, RollbackHealer.waiting_for_job)
+
+    def _ask_rollback(
+        self, name: str, finding: Finding, question: Callable[[RollbackHealer, Finding], str | None]
+    ) -> str:
+        """The rollback healer's answer to `question` about `finding` ("" without one, or on its error)."""
         healer = self._healers.get(ROLLBACK)
         if not isinstance(healer, RollbackHealer):
             return ""
         try:
-            return healer.waiting_for_job(finding) or ""
+            answer = question(healer, finding)
         except Exception:
-            log.exception("healer %s: waiting_for_job failed on %s", ROLLBACK, finding_key(finding))
+            log.exception("healer %s: %s failed on %s", ROLLBACK, name, finding_key(finding))
             return ""
+        return answer or ""
 
     def _first_able(self, ladder: tuple[str, ...], rung: int, finding: Finding) -> int:
         """The first rung from `rung` whose healer can act on the subject (a rollback needs the job's say)."""
